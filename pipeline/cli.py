@@ -1,0 +1,61 @@
+"""The `envoygeo` command.
+
+Sub-commands live in `pipeline.commands.*` and are imported only when invoked, so
+`envoygeo --help` stays fast and a missing optional service library never breaks
+unrelated commands.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from pipeline import __version__
+
+# name -> "module:attribute" of a click.Command. Add new commands here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "services": ("pipeline.commands.services:services", "Show whether the local Kafka, Elasticsearch and Redis answer."),
+    "enrich": ("pipeline.commands.enrich:enrich", "Parse and enrich access-log records from files/stdin to JSON on stdout (no servers)."),
+    "bench": ("pipeline.commands.bench:bench", "Benchmarks: parse, core pipeline, end to end."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are resolved on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        spec = COMMANDS.get(cmd_name)
+        if spec is None:
+            return None
+        module_name, _, attr = spec[0].partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listing help must not import every command module.
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="envoygeo")
+def main() -> None:
+    """envoygeo: Envoy/Istio access logs from Kafka to Elasticsearch, with the real
+    client IP (PROXY protocol first, X-Forwarded-For only through trusted hops),
+    GeoIP country/city/ASN and per-IP request rates.
+
+    \b
+    Quick start (no servers needed):
+      envoygeo enrich access.log            # one ECS JSON document per line
+    With the local services (deploy/local/up):
+      envoygeo services                     # are Kafka, Elasticsearch, Redis up?
+    """
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
