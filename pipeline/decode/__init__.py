@@ -1,0 +1,1 @@
+"""Decoding of raw records: transport envelopes, then Envoy access-log lines."""

@@ -1,0 +1,202 @@
+"""Unwrap the transport envelope around an access-log line, detected per record.
+
+A Kafka message value (or a file line) may be: Fluent Bit's kafka output JSON
+(`log`/`message`, `kubernetes{...}`, `@timestamp`), Fluentd out_kafka2 JSON, a Docker
+json-file line, a CRI line (`<time> stdout F <line>`), or the bare access-log line
+(text or Envoy JSON). Nothing here raises: bad input becomes an `Envelope` with
+`error` set, so the caller can still index or dead-letter it with its bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from pipeline.decode.timeparse import parse_epoch_or_iso, parse_iso8601
+
+# <RFC3339Nano> <stream> <P|F> <line>  (the line may be empty)
+_CRI = re.compile(r"(\d{4}-\d\d-\d\dT\S+) (stdout|stderr) ([FP])(?: (.*))?", re.DOTALL)
+
+# Keys Docker's json-file driver writes; a record with only these is Docker's.
+_DOCKER_KEYS = frozenset({"log", "stream", "time", "attrs"})
+# Collector keys that are not part of a merged (Merge_Log) access-log object.
+_COLLECTOR_KEYS = frozenset({"kubernetes", "@timestamp", "stream", "time", "tag", "_p",
+                             "date", "timestamp", "log_processed", "docker", "host"})
+
+
+@dataclass(slots=True)
+class Envelope:
+    kind: str  # fluent-bit | fluentd | docker | cri | bare | invalid
+    payload: str | None  # the access-log line, None when there is none
+    original: str  # the whole record as text, for event.original / dead letters
+    stream: str | None = None
+    timestamp: float | None = None  # collector's time, epoch seconds
+    kubernetes: dict[str, Any] | None = None
+    partial: bool = False  # CRI `P` / Docker line without newline: more follows
+    tags: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _to_text(data: bytes | str) -> tuple[str, bool]:
+    if isinstance(data, str):
+        return data, True
+    try:
+        return data.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), False
+
+
+def _from_cri(line: str, kind: str, env: Envelope | None) -> Envelope | None:
+    m = _CRI.fullmatch(line)
+    if m is None:
+        return None
+    ts, stream, tag, payload = m.groups()
+    payload = payload or ""
+    if env is None:
+        return Envelope(kind, payload, line, stream=stream, timestamp=parse_iso8601(ts),
+                        partial=tag == "P")
+    env.payload = payload
+    env.stream = env.stream or stream
+    env.partial = tag == "P"
+    if env.timestamp is None:
+        env.timestamp = parse_iso8601(ts)
+    return env
+
+
+def decode_envelope(data: bytes | str) -> Envelope:
+    """Detect and unwrap one record. Never raises."""
+    try:
+        return _decode(data)
+    except Exception as e:  # noqa: BLE001 - the contract is "never raises"
+        text, _ = _to_text(data) if isinstance(data, bytes | str) else (repr(data), False)
+        return Envelope("invalid", None, text, error=f"envelope decoder failed: {e!r}")
+
+
+def _decode(data: bytes | str) -> Envelope:
+    text, valid = _to_text(data)
+    line = text.rstrip("\r\n")
+    tags = [] if valid else ["envelope_invalid_utf8"]
+    if not line.strip():
+        return Envelope("invalid", None, text, tags=tags, error="empty record")
+    if line[0] == "{":
+        env = _from_json(line)
+        if env is not None:
+            env.tags.extend(tags)
+            return env
+    if line[0].isdigit():
+        env = _from_cri(line, "cri", None)
+        if env is not None:
+            env.tags.extend(tags)
+            return env
+    return Envelope("bare", line, line, tags=tags)
+
+
+def _from_json(line: str) -> Envelope | None:
+    """Collector JSON, or None when the object is the access log itself (or not JSON)."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    payload = obj.get("log")
+    if not isinstance(payload, str):
+        payload = obj.get("message")
+    kube = obj.get("kubernetes")
+    kube = kube if isinstance(kube, dict) else None
+    stamp = obj.get("@timestamp")
+    if stamp is None:
+        stamp = obj.get("time", obj.get("timestamp"))
+    if isinstance(payload, str):
+        keys = obj.keys()
+        if kube is None and "@timestamp" not in obj and keys <= _DOCKER_KEYS:
+            kind = "docker"
+        elif "@timestamp" in obj:
+            kind = "fluent-bit"
+        else:
+            kind = "fluentd"
+        stream = obj.get("stream") if isinstance(obj.get("stream"), str) else None
+        env = Envelope(kind, None, line, stream=stream, timestamp=parse_epoch_or_iso(stamp),
+                       kubernetes=kube)
+        inner = payload.rstrip("\r\n")
+        # A collector tailing raw container files without a CRI parser forwards the CRI
+        # line itself; unwrap it so the access log is reached either way.
+        if inner[:1].isdigit() and _from_cri(inner, kind, env) is not None:
+            return env
+        env.payload = inner
+        if kind == "docker" and payload and not payload.endswith("\n"):
+            env.partial = True  # json-file splits long lines; only the last has "\n"
+        return env
+    processed = obj.get("log_processed")
+    if kube is not None or isinstance(processed, dict):
+        # Fluent Bit's Merge_Log: the access-log JSON was lifted into the record.
+        body = processed if isinstance(processed, dict) else {
+            k: v for k, v in obj.items() if k not in _COLLECTOR_KEYS}
+        return Envelope("fluent-bit", orjson.dumps(body).decode(), line,
+                        timestamp=parse_epoch_or_iso(stamp), kubernetes=kube,
+                        tags=["envelope_merged_log"])
+    return None  # an Envoy JSON access log on its own
+
+
+class PartialJoiner:
+    """Joins partial records (CRI `P`, Docker lines without newline) of one stream.
+
+    Keyed by pod/container and stream so interleaved containers don't mix. Memory is
+    bounded: a run of partials over `max_bytes` is emitted as is, tagged.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._pending: dict[tuple[Any, ...], tuple[Envelope, list[str], int]] = {}
+
+    @staticmethod
+    def _key(env: Envelope) -> tuple[Any, ...]:
+        k = env.kubernetes or {}
+        return (k.get("namespace_name"), k.get("pod_name"), k.get("container_name"),
+                env.stream)
+
+    def feed(self, env: Envelope) -> Envelope | None:
+        """The completed record, or None while a partial is being held back."""
+        if env.error is not None:
+            return env
+        key = self._key(env)
+        pending = self._pending.get(key)
+        if pending is None and not env.partial:
+            return env  # the common case: a whole line, nothing waiting
+        if pending is None:
+            pending = (env, [], 0)
+        first, parts, size = pending
+        parts.append(env.payload or "")
+        size += len(env.payload or "")
+        if env.partial and size <= self.max_bytes:
+            self._pending[key] = (first, parts, size)
+            return None
+        self._pending.pop(key, None)
+        joined = _joined(first, parts)
+        if env.partial:
+            joined.tags.append("envelope_partial_too_long")
+        return joined
+
+    def flush(self) -> list[Envelope]:
+        """Whatever partials are still waiting (end of input), tagged as incomplete."""
+        out = []
+        for first, parts, _ in self._pending.values():
+            env = _joined(first, parts)
+            env.tags.append("envelope_partial_incomplete")
+            out.append(env)
+        self._pending.clear()
+        return out
+
+
+def _joined(first: Envelope, parts: list[str]) -> Envelope:
+    payload = "".join(parts)
+    original = payload if len(parts) > 1 else first.original
+    env = Envelope(first.kind, payload, original, stream=first.stream,
+                   timestamp=first.timestamp, kubernetes=first.kubernetes, partial=False,
+                   tags=list(first.tags))
+    if len(parts) > 1:
+        env.tags.append("envelope_joined_partials")
+    return env

@@ -1,0 +1,372 @@
+"""Compile an Envoy access-log format string into a parser for the lines it writes.
+
+The format string is tokenised the way Envoy does (`%COMMAND%`, `%COMMAND(arg)%`,
+`%COMMAND(arg):N%`, everything else literal) and rejected at start-up with a
+`FormatError` carrying the position when Envoy would reject it too. The parser is one
+anchored regex: commands whose values cannot contain spaces (numbers, addresses,
+flags) get tight patterns, which keeps backtracking negligible; free-text commands
+(headers, metadata) are non-greedy and bounded by the literal that follows them, which
+is how quoted values with spaces or stray quotes still split correctly.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.decode.access_log import (
+    COMMAND_SYNONYMS,
+    AccessLog,
+    LineError,
+    field_for_command,
+    to_int,
+    to_str,
+)
+from pipeline.decode.timeparse import parse_iso8601
+
+
+class FormatError(ValueError):
+    """A format string Envoy would refuse. `position` is a 0-based offset into it."""
+
+    def __init__(self, message: str, position: int, fmt: str) -> None:
+        self.position = position
+        self.format = fmt
+        pointer = fmt.replace("\n", "\\n")
+        super().__init__(f"{message} at position {position}: {pointer!r}")
+
+
+# --- the command vocabulary -------------------------------------------------------
+
+# Commands that take a parenthesised argument, and whether it is required.
+_ARG_REQUIRED = frozenset({
+    "REQ", "RESP", "TRAILER", "REQUEST_HEADER", "RESPONSE_HEADER", "RESPONSE_TRAILER",
+    "DYNAMIC_METADATA", "CLUSTER_METADATA", "UPSTREAM_METADATA", "METADATA",
+    "FILTER_STATE", "UPSTREAM_FILTER_STATE", "ENVIRONMENT", "QUERY_PARAM", "CEL",
+    "REQ_WITHOUT_QUERY", "COMMON_DURATION",
+})
+_ARG_OPTIONAL = frozenset({
+    "START_TIME", "EMIT_TIME", "GRPC_STATUS", "PATH",
+    "DOWNSTREAM_PEER_CERT_V_START", "DOWNSTREAM_PEER_CERT_V_END",
+    "UPSTREAM_PEER_CERT_V_START", "UPSTREAM_PEER_CERT_V_END",
+})
+# Only these accept the `:N` truncation suffix.
+_MAX_LENGTH_OK = frozenset({
+    "REQ", "RESP", "TRAILER", "REQUEST_HEADER", "RESPONSE_HEADER", "RESPONSE_TRAILER",
+    "DYNAMIC_METADATA", "CLUSTER_METADATA", "UPSTREAM_METADATA", "METADATA",
+    "FILTER_STATE", "UPSTREAM_FILTER_STATE", "ENVIRONMENT", "QUERY_PARAM", "CEL",
+    "REQ_WITHOUT_QUERY",
+})
+# Integer-valued commands ("-" when unknown).
+_NUMERIC = frozenset({
+    "BYTES_RECEIVED", "BYTES_SENT", "BYTES_RETRANSMITTED", "PACKETS_RETRANSMITTED",
+    "DURATION", "REQUEST_DURATION", "REQUEST_TX_DURATION", "RESPONSE_DURATION",
+    "RESPONSE_TX_DURATION", "DOWNSTREAM_HANDSHAKE_DURATION", "ROUNDTRIP_DURATION",
+    "UPSTREAM_CONNECTION_POOL_READY_DURATION", "COMMON_DURATION",
+    "RESPONSE_CODE", "UPSTREAM_REQUEST_ATTEMPT_COUNT", "GRPC_STATUS_NUMBER",
+    "UPSTREAM_WIRE_BYTES_SENT", "UPSTREAM_WIRE_BYTES_RECEIVED",
+    "UPSTREAM_HEADER_BYTES_SENT", "UPSTREAM_HEADER_BYTES_RECEIVED",
+    "DOWNSTREAM_WIRE_BYTES_SENT", "DOWNSTREAM_WIRE_BYTES_RECEIVED",
+    "DOWNSTREAM_HEADER_BYTES_SENT", "DOWNSTREAM_HEADER_BYTES_RECEIVED",
+    "REQUEST_HEADERS_BYTES", "RESPONSE_HEADERS_BYTES", "RESPONSE_TRAILERS_BYTES",
+    "DOWNSTREAM_LOCAL_PORT", "DOWNSTREAM_REMOTE_PORT", "DOWNSTREAM_DIRECT_REMOTE_PORT",
+    "UPSTREAM_LOCAL_PORT", "UPSTREAM_REMOTE_PORT", "CONNECTION_ID",
+    "UPSTREAM_CONNECTION_ID", "DOWNSTREAM_CONNECTION_ID",
+})
+# Single-token values (never contain a space).
+_TOKEN = frozenset({
+    "PROTOCOL", "UPSTREAM_PROTOCOL", "RESPONSE_FLAGS", "RESPONSE_FLAGS_LONG",
+    "RESPONSE_CODE_DETAILS", "UPSTREAM_HOST", "UPSTREAM_HOST_NAME",
+    "UPSTREAM_HOST_NAME_WITHOUT_PORT", "UPSTREAM_CLUSTER", "UPSTREAM_CLUSTER_RAW",
+    "UPSTREAM_LOCAL_ADDRESS", "UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT",
+    "UPSTREAM_REMOTE_ADDRESS", "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT",
+    "DOWNSTREAM_LOCAL_ADDRESS", "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT",
+    "DOWNSTREAM_REMOTE_ADDRESS", "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT",
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS", "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT",
+    "REQUESTED_SERVER_NAME", "HOSTNAME", "STREAM_ID", "UNIQUE_ID", "TRACE_ID",
+    "ACCESS_LOG_TYPE", "DOWNSTREAM_TLS_VERSION", "DOWNSTREAM_TLS_CIPHER",
+    "DOWNSTREAM_TLS_SESSION_ID", "UPSTREAM_TLS_VERSION", "UPSTREAM_TLS_CIPHER",
+    "UPSTREAM_TLS_SESSION_ID", "GRPC_STATUS", "CUSTOM_FLAGS",
+})
+# Free-text commands without their own category above.
+_TEXT = frozenset({
+    "START_TIME", "EMIT_TIME", "PATH", "ROUTE_NAME", "VIRTUAL_CLUSTER_NAME",
+    "CONNECTION_TERMINATION_DETAILS", "UPSTREAM_TRANSPORT_FAILURE_REASON",
+    "DOWNSTREAM_TRANSPORT_FAILURE_REASON", "LOCAL_REPLY_BODY",
+    "DOWNSTREAM_PEER_URI_SAN", "DOWNSTREAM_PEER_DNS_SAN", "DOWNSTREAM_PEER_IP_SAN",
+    "DOWNSTREAM_PEER_EMAIL_SAN", "DOWNSTREAM_PEER_OTHERNAME_SAN",
+    "DOWNSTREAM_LOCAL_URI_SAN", "DOWNSTREAM_LOCAL_DNS_SAN", "DOWNSTREAM_LOCAL_IP_SAN",
+    "DOWNSTREAM_LOCAL_EMAIL_SAN", "DOWNSTREAM_LOCAL_OTHERNAME_SAN",
+    "DOWNSTREAM_LOCAL_SUBJECT", "DOWNSTREAM_PEER_SUBJECT", "DOWNSTREAM_PEER_ISSUER",
+    "DOWNSTREAM_PEER_FINGERPRINT_256", "DOWNSTREAM_PEER_FINGERPRINT_1",
+    "DOWNSTREAM_PEER_SERIAL", "DOWNSTREAM_PEER_CERT", "DOWNSTREAM_PEER_CHAIN_FINGERPRINTS_256",
+    "DOWNSTREAM_PEER_CHAIN_FINGERPRINTS_1", "DOWNSTREAM_PEER_CHAIN_SERIALS",
+    "DOWNSTREAM_PEER_CERT_V_START", "DOWNSTREAM_PEER_CERT_V_END",
+    "UPSTREAM_PEER_URI_SAN", "UPSTREAM_PEER_DNS_SAN", "UPSTREAM_PEER_IP_SAN",
+    "UPSTREAM_PEER_SUBJECT", "UPSTREAM_PEER_ISSUER", "UPSTREAM_PEER_CERT",
+    "UPSTREAM_PEER_CERT_V_START", "UPSTREAM_PEER_CERT_V_END",
+    "UPSTREAM_LOCAL_URI_SAN", "UPSTREAM_LOCAL_DNS_SAN", "UPSTREAM_LOCAL_IP_SAN",
+    "UPSTREAM_LOCAL_SUBJECT",
+}) | _ARG_REQUIRED
+KNOWN_COMMANDS: frozenset[str] = _NUMERIC | _TOKEN | _TEXT | _ARG_OPTIONAL
+
+_NUM_RE = r"(\d+|-)"
+_TOKEN_RE = r"(\S+)"
+_TEXT_RE = r"(.*?)"
+# Envoy's default START_TIME rendering, e.g. 2026-11-29T01:13:00.665Z.
+_TIME_RE = r"(\d{4}-\d\d-\d\dT[0-9:.]+(?:Z|[+-]\d\d:?\d\d)?|-)"
+
+_COMMAND_AT = re.compile(r"%([A-Z0-9_]+)(?:\(([^)]*)\))?(?::(\d+))?%")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str  # as written, e.g. REQUEST_HEADER
+    argument: str | None
+    max_length: int | None
+    position: int
+
+    @property
+    def key(self) -> str:
+        """Stable spelling used for `AccessLog.extra` keys and rendering tables."""
+        canonical = COMMAND_SYNONYMS.get(self.name, self.name)
+        return canonical if self.argument is None else f"{canonical}({self.argument})"
+
+
+Segment = str | Command
+
+
+def tokenize(fmt: str) -> list[Segment]:
+    """Split a format string into literals and validated commands (Envoy's rules)."""
+    out: list[Segment] = []
+    literal: list[str] = []
+    i = 0
+    n = len(fmt)
+    while i < n:
+        pct = fmt.find("%", i)
+        if pct == -1:
+            literal.append(fmt[i:])
+            break
+        literal.append(fmt[i:pct])
+        m = _COMMAND_AT.match(fmt, pct)
+        if m is None:
+            _explain_bad_command(fmt, pct)
+        name, arg, max_len = m.group(1), m.group(2), m.group(3)
+        _validate(fmt, pct, name, arg, max_len)
+        if literal:
+            text = "".join(literal)
+            if text:
+                out.append(text)
+            literal = []
+        out.append(Command(name, arg, int(max_len) if max_len else None, pct))
+        i = m.end()
+    tail = "".join(literal)
+    if tail:
+        out.append(tail)
+    return out
+
+
+def _explain_bad_command(fmt: str, pos: int) -> None:
+    rest = fmt[pos + 1:]
+    if "%" not in rest:
+        raise FormatError("unterminated '%' (no closing '%' for this command)", pos, fmt)
+    m = re.match(r"([A-Z0-9_]*)", rest)
+    name = m.group(1) if m else ""
+    after = rest[len(name):]
+    if not name:
+        raise FormatError("expected a command name (A-Z, 0-9, _) after '%'", pos, fmt)
+    if after.startswith("(") and ")" not in after:
+        raise FormatError(f"unterminated '(' in %{name}(...)%", pos, fmt)
+    if after.startswith(":") or (after.startswith("(") and ")%" not in after
+                                  and re.search(r"\):", after)):
+        raise FormatError(f"bad max length in %{name}%: ':N' must be a decimal number", pos, fmt)
+    raise FormatError(f"invalid command %{name}...: expected %COMMAND%, %COMMAND(arg)% or "
+                      "%COMMAND(arg):N%", pos, fmt)
+
+
+def _validate(fmt: str, pos: int, name: str, arg: str | None, max_len: str | None) -> None:
+    if name not in KNOWN_COMMANDS:
+        raise FormatError(f"unknown command %{name}%", pos, fmt)
+    if arg is None and name in _ARG_REQUIRED:
+        raise FormatError(f"%{name}% needs an argument, e.g. %{name}(...)%", pos, fmt)
+    if arg is not None and name not in _ARG_REQUIRED and name not in _ARG_OPTIONAL:
+        raise FormatError(f"%{name}% takes no argument", pos, fmt)
+    if max_len is not None and name not in _MAX_LENGTH_OK:
+        raise FormatError(f"%{name}% does not support a ':N' max length", pos, fmt)
+    canonical = COMMAND_SYNONYMS.get(name, name)
+    if arg is not None and canonical in ("REQ", "RESP", "TRAILER"):
+        parts = arg.split("?")
+        if len(parts) > 2:
+            raise FormatError(f"more than one alternative header in %{name}({arg})%", pos, fmt)
+        if any(not p for p in parts):
+            raise FormatError(f"empty header name in %{name}({arg})%", pos, fmt)
+    if arg is not None and name in ("DYNAMIC_METADATA", "CLUSTER_METADATA") and not arg:
+        raise FormatError(f"%{name}()% needs a namespace", pos, fmt)
+
+
+# --- converters ---------------------------------------------------------------------
+
+_second_cache: dict[str, int] = {}
+
+
+def envoy_time(value: str) -> float | None:
+    """Envoy's default START_TIME (`%Y-%m-%dT%H:%M:%E3SZ`) to epoch seconds.
+
+    Hot path: every line has one. Lines of the same second share the 19-char prefix,
+    so the calendar work is cached per second and only the fraction is parsed.
+    """
+    if len(value) == 24 and value[19] == "." and value[23] == "Z":
+        prefix = value[:19]
+        base = _second_cache.get(prefix)
+        if base is None:
+            try:
+                base = calendar.timegm(datetime.strptime(prefix, "%Y-%m-%dT%H:%M:%S").timetuple())
+            except ValueError:
+                return None
+            if len(_second_cache) > 4096:
+                _second_cache.clear()
+            _second_cache[prefix] = base
+        frac = value[20:23]
+        if frac.isdigit():
+            return base + int(frac) / 1000.0
+    return parse_iso8601(value)
+
+
+_ENVOY_FRACTION = re.compile(r"%E?(\d)?[fS]")
+
+
+def strftime_time(fmt: str) -> Callable[[str], float | None]:
+    """Converter for %START_TIME(<fmt>)%: best effort via strptime, then ISO, else None."""
+    if fmt == "%s":
+        return lambda v: float(v) if v.isdigit() else None
+    # Envoy's %f/%3f/%6f/%9f and %E3S are not strptime's; map them onto %f / %S.%f.
+    py_fmt = re.sub(r"%E\dS", "%S.%f", re.sub(r"%\d?f", "%f", fmt))
+
+    def convert(value: str) -> float | None:
+        try:
+            dt = datetime.strptime(value, py_fmt)
+        except ValueError:
+            return parse_iso8601(value)
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return dt.timestamp()
+
+    return convert
+
+
+def _converter_for(cmd: Command, canonical: bool, field_convert: Callable[[Any], Any] | None
+                   ) -> Callable[[str], Any]:
+    if cmd.name in ("START_TIME", "EMIT_TIME"):
+        return envoy_time if cmd.argument is None else strftime_time(cmd.argument)
+    if canonical and field_convert is not None:
+        return field_convert
+    if cmd.name in _NUMERIC:
+        return to_int
+    return to_str
+
+
+def _pattern_for(cmd: Command) -> str:
+    if cmd.name in ("START_TIME", "EMIT_TIME") and cmd.argument is None:
+        return _TIME_RE
+    if cmd.name in _NUMERIC:
+        return _NUM_RE
+    if cmd.name in _TOKEN:
+        return _TOKEN_RE
+    return _TEXT_RE
+
+
+# --- the compiled parser ------------------------------------------------------------
+
+
+def _strip_line_end(fmt: str) -> str:
+    """Envoy formats end in a newline (real or the two characters \\n); lines don't."""
+    while True:
+        if fmt.endswith("\n"):
+            fmt = fmt[:-1]
+        elif fmt.endswith("\\n"):
+            fmt = fmt[:-2]
+        elif fmt.endswith("\r"):
+            fmt = fmt[:-1]
+        else:
+            return fmt
+
+
+class CompiledFormat:
+    """Parser for the lines of one format string. Build with `compile_format`."""
+
+    __slots__ = ("name", "source", "segments", "_fullmatch", "_fields")
+
+    def __init__(self, fmt: str, name: str = "custom") -> None:
+        self.name = name
+        self.source = fmt
+        self.segments = tokenize(_strip_line_end(fmt))
+        parts: list[str] = []
+        # (group index, target key, converter, is canonical field)
+        fields: list[tuple[int, str, Callable[[str], Any], bool]] = []
+        group = 0
+        for seg in self.segments:
+            if isinstance(seg, str):
+                parts.append(re.escape(seg))
+                continue
+            spec = field_for_command(seg.name, seg.argument)
+            target = spec.name if spec is not None else seg.key
+            conv = _converter_for(seg, spec is not None, spec.convert if spec else None)
+            parts.append(_pattern_for(seg))
+            fields.append((group, target, conv, spec is not None))
+            group += 1
+        if not self.segments:
+            raise FormatError("empty format string", 0, fmt)
+        self._fullmatch = re.compile("".join(parts), re.DOTALL).fullmatch
+        self._fields = tuple(fields)
+
+    def parse(self, line: str) -> AccessLog | LineError:
+        # Hot path: one regex call, then a flat loop over precomputed
+        # (group, target, converter) triples into one kwargs dict.
+        m = self._fullmatch(line.rstrip("\r\n"))
+        if m is None:
+            return LineError(f"line does not match the {self.name} format")
+        groups = m.groups()
+        kw: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for idx, target, conv, canonical in self._fields:
+            raw = groups[idx]
+            if raw == "-" or raw == "":
+                continue
+            value = conv(raw)
+            if value is None:
+                if not canonical:
+                    continue
+                # Unconvertible value in a typed field: keep it visible, not lost.
+                extra[target + "_raw"] = raw
+                continue
+            if canonical:
+                if target not in kw:
+                    kw[target] = value
+            else:
+                extra[target] = value
+        return AccessLog(**kw, extra=extra, log_format=self.name)
+
+    def render(self, values: Mapping[str, str | None]) -> str:
+        """Write a line the way Envoy would, from `Command.key` -> text (None -> '-').
+
+        Used to generate test and benchmark lines from any format string.
+        """
+        out: list[str] = []
+        for seg in self.segments:
+            if isinstance(seg, str):
+                out.append(seg)
+            else:
+                v = values.get(seg.key)
+                out.append("-" if v is None or v == "" else v)
+        return "".join(out)
+
+    def commands(self) -> list[Command]:
+        return [s for s in self.segments if isinstance(s, Command)]
+
+
+def compile_format(fmt: str, name: str = "custom") -> CompiledFormat:
+    """Compile an Envoy format string; raises FormatError if Envoy would reject it."""
+    return CompiledFormat(fmt, name)
