@@ -1,0 +1,217 @@
+"""Who really sent the request: PROXY-preserved peer first, X-Forwarded-For only
+through proxies the policy trusts.
+
+Spoofing is the attack: any client can send `X-Forwarded-For: 1.2.3.4`. So XFF is
+consulted only when the address Envoy saw (the PROXY-protocol client, or the TCP peer)
+is itself a trusted proxy, and then only right to left, because each trusted hop
+appends the address *it* saw; the first untrusted entry is the one nobody we trust
+can vouch beyond.
+
+Address parsing is cached per distinct string: `ipaddress` costs microseconds per
+call and the same few thousand addresses repeat across millions of lines.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.decode.access_log import AccessLog
+
+IpSource = Literal["proxy_protocol", "peer", "x_forwarded_for", "none"]
+IpClass = Literal["public", "private", "loopback", "cgnat", "link_local", "multicast",
+                  "reserved"]
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientIpPolicy:
+    """Which proxies may speak for their clients.
+
+    trusted_proxies: CIDRs of load balancers / proxies whose X-Forwarded-For entry
+        we believe (e.g. the LB subnet). Empty: XFF is never used.
+    trusted_hops: how many X-Forwarded-For entries, counted from the right, may be
+        examined at most; bounds how far a chain of trusted proxies is followed.
+    """
+
+    trusted_proxies: tuple[str, ...] = ()
+    trusted_hops: int = 1
+
+    def __post_init__(self) -> None:
+        for cidr in self.trusted_proxies:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError early, at start-up
+        if self.trusted_hops < 0:
+            raise ValueError("trusted_hops must be >= 0")
+
+
+@dataclass(slots=True)
+class ClientIp:
+    ip: str | None  # normalised (IPv4-mapped v6 -> v4), None when nothing usable
+    port: int | None
+    source: IpSource
+    ip_class: IpClass | None
+    peer_ip: str | None  # the address the TCP connection came from (direct remote)
+    related: list[str] = field(default_factory=list)  # every address seen, unique
+    tags: list[str] = field(default_factory=list)
+
+
+class _Addr:
+    """A parsed, classified address; cached and shared, so treat as immutable."""
+
+    __slots__ = ("ip", "ip_class", "trusted")
+
+    def __init__(self, ip: str, ip_class: IpClass, trusted: bool) -> None:
+        self.ip = ip
+        self.ip_class = ip_class
+        self.trusted = trusted
+
+
+def split_host_port(text: str) -> tuple[str, int | None] | None:
+    """`1.2.3.4:80`, `[v6]:80`, bare v4 or v6 -> (host, port); None if malformed.
+
+    Only the shape is checked here; the host is validated by the cache miss path.
+    """
+    s = text.strip()
+    if not s:
+        return None
+    if s[0] == "[":
+        end = s.find("]")
+        if end == -1:
+            return None
+        host, rest = s[1:end], s[end + 1:]
+        if not rest:
+            return host, None
+        if rest[0] != ":" or not rest[1:].isdigit():
+            return None
+        return host, int(rest[1:])
+    colons = s.count(":")
+    if colons == 1:
+        host, _, port = s.partition(":")
+        if not port.isdigit():
+            return None
+        return host, int(port)
+    return s, None  # bare v4 (no colon) or bare v6 (several)
+
+
+def classify(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> IpClass:
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link_local"
+    if ip.version == 4 and ip in _CGNAT:
+        return "cgnat"
+    if ip.is_multicast:
+        return "multicast"
+    if any(ip.version == n.version and ip in n for n in _PRIVATE_NETS):
+        return "private"
+    if ip.is_global:
+        return "public"
+    return "reserved"  # documentation, benchmarking, unspecified, 240/4, ...
+
+
+class ClientIpResolver:
+    """Resolves `ClientIp` for access logs under one policy (and caches per policy)."""
+
+    def __init__(self, policy: ClientIpPolicy | None = None, cache_size: int = 65536) -> None:
+        self.policy = policy or ClientIpPolicy()
+        self._nets = tuple(ipaddress.ip_network(c, strict=False)
+                           for c in self.policy.trusted_proxies)
+        self._cache: dict[str, _Addr | None] = {}
+        self._cache_size = cache_size
+
+    def address(self, host: str) -> _Addr | None:
+        """Parsed host (no port) from the cache; None when it is not an IP address."""
+        addr = self._cache.get(host, False)
+        if addr is not False:
+            return addr  # type: ignore[return-value]
+        addr = self._parse(host)
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()  # crude but bounded; refills within a few lines
+        self._cache[host] = addr
+        return addr
+
+    def _parse(self, host: str) -> _Addr | None:
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0] if "%" in host else host)
+        except ValueError:
+            return None
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        trusted = any(ip.version == n.version and ip in n for n in self._nets)
+        return _Addr(str(ip), classify(ip), trusted)
+
+    def _endpoint(self, text: str | None) -> tuple[_Addr | None, int | None, bool]:
+        """(address, port, malformed) for an Envoy address field."""
+        if text is None or text == "-":
+            return None, None, False
+        hp = split_host_port(text)
+        if hp is None:
+            return None, None, True
+        addr = self.address(hp[0])
+        return addr, hp[1], addr is None
+
+    def resolve(self, log: AccessLog) -> ClientIp:
+        related: list[str] = []
+        tags: list[str] = []
+        remote, port, bad = self._endpoint(log.downstream_remote_address)
+        if bad:
+            tags.append("clientip_invalid_remote")
+        direct, _, bad_direct = self._endpoint(log.downstream_direct_remote_address)
+        if bad_direct:
+            tags.append("clientip_invalid_direct_remote")
+        if remote is not None:
+            related.append(remote.ip)
+        if direct is not None and direct.ip not in related:
+            related.append(direct.ip)
+
+        xff = log.x_forwarded_for
+        entries: list[_Addr | None] = []
+        if xff:
+            for part in xff.split(","):
+                hp = split_host_port(part)
+                a = self.address(hp[0]) if hp is not None else None
+                entries.append(a)
+                if a is None:
+                    if "clientip_invalid_xff" not in tags:
+                        tags.append("clientip_invalid_xff")
+                elif a.ip not in related:
+                    related.append(a.ip)
+        for up in (log.upstream_host, log.upstream_local_address):
+            if up and up.startswith("tcp://"):
+                up = up[6:]  # older Envoy wrote upstream hosts as URLs
+            ua = self._endpoint(up)[0]
+            if ua is not None and ua.ip not in related:
+                related.append(ua.ip)
+
+        if remote is None:
+            if direct is not None:
+                remote = direct
+            else:
+                return ClientIp(None, None, "none", None, None, related, tags)
+        source: IpSource = (
+            "proxy_protocol" if direct is not None and direct.ip != remote.ip else "peer")
+        client, client_port = remote, port
+        if remote.trusted and entries:
+            chosen = self._walk_xff(entries, tags)
+            if chosen is not None:
+                client, client_port, source = chosen, None, "x_forwarded_for"
+        return ClientIp(client.ip, client_port, source, client.ip_class,
+                        direct.ip if direct is not None else remote.ip, related, tags)
+
+    def _walk_xff(self, entries: list[_Addr | None], tags: list[str]) -> _Addr | None:
+        """Right to left over at most `trusted_hops` entries; first untrusted wins."""
+        last: _Addr | None = None
+        for a in reversed(entries[-self.policy.trusted_hops:] if self.policy.trusted_hops
+                          else []):
+            if a is None:
+                return None  # garbage written by a hop we trust: believe nothing past it
+            if not a.trusted:
+                return a
+            last = a
+        if last is not None:
+            tags.append("clientip_xff_all_trusted")
+        return last
