@@ -15,8 +15,14 @@ from pipeline import __version__
 
 # name -> "module:attribute" of a click.Command. Add new commands here.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "services": ("pipeline.commands.services:services", "Show whether the local Kafka, Elasticsearch and Redis answer."),
-    "enrich": ("pipeline.commands.enrich:enrich", "Parse and enrich access-log records from files/stdin to JSON on stdout (no servers)."),
+    "services": (
+        "pipeline.commands.services:services",
+        "Show whether the local Kafka, Elasticsearch and Redis answer.",
+    ),
+    "enrich": (
+        "pipeline.commands.enrich:enrich",
+        "Parse and enrich access-log records from files/stdin to JSON on stdout (no servers).",
+    ),
     "bench": ("pipeline.commands.bench:bench", "Benchmarks: parse, core pipeline, end to end."),
 }
 

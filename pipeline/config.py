@@ -1,0 +1,244 @@
+"""The worker's configuration: one YAML file plus `ENVOYGEO_...` environment overrides.
+
+Why one set of pydantic models: every setting is validated once, at start, and an
+error names the exact key (`elasticsearch.bulk_max_docs: ...`) instead of surfacing as
+a librdkafka or HTTP failure minutes later. Environment variables use `__` between
+levels (`ENVOYGEO_KAFKA__BOOTSTRAP_SERVERS=...`) and win over the file, so one
+ConfigMap can serve many deployments.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+SECRET_KEYS = ("password", "api_key", "sasl.password", "ssl.key.password", "ssl.keystore.password")
+
+
+def _check_cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a CIDR: {exc}") from None
+    return value
+
+
+CIDR = Annotated[str, AfterValidator(_check_cidr)]
+
+
+class _Section(BaseModel):
+    # A misspelt key is an error, not a silently ignored default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topics: list[str] = Field(default_factory=lambda: ["envoy-access-logs"])
+    topic_pattern: str | None = Field(
+        None, description="Regex of topics to consume instead of `topics` (librdkafka '^' form)."
+    )
+    group_id: str = "envoygeo"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    dead_letter_topic: str = "envoygeo-dead-letter"
+    alerts_topic: str = "envoygeo-alerts"
+    topic_partitions: int = Field(6, ge=1, description="Partitions for topics `setup` creates.")
+    batch_max_records: int = Field(2000, ge=1)
+    batch_max_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    batch_max_wait_ms: int = Field(500, ge=1)
+    session_timeout_ms: int = Field(45000, ge=1000)
+    statistics_interval_ms: int = Field(5000, ge=0, description="0 disables lag metrics.")
+    librdkafka: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Passed to librdkafka as is: security.protocol, sasl.*, ssl.*, ...",
+    )
+
+    @field_validator("topic_pattern")
+    @classmethod
+    def _pattern_anchor(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("^"):
+            raise ValueError("librdkafka treats a topic as a regex only when it starts with '^'")
+        return v
+
+
+class ElasticsearchSettings(_Section):
+    hosts: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:9200"])
+    api_key: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_certs: Path | None = None
+    verify_certs: bool = True
+    index: str = Field("envoygeo-logs", description="Index (or alias / data stream) written to.")
+    alerts_index: str = "envoygeo-alerts"
+    data_stream: bool = False
+    bulk_max_docs: int = Field(2000, ge=1)
+    bulk_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    concurrency: int = Field(2, ge=1, le=16, description="Bulk requests in flight at once.")
+    request_timeout_s: float = Field(30.0, gt=0)
+    retry_initial_backoff_ms: int = Field(200, ge=1)
+    retry_max_backoff_ms: int = Field(30000, ge=1)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_are_urls(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one host is needed")
+        for host in v:
+            if not host.startswith(("http://", "https://")):
+                raise ValueError(f"{host!r} must start with http:// or https://")
+        return v
+
+
+class GeoIPSettings(_Section):
+    city: Path | None = None
+    country: Path | None = None
+    asn: Path | None = None
+    cache_size: int = Field(100_000, ge=0)
+    reload_check_s: float = Field(5.0, ge=0, description="How often to look for a replaced file.")
+
+
+class ClientIPSettings(_Section):
+    trusted_proxies: list[CIDR] = Field(
+        default_factory=list,
+        description="CIDRs of load balancers / proxies whose X-Forwarded-For entries are trusted.",
+    )
+    trusted_hops: int = Field(1, ge=0, le=32)
+
+
+class AlertRuleSettings(_Section):
+    name: str
+    window_s: int = Field(ge=1)
+    threshold: int = Field(ge=1)
+    allow_cidrs: list[CIDR] = Field(default_factory=list)
+
+
+class RatesSettings(_Section):
+    backend: Literal["memory", "redis", "off"] = "memory"
+    windows_s: list[int] = Field(default_factory=lambda: [10, 60, 300])
+    lateness_s: int = Field(60, ge=0)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "envoygeo"
+    max_tracked_ips: int = Field(2_000_000, ge=1000)
+    alerts: list[AlertRuleSettings] = Field(default_factory=list)
+
+    @field_validator("windows_s")
+    @classmethod
+    def _windows(cls, v: list[int]) -> list[int]:
+        if not v or any(w <= 0 for w in v):
+            raise ValueError("give one or more positive window lengths in seconds")
+        return sorted(set(v))
+
+
+class ParseSettings(_Section):
+    log_format: str = Field(
+        "auto", description="auto | envoy | istio | istio-legacy | json | an Envoy format string"
+    )
+    json_keys: dict[str, str] = Field(
+        default_factory=dict, description="JSON key -> canonical field."
+    )
+    unparsed: Literal["index", "dead_letter"] = Field(
+        "index", description="Lines no format matches: index them tagged, or dead-letter them."
+    )
+
+
+class MetricsSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(9108, ge=0, le=65535, description="0 disables the HTTP endpoint.")
+    progress_interval_s: float = Field(10.0, gt=0)
+
+
+class WorkerSettings(_Section):
+    shutdown_grace_s: float = Field(30.0, gt=0)
+    max_inflight_batches: int = Field(4, ge=1, description="Bounds memory while the sink is slow.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ENVOYGEO_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
+    geoip: GeoIPSettings = Field(default_factory=GeoIPSettings)
+    client_ip: ClientIPSettings = Field(default_factory=ClientIPSettings)
+    rates: RatesSettings = Field(default_factory=RatesSettings)
+    parse: ParseSettings = Field(default_factory=ParseSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot run; the message names every offending key."""
+
+
+def load_settings(path: Path | str | None = None) -> Settings:
+    """Read the YAML file (optional), apply ENVOYGEO_* overrides, validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, path)) from None
+
+
+def _explain(exc: ValidationError, path: Path | str | None) -> str:
+    origin = f" in {path} or ENVOYGEO_* variables" if path else " in ENVOYGEO_* variables"
+    lines = [f"invalid configuration{origin}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `envoygeo check-config --help`)"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _is_secret(key: str) -> bool:
+    return key in SECRET_KEYS or "password" in key or "secret" in key
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective configuration with every secret replaced by '***'."""
+    data = settings.model_dump(mode="json")
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: ("***" if v and _is_secret(k) else walk(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(data)  # type: ignore[no-any-return]

@@ -1,0 +1,200 @@
+"""Elasticsearch `_bulk` sink: index every item or hand back the ones Elasticsearch refuses.
+
+The delivery contract lives here: an item leaves `write()` either indexed or in the
+returned rejection list (a 4xx that retrying cannot fix: mapping or parse errors), so the
+worker can dead-letter it before committing. Everything that may succeed later (429,
+5xx, timeouts, a node that is down) is retried here, with exponential backoff and
+jitter, and only the items that failed are sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from elastic_transport import ConnectionError as TransportConnectionError
+from elastic_transport import ConnectionTimeout, TransportError
+from elasticsearch import ApiError, Elasticsearch
+from elasticsearch.serializer import OrjsonSerializer
+
+from pipeline.config import ElasticsearchSettings
+
+log = logging.getLogger(__name__)
+
+# Per-item statuses worth another try: overload and server-side trouble.
+RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass(slots=True)
+class BulkItem:
+    """One document on its way to an index; `original` is what gets dead-lettered."""
+
+    index: str
+    doc_id: str
+    source: bytes  # the JSON document, already serialised (orjson)
+    original: bytes = b""
+    position: str = ""  # "topic/partition/offset", for dead-letter headers and logs
+
+
+@dataclass(slots=True)
+class Rejection:
+    item: BulkItem
+    status: int
+    reason: str
+
+
+class SinkStopped(Exception):
+    """Shutdown was requested while items were still unindexed; they stay uncommitted."""
+
+
+def make_client(settings: ElasticsearchSettings) -> Elasticsearch:
+    """The official client, with our retry policy instead of its own."""
+    auth: dict[str, Any] = {}
+    if settings.api_key is not None:
+        auth["api_key"] = settings.api_key.get_secret_value()
+    elif settings.username is not None:
+        password = settings.password.get_secret_value() if settings.password else ""
+        auth["basic_auth"] = (settings.username, password)
+    tls: dict[str, Any] = {}
+    if settings.ca_certs is not None:
+        tls["ca_certs"] = str(settings.ca_certs)
+    if not settings.verify_certs:
+        tls["verify_certs"] = False
+    return Elasticsearch(
+        settings.hosts,
+        request_timeout=settings.request_timeout_s,
+        # The sink retries per item with backoff; client-level retries would resend
+        # items that already succeeded and hide outages from our metrics.
+        max_retries=0,
+        retry_on_timeout=False,
+        serializer=OrjsonSerializer(),
+        **auth,
+        **tls,
+    )
+
+
+def encode_bulk(items: Sequence[BulkItem]) -> bytes:
+    """The NDJSON body. Plain concatenation: the documents are already bytes."""
+    parts: list[bytes] = []
+    append = parts.append
+    for item in items:
+        append(b'{"index":{"_index":')
+        append(orjson.dumps(item.index))
+        append(b',"_id":')
+        append(orjson.dumps(item.doc_id))
+        append(b"}}\n")
+        append(item.source)
+        append(b"\n")
+    return b"".join(parts)
+
+
+class ElasticsearchSink:
+    """Writes batches of BulkItems; thread-safe (the client's connection pool is)."""
+
+    def __init__(
+        self,
+        settings: ElasticsearchSettings,
+        client: Elasticsearch | None = None,
+        on_bulk: Callable[[float, int, str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client or make_client(settings)
+        # Set while the last bulk request got through; the worker pauses fetching when not.
+        self.writable = threading.Event()
+        self.writable.set()
+        self.last_error = ""
+        self._on_bulk = on_bulk or (lambda seconds, size, outcome: None)
+
+    def write(
+        self, items: Sequence[BulkItem], stop: threading.Event | None = None
+    ) -> list[Rejection]:
+        """Index all items; return the permanent rejections. Raises SinkStopped on shutdown."""
+        pending = list(items)
+        rejected: list[Rejection] = []
+        attempt = 0
+        while pending:
+            retry: list[BulkItem] = []
+            started = time.perf_counter()
+            try:
+                response = self.client.bulk(
+                    operations=encode_bulk(pending),
+                    filter_path="errors,items.*.status,items.*.error",
+                )
+            except (TransportConnectionError, ConnectionTimeout, TransportError) as exc:
+                self._failed(f"{type(exc).__name__}: {exc}", started, len(pending))
+                retry = pending
+            except ApiError as exc:
+                # The whole request was refused: overload and server errors are worth
+                # retrying; anything else (e.g. 413 too large) is a bug of ours that
+                # retrying would turn into an endless loop, so it surfaces.
+                if exc.meta.status not in RETRYABLE:
+                    raise
+                self._failed(f"HTTP {exc.meta.status}: {exc.message}", started, len(pending))
+                retry = pending
+            else:
+                body = response.body
+                if body.get("errors"):
+                    for item, result in zip(pending, body["items"], strict=True):
+                        outcome = next(iter(result.values()))
+                        status = outcome.get("status", 200)
+                        if status < 300:
+                            continue
+                        if status in RETRYABLE:
+                            retry.append(item)
+                        else:
+                            rejected.append(Rejection(item, status, _reason(outcome.get("error"))))
+                outcome_label = "partial" if retry else "ok"
+                self._on_bulk(time.perf_counter() - started, len(pending), outcome_label)
+                if not retry:
+                    self.writable.set()
+                    self.last_error = ""
+            if not retry:
+                break
+            pending = retry
+            delay = self._backoff(attempt)
+            attempt += 1
+            log.warning(
+                "bulk: %d item(s) to retry in %.2fs (attempt %d): %s",
+                len(pending),
+                delay,
+                attempt,
+                self.last_error or "per-item 429/5xx",
+            )
+            if stop is not None:
+                if stop.wait(delay):
+                    raise SinkStopped(f"{len(pending)} item(s) not indexed at shutdown")
+            else:
+                time.sleep(delay)
+        return rejected
+
+    def _failed(self, message: str, started: float, size: int) -> None:
+        self.writable.clear()
+        self.last_error = message
+        self._on_bulk(time.perf_counter() - started, size, "error")
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter, so a fleet does not retry in lockstep."""
+        ceiling = min(
+            self.settings.retry_max_backoff_ms,
+            self.settings.retry_initial_backoff_ms * (2 ** min(attempt, 20)),
+        )
+        return random.uniform(ceiling / 2, ceiling) / 1000.0
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _reason(error: Any) -> str:
+    if isinstance(error, dict):
+        text = f"{error.get('type', 'error')}: {error.get('reason', '')}"
+        cause = error.get("caused_by")
+        if isinstance(cause, dict):
+            text += f" (caused by {cause.get('type')}: {cause.get('reason')})"
+        return text
+    return str(error)

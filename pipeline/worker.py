@@ -1,0 +1,367 @@
+"""The worker loop: Kafka -> enrich -> Elasticsearch, committing only what is safe.
+
+Shape, and why:
+
+* The main thread owns the consumer (librdkafka callbacks, rebalances, commits all
+  happen there) and does the CPU work of enrichment.
+* Bulk requests run on a small thread pool (`elasticsearch.concurrency`), so the next
+  batch is enriched while the previous one is being indexed: the worker's rate then
+  approaches the Elasticsearch bulk ceiling instead of ceiling + enrichment time.
+* Batches are committed strictly in the order they were read: a batch's offsets are
+  committed only when it and every batch before it are done (indexed or dead-lettered).
+* Backpressure: with `max_inflight_batches` batches unfinished (Elasticsearch slow or
+  down), fetching pauses but polling continues, so the group membership stays alive and
+  memory stays bounded by the in-flight batches plus librdkafka's bounded queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import orjson
+from confluent_kafka import Message, TopicPartition
+
+from pipeline.config import Settings
+from pipeline.metrics import Metrics, StatusServer
+from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, SinkStopped
+from pipeline.sinks.kafka import KafkaTopicSink, OutRecord
+from pipeline.sources.kafka import KafkaSource
+
+log = logging.getLogger("envoygeo.worker")
+
+
+class Enriched(NamedTuple):
+    """What the enricher made of one input record."""
+
+    document: bytes | None  # serialised ECS document; None if merged into a later record
+    error: str | None  # why the access-log line could not be parsed, if it could not
+
+
+class BatchEnricher(Protocol):
+    def enrich_batch(self, values: Sequence[bytes]) -> tuple[list[Enriched], list[dict[str, Any]]]:
+        """One Enriched per value, in order, plus the alerts this batch raised."""
+        ...
+
+
+@dataclass(slots=True)
+class Batch:
+    items: list[BulkItem]
+    dead_letters: list[OutRecord]
+    alerts: list[dict[str, Any]]
+    offsets: dict[tuple[str, int], int]  # next offset to read, per partition
+    records: int
+
+
+@dataclass
+class Progress:
+    records_in: int = 0
+    indexed: int = 0
+    dead_lettered: int = 0
+    unparsed: int = 0
+    alerts: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def document_id(topic: str, partition: int, offset: int) -> str:
+    """Deterministic per Kafka position: a replayed record overwrites its own document."""
+    return f"{topic}-{partition}-{offset}"
+
+
+def dead_letter(msg: Message, stage: str, reason: str) -> OutRecord:
+    headers = [
+        ("envoygeo.stage", stage.encode()),
+        ("envoygeo.error", reason.encode("utf-8", "replace")[:4096]),
+        ("envoygeo.source", f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()),
+    ]
+    return OutRecord(value=msg.value() or b"", key=msg.key(), headers=headers)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        enricher: BatchEnricher,
+        sink: ElasticsearchSink | None = None,
+        side: KafkaTopicSink | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.enricher = enricher
+        self.metrics = metrics or Metrics()
+        self.sink = sink or ElasticsearchSink(settings.elasticsearch, on_bulk=self.metrics.on_bulk)
+        self.side = side or KafkaTopicSink(
+            settings.kafka.bootstrap_servers, extra=_security(settings.kafka.librdkafka)
+        )
+        self.stopping = threading.Event()  # stop fetching, drain, commit
+        self.abort = threading.Event()  # grace period over: give up on unfinished batches
+        self.progress = Progress()
+        self._inflight: deque[tuple[Future[None], Batch]] = deque()
+        self._pool = ThreadPoolExecutor(settings.elasticsearch.concurrency, "bulk")
+        self._fatal: BaseException | None = None
+        self.source: KafkaSource | None = None
+        self.status: StatusServer | None = None
+
+    # -- lifecycle --
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum: int, frame: Any) -> None:
+            log.info(
+                "signal %s: stopping (grace %.0fs)",
+                signal.Signals(signum).name,
+                self.settings.worker.shutdown_grace_s,
+            )
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def run(self) -> int:
+        """Run until stopped; returns the process exit status."""
+        cfg = self.settings
+        self.source = KafkaSource(
+            cfg.kafka, on_revoke=self._on_revoke, on_stats=self.metrics.on_stats
+        )
+        if cfg.metrics.port:
+            self.status = StatusServer(
+                self.metrics, cfg.metrics.host, cfg.metrics.port, self._ready
+            )
+            self.status.start()
+        log.info(
+            "envoygeo worker started",
+            extra={
+                "fields": {
+                    "kafka": cfg.kafka.bootstrap_servers,
+                    "topics": cfg.kafka.topic_pattern or cfg.kafka.topics,
+                    "group": cfg.kafka.group_id,
+                    "index": cfg.elasticsearch.index,
+                    "metrics_port": self.status.port if self.status else None,
+                }
+            },
+        )
+        next_progress = time.monotonic() + cfg.metrics.progress_interval_s
+        try:
+            while not self.stopping.is_set():
+                if self.status:
+                    self.status.beat()
+                self._reap()
+                if self._fatal is not None:
+                    break
+                if len(self._inflight) >= cfg.worker.max_inflight_batches:
+                    self.source.pause()
+                    self.metrics.paused.set(1)
+                    self.source.serve(0.2)
+                    continue
+                if self.source.paused:
+                    self.source.resume()
+                    self.metrics.paused.set(0)
+                msgs = self.source.poll_batch(
+                    cfg.kafka.batch_max_records,
+                    cfg.kafka.batch_max_bytes,
+                    cfg.kafka.batch_max_wait_ms / 1000.0,
+                )
+                if msgs:
+                    self._submit(self._prepare(msgs))
+                if time.monotonic() >= next_progress:
+                    self._log_progress()
+                    next_progress = time.monotonic() + cfg.metrics.progress_interval_s
+        finally:
+            self._shutdown()
+        if self._fatal is not None:
+            log.error("stopped on an unexpected error: %r", self._fatal)
+            return 1
+        return 0
+
+    def _shutdown(self) -> None:
+        grace = self.settings.worker.shutdown_grace_s
+        timer = threading.Timer(grace, self.abort.set)
+        timer.daemon = True
+        timer.start()
+        log.info("draining %d in-flight batch(es)", len(self._inflight))
+        self._drain()
+        timer.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.source is not None:
+            self.source.close()
+        self.side.close()
+        self._log_progress(final=True)
+        if self.status:
+            self.status.close()
+
+    # -- per batch --
+
+    def _prepare(self, msgs: list[Message]) -> Batch:
+        """Enrich on this thread; what cannot be indexed becomes a dead-letter record."""
+        cfg = self.settings
+        index = cfg.elasticsearch.index
+        dead_letter_unparsed = cfg.parse.unparsed == "dead_letter"
+        results, alerts = self.enricher.enrich_batch([m.value() or b"" for m in msgs])
+        items: list[BulkItem] = []
+        dead: list[OutRecord] = []
+        offsets: dict[tuple[str, int], int] = {}
+        for msg, res in zip(msgs, results, strict=True):
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            offsets[(topic, partition)] = offset + 1
+            if res.error is not None:
+                self.progress.unparsed += 1
+                self.metrics.records_failed.labels(_reason_label(res.error)).inc()
+                if dead_letter_unparsed:
+                    dead.append(dead_letter(msg, "parse", res.error))
+                    continue
+            if res.document is None:
+                continue
+            items.append(
+                BulkItem(
+                    index,
+                    document_id(topic, partition, offset),
+                    res.document,
+                    msg.value() or b"",
+                    f"{topic}/{partition}/{offset}",
+                )
+            )
+        self.progress.records_in += len(msgs)
+        self.metrics.records_in.inc(len(msgs))
+        self.metrics.batch_size.observe(len(msgs))
+        return Batch(items, dead, alerts, offsets, len(msgs))
+
+    def _submit(self, batch: Batch) -> None:
+        self._inflight.append((self._pool.submit(self._deliver, batch), batch))
+        self.metrics.inflight.set(len(self._inflight))
+
+    def _deliver(self, batch: Batch) -> None:
+        """Runs on a bulk thread: index, dead-letter the rejected, ship alerts."""
+        cfg = self.settings
+        rejections = self.sink.write(batch.items, self.abort)
+        dead = batch.dead_letters
+        if rejections:
+            by_pos = {r.item.position: r for r in rejections}
+            dead = dead + [
+                OutRecord(
+                    value=r.item.original,
+                    key=None,
+                    headers=[
+                        ("envoygeo.stage", b"index"),
+                        ("envoygeo.error", f"{r.status} {r.reason}".encode()[:4096]),
+                        ("envoygeo.source", pos.encode()),
+                    ],
+                )
+                for pos, r in by_pos.items()
+            ]
+        if dead:
+            self.side.send(cfg.kafka.dead_letter_topic, dead, self.abort)
+            for rec in dead:
+                stage = dict(rec.headers).get("envoygeo.stage", b"?").decode()
+                self.metrics.dead_lettered.labels(stage).inc()
+        if batch.alerts:
+            self._ship_alerts(batch.alerts)
+        self.progress.indexed += len(batch.items) - len(rejections)
+        self.progress.dead_lettered += len(dead)
+        self.metrics.records_out.inc(len(batch.items) - len(rejections))
+
+    def _ship_alerts(self, alerts: list[dict[str, Any]]) -> None:
+        cfg = self.settings
+        records, items = [], []
+        for alert in alerts:
+            # `_id` is the (rule, ip, period) key: a re-emitted alert overwrites itself.
+            alert_id = alert["_id"]
+            source = orjson.dumps({k: v for k, v in alert.items() if k != "_id"})
+            records.append(OutRecord(value=source, key=alert_id.encode()))
+            items.append(
+                BulkItem(cfg.elasticsearch.alerts_index, alert_id, source, source, alert_id)
+            )
+            self.metrics.alerts.labels(alert["rule"]["name"]).inc()
+        self.side.send(cfg.kafka.alerts_topic, records, self.abort)
+        rejected = self.sink.write(items, self.abort)
+        for r in rejected:  # our own alert documents: a rejection is a bug worth seeing
+            log.error("alert document rejected: %s %s", r.status, r.reason)
+        self.progress.alerts += len(alerts)
+
+    # -- completion and commits --
+
+    def _reap(self, wait: bool = False) -> None:
+        """Commit the offsets of finished batches, in read order."""
+        done: dict[tuple[str, int], int] = {}
+        while self._inflight:
+            future, batch = self._inflight[0]
+            if not future.done():
+                if not wait:
+                    break
+                try:
+                    future.result()
+                except BaseException:  # inspected below
+                    pass
+            exc = future.exception()
+            if exc is not None:
+                if not isinstance(exc, SinkStopped):
+                    self._fatal = exc
+                    log.error(
+                        "batch delivery failed; not committing it or anything after it",
+                        exc_info=exc,
+                    )
+                else:
+                    log.warning("shutdown before batch was delivered: %s", exc)
+                self.stopping.set()
+                # Nothing after an undelivered batch may be committed.
+                self._inflight.clear()
+                break
+            self._inflight.popleft()
+            done.update(batch.offsets)
+        self.metrics.inflight.set(len(self._inflight))
+        if done and self.source is not None:
+            self.source.commit(done, asynchronous=not wait)
+
+    def _drain(self) -> None:
+        self._reap(wait=True)
+
+    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
+        # Finish and commit everything in flight before the partitions change hands.
+        self._drain()
+
+    def _ready(self) -> tuple[bool, str]:
+        if self.source is None or not self.source.assigned:
+            return False, "no partitions assigned yet"
+        if not self.sink.writable.is_set():
+            return False, f"elasticsearch not accepting writes: {self.sink.last_error}"
+        return True, f"ok: {len(self.source.assigned)} partition(s)"
+
+    def _log_progress(self, final: bool = False) -> None:
+        p = self.progress
+        elapsed = max(time.monotonic() - p.started, 1e-9)
+        log.info(
+            "%s: %d in, %d indexed, %d dead-lettered, %d unparsed, %d alerts, %.0f rec/s%s",
+            "summary" if final else "progress",
+            p.records_in,
+            p.indexed,
+            p.dead_lettered,
+            p.unparsed,
+            p.alerts,
+            p.records_in / elapsed,
+            ", paused" if self.source is not None and self.source.paused else "",
+            extra={
+                "fields": {
+                    "records_in": p.records_in,
+                    "indexed": p.indexed,
+                    "dead_lettered": p.dead_lettered,
+                    "unparsed": p.unparsed,
+                    "alerts": p.alerts,
+                }
+            },
+        )
+
+
+def _reason_label(error: str) -> str:
+    """A short, low-cardinality label for metrics (the full reason goes to the document)."""
+    return error.split(":", 1)[0][:40]
+
+
+def _security(librdkafka: dict[str, Any]) -> dict[str, Any]:
+    """The producer shares the consumer's connection and security settings."""
+    keep = ("security.protocol", "sasl.", "ssl.", "client.id")
+    return {k: v for k, v in librdkafka.items() if k.startswith(keep)}
