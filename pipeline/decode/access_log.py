@@ -176,9 +176,10 @@ _BY_COMMAND: dict[tuple[str, str | None], FieldSpec] = {
 def field_for_command(command: str, argument: str | None) -> FieldSpec | None:
     """The canonical field an Envoy command fills, if any."""
     command = COMMAND_SYNONYMS.get(command, command)
-    arg = argument.lower() if argument is not None and command in ("REQ", "RESP", "TRAILER") \
-        else argument
-    return _BY_COMMAND.get((command, arg))
+    if command in ("REQ", "RESP", "TRAILER"):
+        return _BY_COMMAND.get((command, argument.lower() if argument else None))
+    # Elsewhere the argument only changes the rendering (START_TIME(<strftime>)).
+    return _BY_COMMAND.get((command, None))
 
 
 def default_json_aliases() -> dict[str, str]:
