@@ -24,6 +24,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Parse and enrich access-log records from files/stdin to JSON on stdout (no servers).",
     ),
     "bench": ("pipeline.commands.bench:bench", "Benchmarks: parse, core pipeline, end to end."),
+    "run": ("pipeline.commands.worker:run", "The worker: Kafka -> enrich -> Elasticsearch."),
+    "setup": ("pipeline.commands.worker:setup", "Install index templates, create topics."),
+    "check-config": (
+        "pipeline.commands.worker:check_config",
+        "Validate the configuration and print it (secrets masked).",
+    ),
+    "schema": ("pipeline.commands.schema:schema", "Write or check the schemas/ files."),
 }
 
 

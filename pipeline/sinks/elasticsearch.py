@@ -79,12 +79,13 @@ def make_client(settings: ElasticsearchSettings) -> Elasticsearch:
     )
 
 
-def encode_bulk(items: Sequence[BulkItem]) -> bytes:
+def encode_bulk(items: Sequence[BulkItem], op: bytes = b"index") -> bytes:
     """The NDJSON body. Plain concatenation: the documents are already bytes."""
     parts: list[bytes] = []
     append = parts.append
+    head = b'{"' + op + b'":{"_index":'
     for item in items:
-        append(b'{"index":{"_index":')
+        append(head)
         append(orjson.dumps(item.index))
         append(b',"_id":')
         append(orjson.dumps(item.doc_id))
@@ -110,6 +111,10 @@ class ElasticsearchSink:
         self.writable.set()
         self.last_error = ""
         self._on_bulk = on_bulk or (lambda seconds, size, outcome: None)
+        # Data streams accept only `create`; a replayed record then answers 409, which
+        # means "already indexed" because the id is derived from the Kafka position.
+        self._op = b"create" if settings.data_stream else b"index"
+        self._done_statuses = (409,) if settings.data_stream else ()
 
     def write(
         self, items: Sequence[BulkItem], stop: threading.Event | None = None
@@ -123,7 +128,7 @@ class ElasticsearchSink:
             started = time.perf_counter()
             try:
                 response = self.client.bulk(
-                    operations=encode_bulk(pending),
+                    operations=encode_bulk(pending, self._op),
                     filter_path="errors,items.*.status,items.*.error",
                 )
             except (TransportConnectionError, ConnectionTimeout, TransportError) as exc:
@@ -143,7 +148,7 @@ class ElasticsearchSink:
                     for item, result in zip(pending, body["items"], strict=True):
                         outcome = next(iter(result.values()))
                         status = outcome.get("status", 200)
-                        if status < 300:
+                        if status < 300 or status in self._done_statuses:
                             continue
                         if status in RETRYABLE:
                             retry.append(item)

@@ -1,0 +1,295 @@
+"""The one definition of envoygeo's output fields.
+
+Everything else is derived from FIELDS and ALERT_FIELDS: the Elasticsearch component and
+index templates and the JSON Schema files in `schemas/` (written by
+`envoygeo schema write`, checked by `tests/unit/test_schema.py`), and the drift test
+that runs the document builder and fails on any field it emits that is not here, or
+emits with the wrong JSON type. Kibana dashboards validate their field references
+against the same table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+ECS_VERSION = "8.17.0"
+LOGS_TEMPLATE = "envoygeo-logs"
+ALERTS_TEMPLATE = "envoygeo-alerts"
+
+
+class Field(NamedTuple):
+    name: str  # dotted path; a trailing ".*" means "any key below, all of this type"
+    es_type: str  # Elasticsearch mapping type
+    doc: str
+    array: bool = False  # ECS arrays (tags, related.ip, event.category)
+    indexed: bool = True  # False: kept in _source only (event.original)
+
+
+def _kw(name: str, doc: str, array: bool = False) -> Field:
+    return Field(name, "keyword", doc, array)
+
+
+# Source fields of an access-log document (ECS names where ECS has one).
+FIELDS: tuple[Field, ...] = (
+    Field("@timestamp", "date", "Request start (Envoy START_TIME), else the shipper's time."),
+    _kw("ecs.version", "ECS version the document follows."),
+    _kw("event.kind", "event, or pipeline_error for lines that could not be parsed."),
+    _kw("event.category", "ECS category: web.", array=True),
+    _kw("event.type", "ECS type: access.", array=True),
+    _kw("event.outcome", "success / failure (5xx) / unknown."),
+    Field("event.duration", "long", "Request duration in nanoseconds."),
+    Field("event.ingested", "date", "When envoygeo built the document."),
+    Field("event.original", "keyword", "The raw line, for unparsed records.", indexed=False),
+    _kw("event.module", "Always envoygeo."),
+    _kw("event.dataset", "envoygeo.access or envoygeo.rate_alert."),
+    Field("error.message", "text", "Why the line could not be parsed."),
+    _kw("tags", "Tags: parse failures, private client IPs, GeoIP misses, bad addresses.", True),
+    Field("source.ip", "ip", "The true client address (PROXY protocol, peer or trusted XFF)."),
+    _kw("source.address", "Client address as logged, without port."),
+    Field("source.port", "long", "Client port, when the address came with one."),
+    _kw("source.geo.continent_code", "GeoIP continent code."),
+    _kw("source.geo.continent_name", "GeoIP continent name."),
+    _kw("source.geo.country_iso_code", "GeoIP ISO 3166-1 alpha-2 country."),
+    _kw("source.geo.country_name", "GeoIP country name."),
+    _kw("source.geo.region_iso_code", "GeoIP ISO 3166-2 subdivision (e.g. US-CA)."),
+    _kw("source.geo.region_name", "GeoIP subdivision name."),
+    _kw("source.geo.city_name", "GeoIP city."),
+    _kw("source.geo.postal_code", "GeoIP postal code."),
+    _kw("source.geo.timezone", "GeoIP IANA time zone."),
+    Field("source.geo.location", "geo_point", "GeoIP latitude/longitude ({lat, lon})."),
+    Field("source.as.number", "long", "Autonomous system number."),
+    _kw("source.as.organization.name", "Autonomous system organisation."),
+    Field("destination.ip", "ip", "Envoy's listener address (DOWNSTREAM_LOCAL_ADDRESS)."),
+    Field("destination.port", "long", "Envoy's listener port."),
+    _kw("http.request.method", "HTTP method."),
+    _kw("http.request.id", "x-request-id."),
+    Field("http.request.bytes", "long", "Bytes received from the client (BYTES_RECEIVED)."),
+    Field("http.response.status_code", "long", "HTTP status (absent for TCP / no response)."),
+    Field("http.response.bytes", "long", "Bytes sent to the client (BYTES_SENT)."),
+    _kw("http.version", "HTTP version (1.1, 2, 3)."),
+    _kw("url.original", "Path and query as requested (X-ENVOY-ORIGINAL-PATH or :PATH)."),
+    _kw("url.path", "Path without the query."),
+    _kw("url.query", "Query string without '?'."),
+    _kw("url.domain", ":authority / Host without port."),
+    _kw("user_agent.original", "User-Agent header."),
+    _kw("tls.client.server_name", "SNI (REQUESTED_SERVER_NAME)."),
+    Field("related.ip", "ip", "Every address seen: client, peer, XFF hops, upstream.", True),
+    _kw("envoy.log_format", "Which format parsed the line (envoy, istio, json, custom...)."),
+    _kw("envoy.response_flags", "Envoy RESPONSE_FLAGS (UH, UF, NR, ...)."),
+    _kw("envoy.response_code_details", "RESPONSE_CODE_DETAILS."),
+    _kw("envoy.connection_termination_details", "CONNECTION_TERMINATION_DETAILS."),
+    _kw("envoy.upstream_transport_failure_reason", "UPSTREAM_TRANSPORT_FAILURE_REASON."),
+    _kw("envoy.route_name", "ROUTE_NAME."),
+    _kw("envoy.x_forwarded_for", "X-Forwarded-For as received."),
+    _kw("envoy.downstream_remote_address", "DOWNSTREAM_REMOTE_ADDRESS as logged."),
+    _kw("envoy.downstream_direct_remote_address", "DOWNSTREAM_DIRECT_REMOTE_ADDRESS (the LB)."),
+    _kw("envoy.downstream_local_address", "DOWNSTREAM_LOCAL_ADDRESS as logged."),
+    _kw("envoy.protocol", "PROTOCOL as logged (HTTP/1.1, HTTP/2, ...)."),
+    _kw("envoy.upstream.host", "UPSTREAM_HOST."),
+    _kw("envoy.upstream.cluster", "UPSTREAM_CLUSTER."),
+    _kw("envoy.upstream.local_address", "UPSTREAM_LOCAL_ADDRESS."),
+    Field("envoy.upstream.service_time_ms", "long", "x-envoy-upstream-service-time."),
+    Field("envoy.extra", "object", "Other logged values (dynamic metadata, custom keys).",
+          indexed=False),
+    _kw("kubernetes.pod_name", "Pod (Fluent Bit kubernetes filter)."),
+    _kw("kubernetes.namespace_name", "Namespace."),
+    _kw("kubernetes.container_name", "Container (istio-proxy)."),
+    _kw("kubernetes.container_image", "Container image."),
+    _kw("kubernetes.container_hash", "Container image digest."),
+    _kw("kubernetes.docker_id", "Container id."),
+    _kw("kubernetes.pod_id", "Pod UID."),
+    _kw("kubernetes.host", "Node name."),
+    Field("kubernetes.labels", "flattened", "Pod labels."),
+    Field("kubernetes.annotations", "flattened", "Pod annotations."),
+    _kw("envoygeo.ip_source", "How source.ip was found: proxy_protocol, peer, x_forwarded_for."),
+    _kw("envoygeo.ip_class", "public, private, loopback, cgnat, link_local, reserved..."),
+    _kw("envoygeo.envelope", "Record envelope: fluentbit, fluentd, docker, cri, bare."),
+    _kw("envoygeo.stream", "stdout / stderr, when the envelope says."),
+    Field("envoygeo.rate.*", "long", "Requests by this client in the trailing window (e.g. 60s)."),
+)
+
+# Alert documents (their own index: one per IP, rule and window period).
+ALERT_FIELDS: tuple[Field, ...] = (
+    Field("@timestamp", "date", "Time of the event that crossed the threshold."),
+    _kw("event.kind", "alert."),
+    _kw("event.category", "network.", array=True),
+    _kw("event.type", "info.", array=True),
+    _kw("event.module", "envoygeo."),
+    _kw("event.dataset", "envoygeo.rate_alert."),
+    _kw("rule.name", "The alert rule."),
+    Field("source.ip", "ip", "The client that crossed the threshold."),
+    *(f for f in FIELDS if f.name.startswith(("source.geo.", "source.as."))),
+    Field("related.ip", "ip", "The client.", True),
+    _kw("envoygeo.alert.rule", "Rule name."),
+    Field("envoygeo.alert.window_s", "long", "Rule window in seconds."),
+    Field("envoygeo.alert.threshold", "long", "Rule threshold."),
+    Field("envoygeo.alert.count", "long", "Requests in the window when the rule fired."),
+    Field("envoygeo.alert.period", "long", "floor(event time / window): the dedupe period."),
+    Field("envoygeo.alert.period_start", "date", "Start of that period."),
+    Field("envoygeo.alert.event_time", "double", "Event time, epoch seconds."),
+)
+
+
+def field_map(fields: tuple[Field, ...] = FIELDS) -> dict[str, Field]:
+    return {f.name: f for f in fields}
+
+
+# -- Elasticsearch templates --------------------------------------------------------
+
+
+def _mapping_for(f: Field) -> dict[str, Any]:
+    if f.es_type == "object":
+        return {"type": "object", "enabled": False}
+    m: dict[str, Any] = {"type": f.es_type}
+    if f.es_type == "keyword":
+        m["ignore_above"] = 1024
+        if not f.indexed:
+            m.update(index=False, doc_values=False)
+    if f.es_type == "ip" or f.es_type == "geo_point":
+        # A malformed address in one document must not reject it (it is tagged instead).
+        m["ignore_malformed"] = True
+    return m
+
+
+def mappings(fields: tuple[Field, ...]) -> dict[str, Any]:
+    """Nested `properties` for the exact fields, dynamic templates for the `.*` ones."""
+    props: dict[str, Any] = {}
+    dynamic_templates: list[dict[str, Any]] = []
+    for f in fields:
+        if f.name.endswith(".*"):
+            # Keys chosen at run time (rate windows): the parent object alone maps
+            # dynamically, and only through this template.
+            dynamic_templates.append({
+                f.name[:-2].replace(".", "_"): {
+                    "path_match": f.name,
+                    "mapping": {"type": f.es_type},
+                }
+            })
+            node = props
+            for part in f.name.split(".")[:-1]:
+                node = node.setdefault(part, {"properties": {}})
+                parent, node = node, node["properties"]
+            parent["dynamic"] = True
+            continue
+        node = props
+        parts = f.name.split(".") if f.name != "@timestamp" else ["@timestamp"]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {"properties": {}})["properties"]
+        node[parts[-1]] = _mapping_for(f)
+    out: dict[str, Any] = {"dynamic_templates": dynamic_templates, "properties": props}
+    # Unknown fields (a newer envoygeo, user additions) are kept in _source, not mapped:
+    # an unexpected value must never reject a document.
+    out["dynamic"] = False
+    return out
+
+
+def component_templates() -> dict[str, dict[str, Any]]:
+    settings = {
+        "template": {
+            "settings": {
+                "index": {
+                    "number_of_shards": 1,
+                    "auto_expand_replicas": "0-1",
+                    "refresh_interval": "5s",
+                    "codec": "best_compression",
+                }
+            }
+        },
+        "_meta": {"managed_by": "envoygeo", "doc": "Index settings; override per cluster."},
+    }
+    return {
+        "envoygeo-settings": settings,
+        "envoygeo-logs-mappings": {
+            "template": {"mappings": mappings(FIELDS)},
+            "_meta": {"managed_by": "envoygeo", "ecs_version": ECS_VERSION},
+        },
+        "envoygeo-alerts-mappings": {
+            "template": {"mappings": mappings(ALERT_FIELDS)},
+            "_meta": {"managed_by": "envoygeo", "ecs_version": ECS_VERSION},
+        },
+    }
+
+
+def index_templates(logs_index: str = LOGS_TEMPLATE, alerts_index: str = ALERTS_TEMPLATE,
+                    data_stream: bool = False) -> dict[str, dict[str, Any]]:
+    """Composable templates; `priority` above the built-in logs-*-* templates."""
+    logs: dict[str, Any] = {
+        "index_patterns": [f"{logs_index}*"],
+        "composed_of": ["envoygeo-settings", "envoygeo-logs-mappings"],
+        "priority": 200,
+        "_meta": {"managed_by": "envoygeo", "ecs_version": ECS_VERSION},
+    }
+    if data_stream:
+        logs["data_stream"] = {}
+    return {
+        LOGS_TEMPLATE: logs,
+        ALERTS_TEMPLATE: {
+            "index_patterns": [f"{alerts_index}*"],
+            "composed_of": ["envoygeo-settings", "envoygeo-alerts-mappings"],
+            "priority": 200,
+            "_meta": {"managed_by": "envoygeo", "ecs_version": ECS_VERSION},
+        },
+    }
+
+
+# -- JSON Schema ---------------------------------------------------------------------
+
+_JSON_TYPES: dict[str, dict[str, Any]] = {
+    "keyword": {"type": "string"},
+    "text": {"type": "string"},
+    "ip": {"type": "string"},
+    "date": {"type": "string"},
+    "long": {"type": "integer"},
+    "double": {"type": "number"},
+    "object": {"type": "object"},
+    "flattened": {"type": "object"},
+    "geo_point": {
+        "type": "object",
+        "properties": {
+            "lat": {"type": "number", "minimum": -90, "maximum": 90},
+            "lon": {"type": "number", "minimum": -180, "maximum": 180},
+        },
+        "required": ["lat", "lon"],
+        "additionalProperties": False,
+    },
+}
+
+
+def json_schema(fields: tuple[Field, ...] = FIELDS, title: str = "envoygeo access document",
+                ) -> dict[str, Any]:
+    """Draft 2020-12 schema; nested objects are closed so an unlisted field fails."""
+    root: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+    for f in fields:
+        parts = f.name.split(".") if f.name != "@timestamp" else ["@timestamp"]
+        node = root
+        for part in parts[:-1]:
+            node = node["properties"].setdefault(
+                part, {"type": "object", "properties": {}, "additionalProperties": False}
+            )
+        leaf = dict(_JSON_TYPES[f.es_type])
+        leaf["description"] = f.doc
+        if f.array:
+            leaf = {"description": f.doc, "type": "array", "items": _JSON_TYPES[f.es_type]}
+        if parts[-1] == "*":
+            node.pop("additionalProperties", None)
+            node["additionalProperties"] = leaf
+        else:
+            node["properties"][parts[-1]] = leaf
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://envoygeo.dev/schemas/{title.replace(' ', '-')}.json",
+        "title": title,
+        **root,
+    }
+
+
+def schema_files() -> dict[str, dict[str, Any]]:
+    """File name in schemas/ -> content. The only writer of those files."""
+    files: dict[str, dict[str, Any]] = {}
+    for name, body in component_templates().items():
+        files[f"component-template.{name}.json"] = body
+    for name, body in index_templates().items():
+        files[f"index-template.{name}.json"] = body
+    files["document.schema.json"] = json_schema(FIELDS)
+    files["alert.schema.json"] = json_schema(ALERT_FIELDS, "envoygeo alert document")
+    return files

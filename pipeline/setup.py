@@ -1,0 +1,57 @@
+"""What `envoygeo setup` installs, and what `envoygeo run` checks before it starts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from confluent_kafka.admin import AdminClient, NewTopic
+from elasticsearch import Elasticsearch, NotFoundError
+
+from pipeline.config import Settings
+from pipeline.schema import ALERTS_TEMPLATE, LOGS_TEMPLATE, component_templates, index_templates
+
+log = logging.getLogger(__name__)
+
+
+def install_templates(es: Elasticsearch, settings: Settings) -> list[str]:
+    """Put the component and composable index templates; returns what was installed."""
+    cfg = settings.elasticsearch
+    done = []
+    for name, body in component_templates().items():
+        es.cluster.put_component_template(name=name, **body)
+        done.append(f"component template {name}")
+    for name, body in index_templates(cfg.index, cfg.alerts_index, cfg.data_stream).items():
+        es.indices.put_index_template(name=name, **body)
+        done.append(f"index template {name} -> {body['index_patterns'][0]}")
+    return done
+
+
+def missing_templates(es: Elasticsearch) -> list[str]:
+    missing = []
+    for name in (LOGS_TEMPLATE, ALERTS_TEMPLATE):
+        try:
+            es.indices.get_index_template(name=name)
+        except NotFoundError:
+            missing.append(name)
+    return missing
+
+
+def ensure_topics(settings: Settings, source_too: bool = True) -> list[str]:
+    """Create the topics envoygeo owns (dead-letter, alerts) and, for demos, the source."""
+    k = settings.kafka
+    conf: dict[str, Any] = {"bootstrap.servers": k.bootstrap_servers}
+    conf.update({key: v for key, v in k.librdkafka.items()
+                 if key.startswith(("security.protocol", "sasl.", "ssl."))})
+    admin = AdminClient(conf)
+    existing = set(admin.list_topics(timeout=15).topics)
+    wanted = [k.dead_letter_topic, k.alerts_topic]
+    if source_too and not k.topic_pattern:
+        wanted += k.topics
+    new = [NewTopic(t, num_partitions=k.topic_partitions, replication_factor=-1)
+           for t in dict.fromkeys(wanted) if t not in existing]
+    created = []
+    for topic, fut in admin.create_topics(new).items() if new else []:
+        fut.result(timeout=30)
+        created.append(topic)
+    return created
