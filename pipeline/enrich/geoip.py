@@ -43,7 +43,9 @@ import functools
 import ipaddress
 import logging
 import os
+import socket
 import time
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +92,67 @@ _GEO_FIELDS: tuple[tuple[int, str], ...] = (
     (TIMEZONE, "timezone"),
 )
 
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# Non-global ranges, as sorted (starts, ends) integer arrays so that classifying an address
+# costs one inet_pton and one bisect instead of ipaddress's dozen network containment
+# tests (which took longer than the database lookup itself). IPv6 outside 2000::/3 is
+# never global unicast; ::ffff:0:0/96 is handled first (looked up as IPv4).
+_V4_NON_GLOBAL = (
+    "0.0.0.0/8 10.0.0.0/8 100.64.0.0/10 127.0.0.0/8 169.254.0.0/16 172.16.0.0/12 "
+    "192.0.0.0/24 192.0.2.0/24 192.88.99.0/24 192.168.0.0/16 198.18.0.0/15 "
+    "198.51.100.0/24 203.0.113.0/24 224.0.0.0/4 240.0.0.0/4"
+)
+_V6_NON_GLOBAL = "::/3 2001::/23 2001:db8::/32 4000::/2 8000::/1"
+
+
+def _ranges(cidrs: str) -> tuple[list[int], list[int]]:
+    nets = sorted(ipaddress.ip_network(c) for c in cidrs.split())
+    starts: list[int] = []
+    ends: list[int] = []
+    for n in nets:
+        lo, hi = int(n.network_address), int(n.broadcast_address)
+        if ends and lo <= ends[-1] + 1:
+            ends[-1] = max(ends[-1], hi)
+        else:
+            starts.append(lo)
+            ends.append(hi)
+    return starts, ends
+
+
+_V4_STARTS, _V4_ENDS = _ranges(_V4_NON_GLOBAL)
+_V6_STARTS, _V6_ENDS = _ranges(_V6_NON_GLOBAL)
+_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+_from_bytes = int.from_bytes
+_pton = socket.inet_pton
+_AF_INET = socket.AF_INET
+_AF_INET6 = socket.AF_INET6
+
+
+def classify(ip: str) -> tuple[str | None, str | None]:
+    """(tag, address to look up): tag is TAG_PRIVATE/TAG_INVALID or None for a public IP.
+
+    IPv4-mapped IPv6 comes back as its IPv4 text so IPv4-only databases answer it.
+    """
+    try:
+        packed = _pton(_AF_INET, ip)
+        starts, ends = _V4_STARTS, _V4_ENDS
+    except OSError:
+        try:
+            packed = _pton(_AF_INET6, ip)
+        except (OSError, ValueError):
+            return TAG_INVALID, None
+        if packed[:12] == _MAPPED_PREFIX:
+            packed = packed[12:]
+            ip = socket.inet_ntop(_AF_INET, packed)
+            starts, ends = _V4_STARTS, _V4_ENDS
+        else:
+            starts, ends = _V6_STARTS, _V6_ENDS
+    except ValueError:  # embedded NUL and similar
+        return TAG_INVALID, None
+    x = _from_bytes(packed, "big")
+    i = bisect_right(starts, x) - 1
+    if i >= 0 and x <= ends[i]:
+        return TAG_PRIVATE, None
+    return None, ip
 
 
 class GeoIPConfig(BaseModel):
@@ -234,18 +296,6 @@ def _fill_location(out: list[Any], rec: dict[str, Any], locale: str) -> None:
             out[LON] = float(loc["longitude"])
 
 
-def _is_private(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return (
-        addr.is_private
-        or addr.is_loopback
-        or addr.is_link_local
-        or addr.is_multicast
-        or addr.is_reserved
-        or addr.is_unspecified
-        or (addr.version == 4 and addr in _CGNAT)
-    )
-
-
 @dataclass
 class GeoIP:
     """City/Country/ASN lookups with a bounded cache and hot reload (see module doc)."""
@@ -333,18 +383,11 @@ class GeoIP:
             clear()
 
     def _resolve(self, ip: str) -> GeoResult:
-        """Cache miss path: parse, classify, query each database, flatten."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            out = list(_EMPTY)
-            out[TAG] = TAG_INVALID
-            return tuple(out)
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
+        """Cache miss path: classify, query each database, flatten."""
+        tag, addr = classify(ip)
         out = list(_EMPTY)
-        if _is_private(addr):
-            out[TAG] = TAG_PRIVATE
+        if addr is None:
+            out[TAG] = tag
             return tuple(out)
         found = False
         for db in (self.city, self.country):
@@ -385,9 +428,7 @@ class GeoIP:
         return int(self.stats()["cache_misses"])
 
 
-def _get(
-    reader: maxminddb.Reader, addr: ipaddress.IPv4Address | ipaddress.IPv6Address
-) -> dict[str, Any] | None:
+def _get(reader: maxminddb.Reader, addr: str) -> dict[str, Any] | None:
     try:
         rec = reader.get(addr)
     except ValueError:
