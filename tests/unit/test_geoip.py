@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,38 @@ def test_deleted_file_keeps_serving(tmp_path: Path) -> None:
     path.unlink()
     assert g.lookup("81.2.69.160")[geoip.CITY_NAME] == "London"
     assert g.stats()["reload_failures"] == 0
+
+
+def test_reload_under_concurrent_lookups(tmp_path: Path) -> None:
+    """A thread keeps looking up while the file is swapped: no error, no pause, new data."""
+    import threading
+
+    path = fx.write_city(tmp_path / "city.mmdb", city_suffix=" v1")
+    g = GeoIP.open(city=path, check_interval_s=0, cache_size=100)
+    seen: set[str] = set()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                seen.add(g.lookup("81.2.69.160")[geoip.CITY_NAME])
+                g.lookup("2a02:cf40::1")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for v in range(2, 6):
+            _replace_atomically(fx.write_city, path, city_suffix=f" v{v}")
+    finally:
+        # give the reader a moment on the final version
+        deadline = time.monotonic() + 5
+        while "London v5" not in seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+        t.join()
+    assert not errors
+    assert "London v5" in seen
+    assert seen <= {f"London v{v}" for v in range(1, 6)}

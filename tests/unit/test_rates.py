@@ -20,7 +20,12 @@ from rates_reference import (  # noqa: E402
     shuffle_within,
 )
 
-from pipeline.enrich.rates import RateBackend, RatesConfig, open_backend  # noqa: E402
+from pipeline.enrich.rates import (  # noqa: E402
+    RateBackend,
+    RatesConfig,
+    open_backend,
+    rate_fields,
+)
 from pipeline.enrich.rates.memory import MemoryRates  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -170,3 +175,7 @@ def test_arbitrary_order_matches_reference(
         late.extend(k + i for i in lt)
         counts.extend(c)
     assert (counts, late) == reference_counts(events, tuple(windows), lateness)
+
+
+def test_rate_fields() -> None:
+    assert rate_fields((10, 60), (3, 7)) == {"10s": 3, "60s": 7}

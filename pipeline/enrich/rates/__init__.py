@@ -93,6 +93,11 @@ class RateBackend(Protocol):
     def close(self) -> None: ...
 
 
+def rate_fields(windows: Sequence[int], counts: Counts) -> dict[str, int]:
+    """`{"10s": n, "60s": n, ...}` for the document (e.g. under `envoygeo.rate`)."""
+    return {f"{w}s": c for w, c in zip(windows, counts, strict=True)}
+
+
 def open_backend(cfg: RatesConfig) -> RateBackend:
     """Build the configured backend (imports lazily: redis-py is only needed for redis)."""
     if cfg.backend == "memory":
