@@ -22,8 +22,13 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pipeline.enrich.alerts import AlertRule
+from pipeline.enrich.geoip import GeoIPConfig
+from pipeline.enrich.rates import RatesConfig
 
 SECRET_KEYS = ("password", "api_key", "sasl.password", "ssl.key.password", "ssl.keystore.password")
 
@@ -101,12 +106,9 @@ class ElasticsearchSettings(_Section):
         return v
 
 
-class GeoIPSettings(_Section):
-    city: Path | None = None
-    country: Path | None = None
-    asn: Path | None = None
-    cache_size: int = Field(100_000, ge=0)
-    reload_check_s: float = Field(5.0, ge=0, description="How often to look for a replaced file.")
+class GeoIPSettings(GeoIPConfig):
+    # The enrichment stage's own model, closed: a misspelt key is an error.
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class ClientIPSettings(_Section):
@@ -117,28 +119,23 @@ class ClientIPSettings(_Section):
     trusted_hops: int = Field(1, ge=0, le=32)
 
 
-class AlertRuleSettings(_Section):
-    name: str
-    window_s: int = Field(ge=1)
-    threshold: int = Field(ge=1)
-    allow_cidrs: list[CIDR] = Field(default_factory=list)
+class RatesSettings(RatesConfig):
+    """The rate stage's model plus the switch and the alert rules that read its counts."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-class RatesSettings(_Section):
-    backend: Literal["memory", "redis", "off"] = "memory"
-    windows_s: list[int] = Field(default_factory=lambda: [10, 60, 300])
-    lateness_s: int = Field(60, ge=0)
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_prefix: str = "envoygeo"
-    max_tracked_ips: int = Field(2_000_000, ge=1000)
-    alerts: list[AlertRuleSettings] = Field(default_factory=list)
+    enabled: bool = True
+    alerts: tuple[AlertRule, ...] = ()
 
-    @field_validator("windows_s")
-    @classmethod
-    def _windows(cls, v: list[int]) -> list[int]:
-        if not v or any(w <= 0 for w in v):
-            raise ValueError("give one or more positive window lengths in seconds")
-        return sorted(set(v))
+    @model_validator(mode="after")
+    def _rules_use_configured_windows(self) -> RatesSettings:
+        for rule in self.alerts:
+            if rule.window_s not in self.windows:
+                raise ValueError(
+                    f"alert rule {rule.name!r}: window_s {rule.window_s} is not one of "
+                    f"windows {list(self.windows)}"
+                )
+        return self
 
 
 class ParseSettings(_Section):

@@ -24,25 +24,19 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import orjson
 from confluent_kafka import Message, TopicPartition
 
 from pipeline.config import Settings
+from pipeline.enricher import Enriched
 from pipeline.metrics import Metrics, StatusServer
 from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, SinkStopped
 from pipeline.sinks.kafka import KafkaTopicSink, OutRecord
 from pipeline.sources.kafka import KafkaSource
 
 log = logging.getLogger("envoygeo.worker")
-
-
-class Enriched(NamedTuple):
-    """What the enricher made of one input record."""
-
-    document: bytes | None  # serialised ECS document; None if merged into a later record
-    error: str | None  # why the access-log line could not be parsed, if it could not
 
 
 class BatchEnricher(Protocol):
