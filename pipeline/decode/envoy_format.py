@@ -23,7 +23,6 @@ from pipeline.decode.access_log import (
     AccessLog,
     LineError,
     field_for_command,
-    to_int,
     to_str,
 )
 from pipeline.decode.timeparse import parse_iso8601
@@ -258,23 +257,37 @@ def strftime_time(fmt: str) -> Callable[[str], float | None]:
 
 
 def _converter_for(cmd: Command, canonical: bool, field_convert: Callable[[Any], Any] | None
-                   ) -> Callable[[str], Any]:
+                   ) -> Callable[[str], Any] | None:
+    """None means "keep the text as is" (the common case, no call in the hot loop)."""
     if cmd.name in ("START_TIME", "EMIT_TIME"):
         return envoy_time if cmd.argument is None else strftime_time(cmd.argument)
-    if canonical and field_convert is not None:
-        return field_convert
     if cmd.name in _NUMERIC:
-        return to_int
-    return to_str
+        return int  # the pattern admits only digits (or "-", skipped before)
+    if canonical and field_convert is not None and field_convert is not to_str:
+        return field_convert
+    return None
 
 
-def _pattern_for(cmd: Command) -> str:
+def _pattern_for(cmd: Command, next_char: str | None, strict: bool) -> str:
+    """Regex for one command's value.
+
+    `next_char` is the first character of the literal that follows (None: another
+    command or the end). The strict pattern cannot cross that character, so a line
+    either matches in one pass or fails fast; the lenient one (`.*?`) is the fallback
+    for values that contain the delimiter (an unescaped quote inside a user agent).
+    """
     if cmd.name in ("START_TIME", "EMIT_TIME") and cmd.argument is None:
         return _TIME_RE
     if cmd.name in _NUMERIC:
         return _NUM_RE
     if cmd.name in _TOKEN:
+        if next_char is not None and not next_char.isspace():
+            return f"([^\\s{re.escape(next_char)}]+)"
         return _TOKEN_RE
+    if strict and next_char is not None:
+        return f"([^{re.escape(next_char)}]*)"
+    if next_char is None and strict:
+        return "(.*)"
     return _TEXT_RE
 
 
@@ -297,51 +310,74 @@ def _strip_line_end(fmt: str) -> str:
 class CompiledFormat:
     """Parser for the lines of one format string. Build with `compile_format`."""
 
-    __slots__ = ("name", "source", "segments", "_fullmatch", "_fields")
+    __slots__ = ("name", "source", "segments", "_strict", "_lenient", "_fields")
 
     def __init__(self, fmt: str, name: str = "custom") -> None:
         self.name = name
         self.source = fmt
         self.segments = tokenize(_strip_line_end(fmt))
-        parts: list[str] = []
-        # (group index, target key, converter, is canonical field)
-        fields: list[tuple[int, str, Callable[[str], Any], bool]] = []
+        strict: list[str] = []
+        lenient: list[str] = []
+        # (group index, target key, converter or None for plain text, is canonical)
+        fields: list[tuple[int, str, Callable[[str], Any] | None, bool]] = []
         group = 0
-        for seg in self.segments:
+        for pos, seg in enumerate(self.segments):
             if isinstance(seg, str):
-                parts.append(re.escape(seg))
+                strict.append(re.escape(seg))
+                lenient.append(re.escape(seg))
                 continue
+            following = self.segments[pos + 1] if pos + 1 < len(self.segments) else None
+            next_char = following[0] if isinstance(following, str) else None
             spec = field_for_command(seg.name, seg.argument)
             target = spec.name if spec is not None else seg.key
             conv = _converter_for(seg, spec is not None, spec.convert if spec else None)
-            parts.append(_pattern_for(seg))
+            strict.append(_pattern_for(seg, next_char, True))
+            lenient.append(_pattern_for(seg, next_char, False))
             fields.append((group, target, conv, spec is not None))
             group += 1
         if not self.segments:
             raise FormatError("empty format string", 0, fmt)
-        self._fullmatch = re.compile("".join(parts), re.DOTALL).fullmatch
+        self._strict = re.compile("".join(strict), re.DOTALL).fullmatch
+        lenient_rx = "".join(lenient)
+        self._lenient = (re.compile(lenient_rx, re.DOTALL).fullmatch
+                         if lenient_rx != "".join(strict) else None)
         self._fields = tuple(fields)
 
+    def match(self, line: str, lenient: bool = True) -> re.Match[str] | None:
+        """Strict pattern first; the lenient one only when asked and different."""
+        m = self._strict(line)
+        if m is None and lenient and self._lenient is not None:
+            m = self._lenient(line)
+        return m
+
+    def match_lenient(self, line: str) -> re.Match[str] | None:
+        return self._lenient(line) if self._lenient is not None else None
+
     def parse(self, line: str) -> AccessLog | LineError:
-        # Hot path: one regex call, then a flat loop over precomputed
-        # (group, target, converter) triples into one kwargs dict.
-        m = self._fullmatch(line.rstrip("\r\n"))
+        m = self.match(line.rstrip("\r\n"))
         if m is None:
             return LineError(f"line does not match the {self.name} format")
+        return self.build(m)
+
+    def build(self, m: re.Match[str]) -> AccessLog:
+        # Hot path: a flat loop over precomputed (group, target, converter) tuples
+        # into one kwargs dict; text values need no call at all (converter None).
         groups = m.groups()
         kw: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for idx, target, conv, canonical in self._fields:
             raw = groups[idx]
-            if raw == "-" or raw == "":
+            if raw == "-" or not raw:
                 continue
-            value = conv(raw)
-            if value is None:
-                if not canonical:
+            if conv is None:
+                value: Any = raw
+            else:
+                value = conv(raw)
+                if value is None:
+                    if canonical:
+                        # Unconvertible value in a typed field: keep it visible.
+                        extra[target + "_raw"] = raw
                     continue
-                # Unconvertible value in a typed field: keep it visible, not lost.
-                extra[target + "_raw"] = raw
-                continue
             if canonical:
                 if target not in kw:
                     kw[target] = value

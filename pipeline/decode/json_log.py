@@ -22,6 +22,7 @@ from pipeline.decode.access_log import (
     LineError,
     default_json_aliases,
     field_for_command,
+    to_str,
 )
 
 
@@ -95,7 +96,9 @@ class JsonLogParser:
         aliases = default_json_aliases()
         aliases.update(user_keys or {})
         self._aliases = aliases
-        self._convert = {n: f.convert for n, f in FIELDS_BY_NAME.items()}
+        # Text fields that already hold a str need no conversion call (hot loop).
+        self._convert = {n: (None if f.convert is to_str else f.convert)
+                         for n, f in FIELDS_BY_NAME.items()}
 
     def parse(self, line: str | bytes) -> AccessLog | LineError:
         try:
@@ -120,13 +123,17 @@ class JsonLogParser:
                 if value is not None and value != "-":
                     extra[key] = value
                 continue
-            if value is None or value == "-" or target in kw:
+            if value is None or value == "-" or value == "" or target in kw:
                 continue
-            conv = convert[target](value)
-            if conv is None:
+            conv = convert[target]
+            if conv is None and type(value) is str:
+                kw[target] = value
+                continue
+            converted = (conv or to_str)(value)
+            if converted is None:
                 extra[key] = value
             else:
-                kw[target] = conv
+                kw[target] = converted
         if not kw:
             return LineError("JSON object has none of the access-log fields")
         return AccessLog(**kw, extra=extra, log_format=self.name)

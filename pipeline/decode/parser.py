@@ -41,16 +41,24 @@ class AutoParser:
         s = line.lstrip()
         if s.startswith("{"):
             return self._json.parse(s)
-        result = self._last.parse(line)
-        if type(result) is AccessLog:
-            return result
+        # Strict patterns of every preset first (each fails in one pass), then the
+        # lenient ones: a line another preset matches never pays for backtracking.
+        text = line.rstrip("\r\n")
+        last = self._last
+        m = last.match(text, lenient=False)
+        if m is not None:
+            return last.build(m)
         for fmt in self._text:
-            if fmt is self._last:
-                continue
-            result = fmt.parse(line)
-            if type(result) is AccessLog:
+            if fmt is not last:
+                m = fmt.match(text, lenient=False)
+                if m is not None:
+                    self._last = fmt
+                    return fmt.build(m)
+        for fmt in self._text:
+            m = fmt.match_lenient(text)
+            if m is not None:
                 self._last = fmt
-                return result
+                return fmt.build(m)
         names = ", ".join(f.name for f in self._text)
         return LineError(f"line matches no known format (tried json, {names})")
 
