@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from pipeline.decode.access_log import (
     COMMAND_SYNONYMS,
@@ -168,7 +168,7 @@ def tokenize(fmt: str) -> list[Segment]:
     return out
 
 
-def _explain_bad_command(fmt: str, pos: int) -> None:
+def _explain_bad_command(fmt: str, pos: int) -> NoReturn:
     rest = fmt[pos + 1:]
     if "%" not in rest:
         raise FormatError("unterminated '%' (no closing '%' for this command)", pos, fmt)
