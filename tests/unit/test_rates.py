@@ -179,3 +179,13 @@ def test_arbitrary_order_matches_reference(
 
 def test_rate_fields() -> None:
     assert rate_fields((10, 60), (3, 7)) == {"10s": 3, "60s": 7}
+
+
+def test_running_totals_rebase_keeps_counts_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.enrich.rates import memory
+
+    monkeypatch.setattr(memory, "_REBASE", 5)  # rebase all the time
+    rng = random.Random(42)
+    events = shuffle_within(rng, in_order_events(rng, 2000, n_ips=5, mean_gap=0.05), 3)
+    m = MemoryRates((1, 4, 9), 3)
+    assert run(m, events, rng) == reference_counts(events, (1, 4, 9), 3)

@@ -2,13 +2,17 @@
 
 Representation (why it is shaped like this): 1M tracked IPs must fit in a few hundred
 MB and must not slow the garbage collector, so per IP there is exactly one
-``array('q')`` (not GC-tracked, ~88 bytes for one bucket) in a dict keyed by the IP
-string. Each element packs one second-bucket as ``(bucket - EPOCH_BASE) << 32 | count``;
-the array is kept sorted, so ``bisect`` finds window edges and the C ``sum()`` of a slice
-adds a window's counts (the bucket parts land above bit 32 and are masked off). A window
-count therefore costs two C calls whatever the number of buckets, which matters for the
-hot IPs of an attack. Dict order doubles as recency order (an IP is popped and
-re-inserted on each event), so idle and over-capacity eviction pops from the front.
+``array('q')`` (not GC-tracked, 96 bytes for one bucket) in a dict keyed by the IP
+string. Each element packs one second-bucket and the IP's *running total* of events up
+to and including that bucket: ``(bucket - EPOCH_BASE) << 32 | total``. Element 0 is a
+sentinel holding the running total before the first kept bucket. The array is sorted by
+bucket, so a window count is ``total(last bucket <= t) - total(just before the window)``:
+two ``bisect`` calls and a subtraction in C whatever the number of buckets, which matters
+for the hot IPs of an attack (summing a 300-bucket slice allocated 300 ints per window).
+In-order events touch only the last element; an out-of-order event adds one to the
+totals of the (at most lateness-many) later buckets. Totals are rebased before they
+near 2**32. Dict order doubles as recency order (an IP is popped and re-inserted on each
+event), so idle and over-capacity eviction walk the front of the dict.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ from pipeline.enrich.rates import EPOCH_BASE, Counts, Event, RatesConfig
 
 _SHIFT = 32
 _MASK = (1 << _SHIFT) - 1
+_REBASE = 1 << 31
+
+
+def _rebase(arr: array[int]) -> None:
+    """Keep running totals far from 2**32 (a carry would corrupt the bucket bits)."""
+    base = arr[0] & _MASK
+    arr[:] = array("q", [(v & ~_MASK) | ((v & _MASK) - base) for v in arr])
 
 
 class MemoryRates:
@@ -49,6 +60,8 @@ class MemoryRates:
         self.late_events = 0
         self.evicted_idle = 0
         self.evicted_capacity = 0
+        self._since_evict = 0
+        self._evict_every = 64
 
     @classmethod
     def from_config(cls, cfg: RatesConfig) -> MemoryRates:
@@ -74,22 +87,28 @@ class MemoryRates:
             t = int(ts // 1) - EPOCH_BASE
             arr = state.pop(ip, None)
             if arr is None:
-                arr = array("q", (t << _SHIFT | 1,))
+                # [sentinel with running total 0, this bucket with running total 1]
+                arr = array("q", ((t - 1) << _SHIFT, t << _SHIFT | 1))
                 state[ip] = arr
                 if t > newest_all:
                     newest_all = t
                 out.append(ones)
                 continue
             state[ip] = arr  # re-insert at the end: dict order is recency order
-            newest = arr[-1] >> _SHIFT
+            last = arr[-1]
+            newest = last >> _SHIFT
             if t >= newest:
                 if t == newest:
-                    arr[-1] += 1
+                    arr[-1] = last + 1
                 else:
-                    arr.append(t << _SHIFT | 1)
+                    arr.append(t << _SHIFT | ((last + 1) & _MASK))
                     cut = (t - retention + 1) << _SHIFT  # keep buckets > t - R
-                    if arr[0] < cut:
-                        del arr[: bisect_left(arr, cut)]
+                    if arr[1] < cut:
+                        # The last dropped bucket becomes the sentinel: its running total
+                        # is what the first kept bucket builds on.
+                        del arr[: bisect_left(arr, cut, 1) - 1]
+                    if arr[-1] & _MASK > _REBASE:
+                        _rebase(arr)
                     if t > newest_all:
                         newest_all = t
                 hi = len(arr)
@@ -100,16 +119,20 @@ class MemoryRates:
                     out.append(ones)  # only itself: everything it could see is forgotten
                     continue
                 key = t << _SHIFT
-                j = bisect_left(arr, key)
+                j = bisect_left(arr, key, 1)
                 if arr[j] >> _SHIFT == t:  # j < len(arr): arr[-1] is newer than t
-                    arr[j] += 1
+                    arr[j : len(arr)] = array("q", [v + 1 for v in arr[j:]])
                 else:
-                    arr.insert(j, key | 1)
+                    arr[j:j] = array("q", [key | ((arr[j - 1] + 1) & _MASK)])
+                    arr[j + 1 : len(arr)] = array("q", [v + 1 for v in arr[j + 1 :]])
                 hi = j + 1
+            # Window count = running total at this bucket minus the running total just
+            # before the window: two bisects and a subtraction per window, in C.
+            top = arr[hi - 1]
             out.append(
                 tuple(
                     [
-                        sum(arr[bisect_left(arr, (t - w + 1) << _SHIFT, 0, hi) : hi]) & _MASK
+                        (top - arr[bisect_left(arr, (t - w + 1) << _SHIFT, 1, hi) - 1]) & _MASK
                         for w in windows
                     ]
                 )
@@ -117,22 +140,42 @@ class MemoryRates:
         self._newest = newest_all
         self.events += len(events)
         self.late_events += len(late)
-        self._evict()
+        self._evict(len(events))
         return out, late
 
-    def _evict(self) -> None:
-        """Drop IPs idle past the retention horizon, then the least recent over capacity."""
+    def _evict(self, n_events: int) -> None:
+        """Drop IPs idle past the retention horizon, then the least recent over capacity.
+
+        Runs at most once per `_evict_every` events and walks the dict front with a
+        single iterator: deleted entries stay as holes at the front of a dict until it
+        resizes, so calling next(iter(d)) per eviction would rescan them (quadratic).
+        """
         state = self._state
-        horizon = self._newest - self.retention_s
-        while self.evict_idle and state:
-            ip = next(iter(state))
-            if state[ip][-1] >> _SHIFT > horizon:
-                break
+        excess = len(state) - self.max_ips
+        self._since_evict += n_events
+        if excess <= 0 and self._since_evict < self._evict_every:
+            return
+        self._since_evict = 0
+        self._evict_every = max(64, len(state) >> 6)  # amortised: O(1) per event
+        doomed: list[str] = []
+        if self.evict_idle:
+            horizon_key = (self._newest - self.retention_s + 1) << _SHIFT
+            for ip, arr in state.items():
+                if arr[-1] >= horizon_key:
+                    break
+                doomed.append(ip)
+        self.evicted_idle += len(doomed)
+        excess -= len(doomed)
+        if excess > 0:
+            skip = len(doomed)
+            for k, ip in enumerate(state):
+                if k >= skip + excess:
+                    break
+                if k >= skip:
+                    doomed.append(ip)
+            self.evicted_capacity += excess
+        for ip in doomed:
             del state[ip]
-            self.evicted_idle += 1
-        while len(state) > self.max_ips:
-            del state[next(iter(state))]
-            self.evicted_capacity += 1
 
     def claim_alerts(self, claims: Sequence[tuple[str, int]]) -> list[bool]:
         """In-process dedupe: a bounded set of keys (oldest dropped beyond the cap)."""
