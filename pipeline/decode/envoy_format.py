@@ -118,6 +118,17 @@ _TEXT_RE = r"(.*?)"
 # Envoy's default START_TIME rendering, e.g. 2026-11-29T01:13:00.665Z.
 _TIME_RE = r"(\d{4}-\d\d-\d\dT[0-9:.]+(?:Z|[+-]\d\d:?\d\d)?|-)"
 
+# Header values that never contain a space (method, path, authority, ids, numbers).
+_HEADER_COMMANDS = frozenset({"REQ", "RESP", "REQUEST_HEADER", "RESPONSE_HEADER"})
+_TOKEN_HEADERS = frozenset({
+    ":method", ":path", "x-envoy-original-path?:path", ":path?x-envoy-original-path",
+    ":authority", "x-envoy-original-host?:authority", "host", ":scheme",
+    "x-forwarded-proto", "x-request-id", "x-envoy-upstream-service-time", "content-length",
+    "x-b3-traceid", "x-b3-spanid", "traceparent",
+})
+_LENIENT_MAX_CHARS = 16384
+_LENIENT_EXTRA_QUOTES = 8
+
 _COMMAND_AT = re.compile(r"%([A-Z0-9_]+)(?:\(([^)]*)\))?(?::(\d+))?%")
 
 
@@ -237,6 +248,40 @@ def envoy_time(value: str) -> float | None:
 _ENVOY_FRACTION = re.compile(r"%E?(\d)?[fS]")
 
 
+_STRFTIME_PATTERNS = {
+    "Y": r"\d{4}", "m": r"\d\d", "d": r"\d\d", "H": r"\d\d", "M": r"\d\d", "S": r"\d\d",
+    "y": r"\d\d", "j": r"\d{3}", "I": r"\d\d", "e": r"[ \d]\d", "p": r"[AP]M",
+    "z": r"[+-]\d{4}", "Z": r"[A-Za-z]+", "s": r"\d+", "f": r"\d+", "F": r"\d{4}-\d\d-\d\d",
+    "T": r"\d\d:\d\d:\d\d", "a": r"[A-Za-z]{3}", "A": r"[A-Za-z]+", "b": r"[A-Za-z]{3}",
+    "B": r"[A-Za-z]+", "%": "%",
+}
+
+
+def strftime_regex(fmt: str) -> str:
+    """A regex for what Envoy's START_TIME(<fmt>) writes, so spaces in it parse."""
+    out: list[str] = []
+    i, n = 0, len(fmt)
+    while i < n:
+        c = fmt[i]
+        if c != "%" or i + 1 >= n:
+            out.append(re.escape(c))
+            i += 1
+            continue
+        j = i + 1
+        while j < n and (fmt[j].isdigit() or fmt[j] == "E"):
+            j += 1  # Envoy's %3f, %E3S
+        if j >= n:
+            out.append(re.escape(fmt[i:]))
+            break
+        directive = fmt[j]
+        if directive == "S" and j > i + 1:
+            out.append(r"\d\d\.\d+")
+        else:
+            out.append(_STRFTIME_PATTERNS.get(directive, r"\S+?"))
+        i = j + 1
+    return "".join(out)
+
+
 def strftime_time(fmt: str) -> Callable[[str], float | None]:
     """Converter for %START_TIME(<fmt>)%: best effort via strptime, then ISO, else None."""
     if fmt == "%s":
@@ -276,15 +321,18 @@ def _pattern_for(cmd: Command, next_char: str | None, strict: bool) -> str:
     either matches in one pass or fails fast; the lenient one (`.*?`) is the fallback
     for values that contain the delimiter (an unescaped quote inside a user agent).
     """
-    if cmd.name in ("START_TIME", "EMIT_TIME") and cmd.argument is None:
-        return _TIME_RE
+    if cmd.name in ("START_TIME", "EMIT_TIME"):
+        return _TIME_RE if cmd.argument is None else f"({strftime_regex(cmd.argument)}|-)"
     if cmd.name in _NUMERIC:
         return _NUM_RE
-    if cmd.name in _TOKEN:
+    if cmd.name in _TOKEN or (cmd.name in _HEADER_COMMANDS and cmd.argument is not None
+                              and cmd.argument.lower() in _TOKEN_HEADERS):
         if next_char is not None and not next_char.isspace():
             return f"([^\\s{re.escape(next_char)}]+)"
         return _TOKEN_RE
-    if strict and next_char is not None:
+    if next_char is not None and (strict or next_char.isspace()):
+        # Space-delimited free text stays strict even in the lenient pattern: two
+        # non-greedy fields split by spaces make a failing match polynomial.
         return f"([^{re.escape(next_char)}]*)"
     if next_char is None and strict:
         return "(.*)"
@@ -310,7 +358,7 @@ def _strip_line_end(fmt: str) -> str:
 class CompiledFormat:
     """Parser for the lines of one format string. Build with `compile_format`."""
 
-    __slots__ = ("name", "source", "segments", "_strict", "_lenient", "_fields")
+    __slots__ = ("name", "source", "segments", "_strict", "_lenient", "_fields", "_quotes")
 
     def __init__(self, fmt: str, name: str = "custom") -> None:
         self.name = name
@@ -342,16 +390,27 @@ class CompiledFormat:
         self._lenient = (re.compile(lenient_rx, re.DOTALL).fullmatch
                          if lenient_rx != "".join(strict) else None)
         self._fields = tuple(fields)
+        self._quotes = sum(seg.count('"') for seg in self.segments if isinstance(seg, str))
 
     def match(self, line: str, lenient: bool = True) -> re.Match[str] | None:
         """Strict pattern first; the lenient one only when asked and different."""
         m = self._strict(line)
-        if m is None and lenient and self._lenient is not None:
-            m = self._lenient(line)
+        if m is None and lenient:
+            m = self.match_lenient(line)
         return m
 
     def match_lenient(self, line: str) -> re.Match[str] | None:
-        return self._lenient(line) if self._lenient is not None else None
+        """The backtracking pattern, only for lines that can plausibly need it.
+
+        Its cost grows polynomially with the delimiters in a line that matches
+        nothing, and a client controls its headers; a few stray quotes are what real
+        values carry, so lines with many more quotes than the format are refused.
+        """
+        if self._lenient is None or len(line) > _LENIENT_MAX_CHARS:
+            return None
+        if line.count('"') > self._quotes + _LENIENT_EXTRA_QUOTES:
+            return None
+        return self._lenient(line)
 
     def parse(self, line: str) -> AccessLog | LineError:
         m = self.match(line.rstrip("\r\n"))

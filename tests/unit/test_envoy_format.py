@@ -90,10 +90,10 @@ def test_auto_prefers_last_winner_and_reports_failure() -> None:
 
 
 def test_quoted_values_with_spaces_and_quotes() -> None:
-    fmt = '"%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" %RESPONSE_CODE%'
+    fmt = '"%REQ(USER-AGENT)%" "%REQ(X-CUSTOM)%" %RESPONSE_CODE%'
     log = parse(fmt, '"Mozilla/5.0 (say \\"hi\\") x" "abc def" 200')
     assert log.user_agent == 'Mozilla/5.0 (say \\"hi\\") x'
-    assert log.request_id == "abc def" and log.response_code == 200
+    assert log.extra["REQ(X-CUSTOM)"] == "abc def" and log.response_code == 200
     # Envoy writes quotes raw; the literal that follows still delimits the field.
     log2 = parse(fmt, '"a "quoted" agent" "id" 404')
     assert log2.user_agent == 'a "quoted" agent' and log2.response_code == 404
@@ -145,6 +145,8 @@ def test_dynamic_metadata_goes_to_extra() -> None:
     ("%START_TIME(%s)%", "1795914780", 1795914780.0),
     ("%START_TIME(%Y/%m/%d %H:%M:%S)%", "2026/11/29 01:13:00", 1795914780.0),
     ("%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%", "2026-11-29T01:13:00.665Z", 1795914780.665),
+    ("%START_TIME(%d/%b/%Y:%H:%M:%S %z)%", "29/Nov/2026:02:13:00 +0100", 1795914780.0),
+    ("%START_TIME(%Y-%m-%dT%H:%M:%E3SZ)%", "2026-11-29T01:13:00.665Z", 1795914780.665),
 ])
 def test_start_time_variants(fmt: str, value: str, expected: float) -> None:
     assert parse(fmt + " %PROTOCOL%", value + " HTTP/1.1").start_time == pytest.approx(expected)
