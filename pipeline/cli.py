@@ -31,6 +31,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Validate the configuration and print it (secrets masked).",
     ),
     "schema": ("pipeline.commands.schema:schema", "Write or check the schemas/ files."),
+    "dashboards": (
+        "pipeline.commands.dashboards:dashboards",
+        "Build, validate and import Kibana / OpenSearch Dashboards objects and the rate rule.",
+    ),
+    "report": (
+        "pipeline.commands.report:report",
+        "Self-contained HTML report (world map, top countries/cities/IPs, alerts) from ES.",
+    ),
 }
 
 
