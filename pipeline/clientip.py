@@ -191,6 +191,10 @@ class ClientIpResolver:
             if direct is not None:
                 remote = direct
             else:
+                # Nothing Envoy itself saw (e.g. its default format): XFF alone is
+                # client-written, so no address is claimed.
+                if log.downstream_remote_address is None:
+                    tags.append("clientip_no_remote_address")
                 return ClientIp(None, None, "none", None, None, related, tags)
         source: IpSource = (
             "proxy_protocol" if direct is not None and direct.ip != remote.ip else "peer")

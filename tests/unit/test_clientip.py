@@ -163,3 +163,9 @@ def test_untrusted_peer_always_wins(peer, xff) -> None:  # noqa: ANN001
     mapped = peer.version == 6 and peer.ipv4_mapped is not None
     if not trusted and not mapped:
         assert cip.ip == str(peer) and cip.source == "peer"
+
+
+def test_no_remote_address_logged() -> None:
+    cip = resolve(LB, x_forwarded_for="81.2.69.142")
+    assert cip.ip is None and cip.source == "none"
+    assert cip.tags == ["clientip_no_remote_address"] and cip.related == ["81.2.69.142"]

@@ -292,3 +292,13 @@ def test_mutated_real_lines_never_raise(line: str, edits: list[tuple[str, int, s
 def test_arbitrary_text_never_raises(text: str) -> None:
     result = make_parser("auto").parse(text)
     assert isinstance(result, AccessLog | LineError)
+
+
+@pytest.mark.parametrize("junk", [
+    '[2026-11-29T01:13:00.665Z] "GET / HTTP/1.1" 200 - ' + "a " * 8000,
+    '[2026-11-29T01:13:00.665Z] "GET / HTTP/1.1" 200 - ' + '"a" ' * 2000,
+    '[2026-11-29T01:13:00.665Z] "GET / HTTP/1.1" 200 - ' + '" " ' * 6 + "a " * 6000,
+])
+def test_adversarial_lines_fail_without_backtracking_blowup(junk: str) -> None:
+    # Used to take seconds per line (polynomial backtracking); now a few milliseconds.
+    assert isinstance(make_parser("auto").parse(junk), LineError)
