@@ -1,0 +1,284 @@
+"""deploy/kubernetes: every overlay builds with kustomize and passes kubeconform in strict
+mode against Kubernetes 1.34 + Istio + KEDA + Prometheus-operator schemas generated
+offline; the EnvoyFilter's listener filter and the access-log format pass
+`envoy --mode validate`; the pieces agree with envoygeo's own config and parser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, KafkaSettings, load_settings
+from pipeline.decode.access_log import default_json_aliases, field_for_command
+from pipeline.decode.envoy_format import Command, tokenize
+from pipeline.decode.json_log import JsonLogParser
+from tests.integration.test_envoy_haproxy import _envoy_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "kubernetes"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
+TOOLS = Path(os.environ.get("ENVOYGEO_TOOLS", Path.home() / ".cache" / "envoygeo"))
+SCHEMAS = TOOLS / "kube-schemas"
+
+
+@pytest.fixture(scope="session")
+def tools() -> dict[str, str]:
+    """kubeconform, kustomize and the schemas; installed by the repo's script if absent."""
+    bins = {name: str(TOOLS / "bin" / name) for name in ("kubeconform", "kustomize")}
+    if not all(Path(b).is_file() for b in bins.values()) or not (SCHEMAS / ".sources").exists():
+        proc = subprocess.run(["bash", str(K8S / "tools" / "install")], capture_output=True,
+                              text=True, timeout=1800)
+        assert proc.returncode == 0, f"tools/install failed:\n{proc.stdout}\n{proc.stderr}"
+    return bins
+
+
+def _build(tools: dict[str, str], overlay: str) -> str:
+    proc = subprocess.run([tools["kustomize"], "build", str(K8S / "overlays" / overlay)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _kubeconform(tools: dict[str, str], manifests: str) -> subprocess.CompletedProcess[str]:
+    # No -ignore-missing-schemas: a kind without a schema is an error, not a skip.
+    return subprocess.run(
+        [tools["kubeconform"], "-strict", "-summary", "-output", "json",
+         "-schema-location",
+         f"{SCHEMAS}/{{{{.Group}}}}/{{{{.ResourceKind}}}}_{{{{.ResourceAPIVersion}}}}.json",
+         "-"], input=manifests, capture_output=True, text=True, timeout=120)
+
+
+def _docs(manifests: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(manifests) if d]
+
+
+def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_builds_and_passes_kubeconform(tools: dict[str, str], overlay: str) -> None:
+    manifests = _build(tools, overlay)
+    proc = _kubeconform(tools, manifests)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout)["summary"]
+    assert summary["valid"] == len(_docs(manifests)) >= 15, summary
+    assert summary["invalid"] == summary["errors"] == summary["skipped"] == 0
+
+
+def test_kubeconform_schemas_are_strict(tools: dict[str, str]) -> None:
+    """The negative case: a misspelt field in core and CRD kinds must fail."""
+    docs = _docs(_build(tools, "keda"))
+    deployment = _find(docs, "Deployment", "envoygeo")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
+    scaled = _find(docs, "ScaledObject", "envoygeo")
+    scaled["spec"]["triggers"][0]["lagTreshold"] = "1"
+    envoy_filter = _find(docs, "EnvoyFilter", "envoygeo-proxy-protocol")
+    envoy_filter["spec"]["configPatches"][0]["applyTo"] = "LISTENER_FILTERS"
+    proc = _kubeconform(tools, yaml.safe_dump_all([deployment, scaled, envoy_filter]))
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert "'readinessprobe' not allowed" in out and "'lagTreshold' not allowed" in out
+    assert "at '/spec/configPatches/0/applyTo': value must be one of" in out
+    assert json.loads(out)["summary"]["invalid"] == 3
+
+
+def test_overlays_differ_where_they_should(tools: dict[str, str]) -> None:
+    elb, nlb, keda, topo = (_docs(_build(tools, o)) for o in
+                            ("aws-elb", "aws-nlb", "keda", "gateway-topology"))
+    for docs in (elb, nlb, keda, topo):
+        svc = _find(docs, "Service", "istio-ingressgateway")
+        assert svc["spec"]["externalTrafficPolicy"] == "Local"
+        assert svc["metadata"]["annotations"][
+            "service.beta.kubernetes.io/aws-load-balancer-proxy-protocol"] == "*"
+    nlb_ann = _find(nlb, "Service", "istio-ingressgateway")["metadata"]["annotations"]
+    assert nlb_ann["service.beta.kubernetes.io/aws-load-balancer-type"] == "nlb"
+    assert nlb_ann["service.beta.kubernetes.io/aws-load-balancer-target-group-attributes"] \
+        == "proxy_protocol_v2.enabled=true"
+    assert "service.beta.kubernetes.io/aws-load-balancer-type" not in _find(
+        elb, "Service", "istio-ingressgateway")["metadata"]["annotations"]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in keda}
+    assert ("ScaledObject", "envoygeo") in kinds
+    assert not any(k == "HorizontalPodAutoscaler" for k, _ in kinds)
+    assert ("HorizontalPodAutoscaler", "envoygeo") in {(d["kind"], d["metadata"]["name"])
+                                                       for d in elb}
+    trigger = _find(keda, "ScaledObject", "envoygeo")["spec"]["triggers"][0]
+    assert trigger["type"] == "kafka" and trigger["metadata"]["topic"] == "envoy-access-logs"
+    # gateway-topology: Istio adds the filter from ProxyConfig; no EnvoyFilter.
+    assert not any(d["kind"] == "EnvoyFilter" for d in topo)
+    gw = _find(topo, "Deployment", "istio-ingressgateway")
+    proxy_config = yaml.safe_load(
+        gw["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"])
+    assert proxy_config["gatewayTopology"]["proxyProtocol"] == {}
+
+
+def test_worker_deployment_matches_its_config(tools: dict[str, str]) -> None:
+    docs = _docs(_build(tools, "aws-elb"))
+    dep = _find(docs, "Deployment", "envoygeo")
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"
+             and d["metadata"]["name"].startswith("envoygeo-config")]
+    settings = load_settings_from_text(cm["data"]["config.yaml"])
+    pod = dep["spec"]["template"]["spec"]
+    (worker,) = pod["containers"]
+    assert worker["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert worker["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert worker["ports"][0]["containerPort"] == settings.metrics.port == 9108
+    assert worker["args"] == ["run", "--config", "/etc/envoygeo/config.yaml"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert worker["securityContext"]["readOnlyRootFilesystem"] is True
+    assert worker["resources"]["requests"] and worker["resources"]["limits"]
+    env = {e["name"]: e for e in worker["env"]}
+    assert env["ENVOYGEO_ELASTICSEARCH__API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert settings.rates.backend == "redis" and "envoygeo-redis" in settings.rates.redis_url
+    assert str(settings.geoip.city).startswith("/var/lib/geoip/")
+    assert any(d["kind"] == "CronJob" and "geoipupdate" in d["metadata"]["name"] for d in docs)
+
+
+def load_settings_from_text(text: str) -> Any:
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"envoygeo-cm-{os.getpid()}.yaml"
+    path.write_text(text)
+    try:
+        return load_settings(path)
+    finally:
+        path.unlink()
+
+
+def test_config_rejects_a_misspelt_key() -> None:
+    text = (K8S / "base" / "config.yaml").read_text()
+    text = text.replace("check_interval_s", "check_intervall_s")
+    with pytest.raises(ConfigError, match="geoip.check_intervall_s"):
+        load_settings_from_text(text)
+
+
+# -- Envoy: the listener filter and the access-log format ------------------------------
+
+def _mesh_labels() -> dict[str, str]:
+    mesh = yaml.safe_load((K8S / "istio" / "mesh-config.yaml").read_text())
+    (provider,) = mesh["meshConfig"]["extensionProviders"]
+    assert provider["envoyFileAccessLog"]["path"] == "/dev/stdout"
+    labels: dict[str, str] = provider["envoyFileAccessLog"]["logFormat"]["labels"]
+    return labels
+
+
+def _envoy_bootstrap() -> dict[str, Any]:
+    """Envoy config as Istio renders the gateway listener: the EnvoyFilter's filter
+    inserted first, then tls_inspector; an HTTP connection manager logging JSON."""
+    ef = yaml.safe_load((K8S / "istio" / "envoyfilter-proxy-protocol.yaml").read_text())
+    (patch,) = ef["spec"]["configPatches"]
+    assert (patch["applyTo"], patch["patch"]["operation"]) == ("LISTENER_FILTER",
+                                                               "INSERT_FIRST")
+    tls_inspector = {"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3"
+                 ".TlsInspector"}}
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                 "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "gateway",
+        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3"
+                     ".FileAccessLog",
+            "path": "/dev/stdout",
+            "log_format": {"json_format": _mesh_labels()}}}],
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {"static_resources": {"listeners": [{
+        "name": "gateway_8080",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 18080}},
+        "listener_filters": [patch["patch"]["value"], tls_inspector],
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }]}}
+
+
+def test_envoy_validates_the_listener_filter_and_log_format(tmp_path: Path) -> None:
+    bootstrap = _envoy_bootstrap()
+    names = [f["name"] for f in bootstrap["static_resources"]["listeners"][0]
+             ["listener_filters"]]
+    assert names == ["envoy.filters.listener.proxy_protocol",
+                     "envoy.filters.listener.tls_inspector"]
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    proc = subprocess.run([_envoy_binary(), "--mode", "validate", "-c", str(path),
+                           "--log-level", "warn"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+    # The negative case: the removed pre-1.14 filter name is refused by Envoy 1.40.
+    old = json.loads(json.dumps(bootstrap).replace(
+        '"envoy.filters.listener.proxy_protocol"', '"envoy.listener.proxy_protocol"'))
+    old["static_resources"]["listeners"][0]["listener_filters"][0].pop("typed_config")
+    path.write_text(yaml.safe_dump(old))
+    proc = subprocess.run([_envoy_binary(), "--mode", "validate", "-c", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+
+
+def test_access_log_format_is_what_envoygeo_parses() -> None:
+    labels = _mesh_labels()
+    for command in ("%DOWNSTREAM_REMOTE_ADDRESS%", "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%",
+                    "%REQ(X-FORWARDED-FOR)%", "%START_TIME%", "%REQ(:METHOD)%",
+                    "%RESPONSE_CODE%", "%BYTES_SENT%", "%DURATION%", "%REQ(USER-AGENT)%",
+                    "%REQ(X-REQUEST-ID)%", "%REQ(:AUTHORITY)%", "%UPSTREAM_HOST%"):
+        assert command in labels.values(), command
+    aliases = default_json_aliases()
+    for key, value in labels.items():
+        (cmd,) = tokenize(value)
+        assert isinstance(cmd, Command)
+        spec = field_for_command(cmd.name, cmd.argument)
+        assert spec is not None and aliases.get(key) == spec.name, (key, value)
+    line = json.dumps({
+        "start_time": "2026-11-29T02:00:00.123Z", "method": "GET", "path": "/x?y=1",
+        "protocol": "HTTP/1.1", "response_code": "200", "response_flags": "-",
+        "bytes_received": "0", "bytes_sent": "12", "duration": "3",
+        "x_forwarded_for": "198.51.100.9", "user_agent": "curl/8", "request_id": "abc",
+        "authority": "shop.example", "upstream_host": "10.1.2.3:8080",
+        "downstream_remote_address": "203.0.113.7:51234",
+        "downstream_direct_remote_address": "10.0.4.4:40000",
+        "downstream_local_address": "10.0.9.9:8080"})
+    parsed = JsonLogParser().parse(line)
+    assert getattr(parsed, "downstream_remote_address", None) == "203.0.113.7:51234", parsed
+    assert parsed.downstream_direct_remote_address == "10.0.4.4:40000"  # type: ignore[union-attr]
+    assert parsed.response_code == 200  # type: ignore[union-attr]
+
+
+def test_telemetry_uses_the_provider() -> None:
+    tel = yaml.safe_load((K8S / "istio" / "telemetry-access-log.yaml").read_text())
+    (provider,) = tel["spec"]["accessLogging"][0]["providers"]
+    mesh = yaml.safe_load((K8S / "istio" / "mesh-config.yaml").read_text())
+    assert provider["name"] == mesh["meshConfig"]["extensionProviders"][0]["name"]
+
+
+# -- log shippers and image ------------------------------------------------------------
+
+def test_fluent_bit_ships_what_envoygeo_reads() -> None:
+    conf = yaml.safe_load((K8S / "fluent-bit" / "fluent-bit.yaml").read_text())
+    (tail,) = conf["pipeline"]["inputs"]
+    assert tail["path"] == "/var/log/containers/*istio-ingressgateway*_istio-proxy-*.log"
+    assert tail["multiline.parser"] == "cri"
+    assert [f["name"] for f in conf["pipeline"]["filters"]] == ["kubernetes"]
+    (out,) = conf["pipeline"]["outputs"]
+    assert out["name"] == "kafka" and out["format"] == "json"
+    assert out["timestamp_key"] == "@timestamp"
+    assert [out["topics"]] == KafkaSettings().topics
+    fluentd = (K8S / "fluentd" / "fluent.conf").read_text()
+    assert "@type kafka2" in fluentd
+    assert re.search(r"default_topic\s+envoy-access-logs", fluentd)
+    assert "time_key @timestamp" in fluentd
+
+
+def test_dockerfile() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in text and "pip install" in text
+    assert re.search(r"^USER 10001", text, re.M)
+    assert 'ENTRYPOINT ["envoygeo"]' in text
+    assert 'CMD ["run", "--config", "/etc/envoygeo/config.yaml"]' in text
