@@ -17,21 +17,45 @@ from pipeline.decode.envelope import Envelope
 PARSE_FAILURE_TAG = "_envoygeo_parse_failure"
 
 
+_second_prefix: dict[int, str] = {}
+
+
 def iso_timestamp(epoch: float) -> str:
-    """Epoch seconds -> `2026-11-29T01:13:00.665Z` (what Elasticsearch `date` parses)."""
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    """Epoch seconds -> `2026-11-29T01:13:00.665Z` (what Elasticsearch `date` parses).
+
+    Consecutive records share their second, so the calendar formatting is cached per
+    second and only the milliseconds are formatted per record.
+    """
+    sec = int(epoch // 1)
+    prefix = _second_prefix.get(sec)
+    if prefix is None:
+        prefix = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        if len(_second_prefix) > 4096:
+            _second_prefix.clear()
+        _second_prefix[sec] = prefix
+    ms = int((epoch - sec) * 1000 + 0.5)
+    if ms >= 1000:
+        return iso_timestamp(float(sec + 1))
+    return f"{prefix}.{ms:03d}Z"
+
+
+_endpoints: dict[str, tuple[str, int | None] | None] = {}
 
 
 def _endpoint(text: str | None) -> tuple[str, int | None] | None:
+    """(host, port) of a local address or authority; few distinct values, so cached."""
     if not text:
         return None
+    hit = _endpoints.get(text, False)
+    if hit is not False:
+        return hit  # type: ignore[return-value]
     hp = split_host_port(text)
-    if hp is None:
-        return None
-    host, port = hp
-    if host[:7].lower() == "::ffff:" and "." in host:
-        host = host[7:]  # IPv4-mapped: index the IPv4 form, as for source.ip
-    return host, port
+    if hp is not None and hp[0][:7].lower() == "::ffff:" and "." in hp[0]:
+        hp = (hp[0][7:], hp[1])  # IPv4-mapped: index the IPv4 form, as for source.ip
+    if len(_endpoints) > 4096:
+        _endpoints.clear()
+    _endpoints[text] = hp
+    return hp
 
 
 def _common(env: Envelope, doc: dict[str, Any]) -> None:
@@ -101,13 +125,27 @@ def build_document(env: Envelope, log: AccessLog, cip: ClientIp) -> dict[str, An
         doc["tls"] = {"client": {"server_name": log.requested_server_name}}
 
     envoy: dict[str, Any] = {"log_format": log.log_format}
-    for name in ("response_flags", "response_code_details", "connection_termination_details",
-                 "upstream_transport_failure_reason", "route_name", "x_forwarded_for",
-                 "downstream_remote_address", "downstream_direct_remote_address",
-                 "downstream_local_address", "protocol"):
-        v = getattr(log, name)
-        if v is not None:
-            envoy[name] = v
+    # Explicit tests, not a getattr loop: this is per record.
+    if log.response_flags is not None:
+        envoy["response_flags"] = log.response_flags
+    if log.response_code_details is not None:
+        envoy["response_code_details"] = log.response_code_details
+    if log.connection_termination_details is not None:
+        envoy["connection_termination_details"] = log.connection_termination_details
+    if log.upstream_transport_failure_reason is not None:
+        envoy["upstream_transport_failure_reason"] = log.upstream_transport_failure_reason
+    if log.route_name is not None:
+        envoy["route_name"] = log.route_name
+    if log.x_forwarded_for is not None:
+        envoy["x_forwarded_for"] = log.x_forwarded_for
+    if log.downstream_remote_address is not None:
+        envoy["downstream_remote_address"] = log.downstream_remote_address
+    if log.downstream_direct_remote_address is not None:
+        envoy["downstream_direct_remote_address"] = log.downstream_direct_remote_address
+    if log.downstream_local_address is not None:
+        envoy["downstream_local_address"] = log.downstream_local_address
+    if log.protocol is not None:
+        envoy["protocol"] = log.protocol
     upstream: dict[str, Any] = {}
     if log.upstream_host is not None:
         upstream["host"] = log.upstream_host
@@ -123,9 +161,10 @@ def build_document(env: Envelope, log: AccessLog, cip: ClientIp) -> dict[str, An
         envoy["extra"] = log.extra
     doc["envoy"] = envoy
 
-    doc["envoygeo"] = {"ip_source": cip.source, "envelope": env.kind}
+    envoygeo: dict[str, Any] = {"ip_source": cip.source, "envelope": env.kind}
     if cip.ip_class is not None:
-        doc["envoygeo"]["ip_class"] = cip.ip_class
+        envoygeo["ip_class"] = cip.ip_class
+    doc["envoygeo"] = envoygeo
     if cip.related:
         doc["related"] = {"ip": cip.related}
     tags = env.tags + cip.tags if cip.tags else env.tags
