@@ -281,20 +281,35 @@ def geo_map() -> Obj:
 
 # -- Dashboard -----------------------------------------------------------------------
 
-# (object, width, height) in Kibana's 48-column grid, laid out left to right.
-def dashboard(panels: list[tuple[Obj, int, int]]) -> Obj:
+def layout(panels: list[tuple[Obj, int, int]], version: str) -> tuple[list[Obj], list[Obj]]:
+    """(object, width, height) in the 48-column dashboard grid, placed left to right and
+    wrapped into rows -> (panelsJSON entries, references). Shared with the OSD export,
+    whose dashboards use the same by-reference panel format."""
     panel_list, refs = [], []
     x = y = row_h = 0
     for i, (obj, w, h) in enumerate(panels):
         if x + w > 48:
             x, y, row_h = 0, y + row_h, 0
         ref = f"panel_{i}"
-        panel_list.append({"version": CORE_MIGRATION_VERSION, "type": obj["type"],
+        panel_list.append({"version": version, "type": obj["type"],
                            "gridData": {"x": x, "y": y, "w": w, "h": h, "i": str(i)},
                            "panelIndex": str(i), "embeddableConfig": {},
                            "panelRefName": ref})
         refs.append({"type": obj["type"], "id": obj["id"], "name": ref})
         x, row_h = x + w, max(row_h, h)
+    return panel_list, refs
+
+
+def dashboard_defaults() -> Obj:
+    """Last 24 hours, restored with the dashboard; refresh every minute."""
+    return {"timeRestore": True, "timeFrom": "now-24h", "timeTo": "now",
+            "refreshInterval": {"pause": False, "value": 60000},
+            "kibanaSavedObjectMeta": {"searchSourceJSON": json.dumps(
+                {"query": {"query": "", "language": "kuery"}, "filter": []})}}
+
+
+def dashboard(panels: list[tuple[Obj, int, int]]) -> Obj:
+    panel_list, refs = layout(panels, CORE_MIGRATION_VERSION)
     return saved_object("dashboard", "envoygeo-overview", {
         "title": "envoygeo: client geography and rates",
         "description": "Where requests come from (true client IP), how fast each IP is "
@@ -302,10 +317,7 @@ def dashboard(panels: list[tuple[Obj, int, int]]) -> Obj:
         "panelsJSON": json.dumps(panel_list),
         "optionsJSON": json.dumps({"useMargins": True, "syncColors": True,
                                    "syncTooltips": True, "hidePanelTitles": False}),
-        "timeRestore": True, "timeFrom": "now-24h", "timeTo": "now",
-        "refreshInterval": {"pause": False, "value": 60000},
-        "kibanaSavedObjectMeta": {"searchSourceJSON": json.dumps(
-            {"query": {"query": "", "language": "kuery"}, "filter": []})},
+        **dashboard_defaults(),
     }, refs)
 
 

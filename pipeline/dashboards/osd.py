@@ -11,7 +11,13 @@ import json
 from typing import Any
 
 from pipeline import schema
-from pipeline.dashboards.kibana import ALERTS_VIEW, COUNTRY, LOGS_VIEW
+from pipeline.dashboards.kibana import (
+    ALERTS_VIEW,
+    COUNTRY,
+    LOGS_VIEW,
+    dashboard_defaults,
+    layout,
+)
 
 Obj = dict[str, Any]
 MIGRATION = {"index-pattern": "7.6.0", "visualization": "7.10.0", "dashboard": "7.9.3"}
@@ -109,21 +115,12 @@ def visualizations() -> list[Obj]:
 
 
 def dashboard(panels: list[Obj]) -> Obj:
-    panel_list, refs = [], []
-    for i, obj in enumerate(panels):
-        w = 48 if i in (0, 1) else 24
-        panel_list.append({"version": "7.10.2", "panelIndex": str(i),
-                           "gridData": {"x": 0 if w == 48 or i % 2 == 0 else 24,
-                                        "y": i * 15, "w": w, "h": 15, "i": str(i)},
-                           "embeddableConfig": {}, "panelRefName": f"panel_{i}"})
-        refs.append({"type": obj["type"], "id": obj["id"], "name": f"panel_{i}"})
+    sizes = [(obj, 48 if i < 2 else 24, 15) for i, obj in enumerate(panels)]
+    panel_list, refs = layout(sizes, "7.10.2")
     return _obj("dashboard", "envoygeo-osd-overview", {
         "title": "envoygeo: client geography and rates", "description": "", "version": 1,
         "panelsJSON": json.dumps(panel_list), "optionsJSON": json.dumps({"useMargins": True}),
-        "timeRestore": True, "timeFrom": "now-24h", "timeTo": "now",
-        "refreshInterval": {"pause": False, "value": 60000},
-        "kibanaSavedObjectMeta": {"searchSourceJSON": json.dumps(
-            {"query": {"query": "", "language": "kuery"}, "filter": []})},
+        **dashboard_defaults(),
     }, refs)
 
 
