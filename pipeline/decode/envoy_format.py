@@ -34,8 +34,11 @@ class FormatError(ValueError):
     def __init__(self, message: str, position: int, fmt: str) -> None:
         self.position = position
         self.format = fmt
-        pointer = fmt.replace("\n", "\\n")
-        super().__init__(f"{message} at position {position}: {pointer!r}")
+        self.reason = message
+        # Show the format on one line with a caret under the offending '%'.
+        shown = fmt.replace("\n", "\\n")
+        column = len(fmt[:position].replace("\n", "\\n"))
+        super().__init__(f"{message} at position {position}:\n  {shown}\n  {' ' * column}^")
 
 
 # --- the command vocabulary -------------------------------------------------------
@@ -180,21 +183,30 @@ def tokenize(fmt: str) -> list[Segment]:
 
 
 def _explain_bad_command(fmt: str, pos: int) -> NoReturn:
+    """Say precisely why the command at `pos` is malformed (Envoy only says where)."""
     rest = fmt[pos + 1:]
     if "%" not in rest:
         raise FormatError("unterminated '%' (no closing '%' for this command)", pos, fmt)
-    m = re.match(r"([A-Z0-9_]*)", rest)
-    name = m.group(1) if m else ""
+    m = re.match(r"[A-Z0-9_]*", rest)
+    name = m.group(0) if m else ""
     after = rest[len(name):]
     if not name:
         raise FormatError("expected a command name (A-Z, 0-9, _) after '%'", pos, fmt)
-    if after.startswith("(") and ")" not in after:
-        raise FormatError(f"unterminated '(' in %{name}(...)%", pos, fmt)
-    if after.startswith(":") or (after.startswith("(") and ")%" not in after
-                                  and re.search(r"\):", after)):
-        raise FormatError(f"bad max length in %{name}%: ':N' must be a decimal number", pos, fmt)
-    raise FormatError(f"invalid command %{name}...: expected %COMMAND%, %COMMAND(arg)% or "
-                      "%COMMAND(arg):N%", pos, fmt)
+    if after.startswith("("):
+        close = after.find(")")
+        if close == -1:
+            raise FormatError(f"unterminated '(' in %{name}(...)%", pos, fmt)
+        shown = f"%{name}{after[:close + 1]}"
+        after = after[close + 1:]
+        if after.startswith(":"):
+            raise FormatError(f"bad max length in {shown}{after[:after.find('%') + 1]}: "
+                              "':N' must be a decimal number", pos, fmt)
+        raise FormatError(f"{shown} must be followed by '%' or ':N%' "
+                          f"(found {after[:1]!r})", pos, fmt)
+    if after.startswith(":"):
+        raise FormatError(f"bad max length in %{name}{after[:after.find('%') + 1]}: "
+                          "':N' must be a decimal number", pos, fmt)
+    raise FormatError(f"command %{name} must be closed by '%' (found {after[:1]!r})", pos, fmt)
 
 
 def _validate(fmt: str, pos: int, name: str, arg: str | None, max_len: str | None) -> None:

@@ -302,3 +302,11 @@ def test_arbitrary_text_never_raises(text: str) -> None:
 def test_adversarial_lines_fail_without_backtracking_blowup(junk: str) -> None:
     # Used to take seconds per line (polynomial backtracking); now a few milliseconds.
     assert isinstance(make_parser("auto").parse(junk), LineError)
+
+
+def test_format_error_points_at_the_command() -> None:
+    with pytest.raises(FormatError) as e:
+        compile_format('[%START_TIME%] "%REQ(:METHOD)%" %RESPONSE_CODE %BYTES_SENT%\n')
+    lines = str(e.value).splitlines()
+    assert "must be closed by '%'" in lines[0]
+    assert lines[2].index("^") == lines[1].index("%RESPONSE_CODE")
