@@ -77,12 +77,24 @@ def load_json_keys(spec: str | Mapping[str, str] | None) -> dict[str, str]:
                     raise JsonKeysError(f"expected key=field in {p!r}")
                 raw[key.strip()] = val.strip()  # type: ignore[index]
     out: dict[str, str] = {}
-    for key, val in raw.items():
+    for key, val in _flatten(raw, ""):
         if not isinstance(val, str):
             raise JsonKeysError(f"mapping for {key!r} must be a string")
         target = _target_for(val)
         if target:
-            out[str(key).lower()] = target
+            out[key.lower()] = target
+    return out
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    """Nested json_format blocks become dotted keys: {"http": {"ua": x}} -> "http.ua"."""
+    out: list[tuple[str, Any]] = []
+    for key, val in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(val, Mapping):
+            out.extend(_flatten(val, name + "."))
+        else:
+            out.append((name, val))
     return out
 
 
@@ -120,6 +132,8 @@ class JsonLogParser:
             if target is None:
                 target = aliases.get(key.lower())
             if target is None:
+                if type(value) is dict and self._nested(key, value, kw):
+                    continue
                 if value is not None and value != "-":
                     extra[key] = value
                 continue
@@ -137,3 +151,21 @@ class JsonLogParser:
         if not kw:
             return LineError("JSON object has none of the access-log fields")
         return AccessLog(**kw, extra=extra, log_format=self.name)
+
+    def _nested(self, prefix: str, obj: dict[str, Any], kw: dict[str, Any]) -> bool:
+        """Fields of a nested json_format object under dotted aliases ("http.ua").
+
+        True when at least one was recognised (the object then stays out of `extra`).
+        """
+        found = False
+        for key, value in _flatten(obj, prefix + "."):
+            target = self._aliases.get(key) or self._aliases.get(key.lower())
+            if target is None or value is None or value == "-" or target in kw:
+                continue
+            conv = self._convert[target]
+            converted = value if conv is None and type(value) is str else (conv or to_str)(value)
+            if converted is not None:
+                kw[target] = converted
+                found = True
+        return found
+

@@ -83,3 +83,16 @@ def test_bad_user_mapping(spec: str) -> None:
 @pytest.mark.parametrize("line", ["{", "[1,2]", "{}", '{"unrelated": 1}', "null"])
 def test_not_an_access_log(line: str) -> None:
     assert isinstance(JsonLogParser().parse(line), LineError)
+
+
+def test_nested_json_format_with_dotted_user_keys() -> None:
+    keys = load_json_keys({"http": {"ua": "%REQ(USER-AGENT)%", "status": "%RESPONSE_CODE%"},
+                           "peer": "%DOWNSTREAM_REMOTE_ADDRESS%"})
+    assert keys == {"http.ua": "user_agent", "http.status": "response_code",
+                    "peer": "downstream_remote_address"}
+    line = ('{"http":{"ua":"curl/8","status":404},"peer":"81.2.69.142:1",'
+            '"other":{"x":1}}')
+    log = JsonLogParser(keys).parse(line)
+    assert isinstance(log, AccessLog)
+    assert (log.user_agent, log.response_code) == ("curl/8", 404)
+    assert log.extra == {"other": {"x": 1}}
