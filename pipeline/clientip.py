@@ -199,10 +199,14 @@ class ClientIpResolver:
         source: IpSource = (
             "proxy_protocol" if direct is not None and direct.ip != remote.ip else "peer")
         client, client_port = remote, port
-        if remote.trusted and entries:
-            chosen = self._walk_xff(entries, tags)
+        if remote.trusted:
+            chosen = self._walk_xff(entries, tags) if entries else None
             if chosen is not None:
                 client, client_port, source = chosen, None, "x_forwarded_for"
+            else:
+                # A trusted proxy that did not say for whom: its own address is all
+                # there is, and dashboards should be able to tell.
+                tags.append("clientip_trusted_proxy")
         return ClientIp(client.ip, client_port, source, client.ip_class,
                         direct.ip if direct is not None else remote.ip, related, tags)
 

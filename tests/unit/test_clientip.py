@@ -94,6 +94,7 @@ def test_xff_hop_bound() -> None:
     zero = ClientIpPolicy(("10.0.0.0/8",), trusted_hops=0)
     cip0 = resolve(zero, downstream_remote_address="10.0.0.1:1", x_forwarded_for="1.1.1.1")
     assert (cip0.ip, cip0.source) == ("10.0.0.1", "peer")
+    assert cip0.tags == ["clientip_trusted_proxy"]
 
 
 def test_xff_v6_and_ports_and_mapped() -> None:
@@ -105,7 +106,7 @@ def test_xff_v6_and_ports_and_mapped() -> None:
 @pytest.mark.parametrize("xff", ["unknown", "1.2.3.999", "a, b, c", ",,,", "[::1"])
 def test_garbage_xff_tagged(xff: str) -> None:
     cip = resolve(LB, downstream_remote_address="10.0.0.1:1", x_forwarded_for=xff)
-    assert "clientip_invalid_xff" in cip.tags
+    assert "clientip_invalid_xff" in cip.tags and "clientip_trusted_proxy" in cip.tags
     assert cip.ip == "10.0.0.1" and cip.source == "peer"
 
 
