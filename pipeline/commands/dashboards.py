@@ -10,7 +10,13 @@ from pathlib import Path
 import click
 
 from pipeline.dashboards import files, kibana
-from pipeline.dashboards.client import DashboardsError, Target, import_saved_objects, upsert_rule
+from pipeline.dashboards.client import (
+    DashboardsError,
+    Flavour,
+    Target,
+    import_saved_objects,
+    upsert_rule,
+)
 from pipeline.dashboards.validate import validate_file, validate_rule
 
 
@@ -84,7 +90,7 @@ def import_(kibana_url: str | None, osd_url: str | None, space: str | None,
     """Import the saved objects (overwrite) and create or update the per-IP rate rule."""
     if bool(kibana_url) == bool(osd_url):
         raise click.UsageError("give exactly one of --kibana URL or --opensearch-dashboards URL")
-    flavour = "kibana" if kibana_url else "osd"
+    flavour: Flavour = "kibana" if kibana_url else "osd"
     if space and flavour == "osd":
         raise click.UsageError("--space is a Kibana feature")
     size, unit = _window(window)

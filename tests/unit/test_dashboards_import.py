@@ -86,7 +86,9 @@ def _file_part(content_type: str, body: bytes) -> tuple[Any, bytes]:
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         f"Content-Type: {content_type}\r\n\r\n".encode() + body)
     (part,) = list(msg.iter_parts())
-    return part, part.get_payload(decode=True)
+    content = part.get_payload(decode=True)
+    assert isinstance(content, bytes)
+    return part, content
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> Result:
