@@ -182,6 +182,9 @@ def _envoy_bootstrap() -> dict[str, Any]:
         "@type": "type.googleapis.com/envoy.extensions.filters.network."
                  "http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "gateway",
+        # As Istio configures gateways (numTrustedProxies 0): the connection's address,
+        # i.e. the PROXY header's client, is the remote address, not the XFF tail.
+        "use_remote_address": True,
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3"
                      ".FileAccessLog",
