@@ -172,3 +172,26 @@ def test_strict_template_rejects_unknown_field_per_item(es: Elasticsearch, name:
         assert resp["items"][1]["index"]["error"]["type"] == "strict_dynamic_mapping_exception"
     finally:
         es.indices.delete(index=name)
+
+
+def test_best_compression_codec_stores_and_reads_back(es: Elasticsearch, name: str) -> None:
+    """index.codec=best_compression is zstd through native code (the system libzstd the
+    start script links); without it the first flush fails and the shard turns red."""
+    es.indices.create(index=name, settings={
+        "index.codec": "best_compression", "number_of_shards": 1, "number_of_replicas": 0,
+    })
+    try:
+        docs = [{"country": c, "n": i} for i, c in enumerate(["FR", "DE", "US"] * 50)]
+        ops: list[dict[str, object]] = []
+        for i, doc in enumerate(docs):
+            ops += [{"index": {"_index": name, "_id": str(i)}}, doc]
+        assert es.bulk(operations=ops)["errors"] is False
+        flushed = es.indices.flush(index=name)
+        assert flushed["_shards"]["failed"] == 0
+        es.indices.forcemerge(index=name, max_num_segments=1)
+        es.indices.refresh(index=name)
+        assert es.cluster.health(index=name)["status"] == "green"
+        assert es.get(index=name, id="149")["_source"] == {"country": "US", "n": 149}
+        assert es.count(index=name)["count"] == 150
+    finally:
+        es.indices.delete(index=name)
