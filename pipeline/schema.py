@@ -191,7 +191,9 @@ def component_templates() -> dict[str, dict[str, Any]]:
                     "number_of_shards": 1,
                     "auto_expand_replicas": "0-1",
                     "refresh_interval": "5s",
-                    "codec": "best_compression",
+                    # No `codec: best_compression`: in Elasticsearch 9 it needs the native
+                    # zstd library, which a node without its native libs lacks (the local
+                    # node); set it per cluster where the distribution ships it.
                 }
             }
         },
@@ -212,7 +214,12 @@ def component_templates() -> dict[str, dict[str, Any]]:
 
 def index_templates(logs_index: str = LOGS_TEMPLATE, alerts_index: str = ALERTS_TEMPLATE,
                     data_stream: bool = False) -> dict[str, dict[str, Any]]:
-    """Composable templates; `priority` above the built-in logs-*-* templates."""
+    """Composable templates, named after the index they serve.
+
+    `priority` is above the built-in logs-*-* templates; the alerts template is one
+    higher because `<index>-alerts*` also matches `<index>*`, and Elasticsearch refuses
+    two overlapping templates of equal priority.
+    """
     logs: dict[str, Any] = {
         "index_patterns": [f"{logs_index}*"],
         "composed_of": ["envoygeo-settings", "envoygeo-logs-mappings"],
@@ -222,11 +229,11 @@ def index_templates(logs_index: str = LOGS_TEMPLATE, alerts_index: str = ALERTS_
     if data_stream:
         logs["data_stream"] = {}
     return {
-        LOGS_TEMPLATE: logs,
-        ALERTS_TEMPLATE: {
+        logs_index: logs,
+        alerts_index: {
             "index_patterns": [f"{alerts_index}*"],
             "composed_of": ["envoygeo-settings", "envoygeo-alerts-mappings"],
-            "priority": 200,
+            "priority": 201,
             "_meta": {"managed_by": "envoygeo", "ecs_version": ECS_VERSION},
         },
     }

@@ -9,7 +9,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from elasticsearch import Elasticsearch, NotFoundError
 
 from pipeline.config import Settings
-from pipeline.schema import ALERTS_TEMPLATE, LOGS_TEMPLATE, component_templates, index_templates
+from pipeline.schema import component_templates, index_templates
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ def install_templates(es: Elasticsearch, settings: Settings) -> list[str]:
     return done
 
 
-def missing_templates(es: Elasticsearch) -> list[str]:
+def missing_templates(es: Elasticsearch, settings: Settings) -> list[str]:
     missing = []
-    for name in (LOGS_TEMPLATE, ALERTS_TEMPLATE):
+    for name in (settings.elasticsearch.index, settings.elasticsearch.alerts_index):
         try:
             es.indices.get_index_template(name=name)
         except NotFoundError:

@@ -55,11 +55,19 @@ def setup(config_path: Path | None, no_topics: bool) -> None:
     from pipeline.sinks.elasticsearch import make_client
 
     settings = _load(config_path)
-    with make_client(settings.elasticsearch) as es:
-        for line in install_templates(es, settings):
-            click.echo(f"installed {line}")
+    try:
+        with make_client(settings.elasticsearch) as es:
+            for line in install_templates(es, settings):
+                click.echo(f"installed {line}")
+    except Exception as exc:  # report which service and why, not a traceback
+        click.echo(f"envoygeo setup: Elasticsearch {settings.elasticsearch.hosts}: {exc}", err=True)
+        sys.exit(3)
     if not no_topics:
-        created = ensure_topics(settings)
+        try:
+            created = ensure_topics(settings)
+        except Exception as exc:
+            click.echo(f"envoygeo setup: Kafka {settings.kafka.bootstrap_servers}: {exc}", err=True)
+            sys.exit(3)
         click.echo(f"created topics: {', '.join(created)}" if created else "topics already exist")
 
 
@@ -88,7 +96,7 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
     setup_logging(log_level, json=not plain_logs)
     try:
         with make_client(settings.elasticsearch) as es:
-            missing = missing_templates(es)
+            missing = missing_templates(es, settings)
     except Exception as exc:  # unreachable cluster: say so plainly, exit non-zero
         click.echo(f"envoygeo: cannot reach Elasticsearch at {settings.elasticsearch.hosts}: "
                    f"{exc}", err=True)

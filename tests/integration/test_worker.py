@@ -32,7 +32,7 @@ from tests.integration.harness import (
 @pytest.fixture
 def env(tmp_path: Path, kafka_bootstrap: str, es_url: str, es_client: Elasticsearch,
         unique: Callable[[str], str]) -> dict[str, Any]:
-    topic, index = unique("worker"), unique("envoygeo-logs-test")
+    topic, index = unique("worker"), unique("egtest")
     create_topic(kafka_bootstrap, topic)
 
     def config(name: str = "worker.yaml", **extra: Any) -> Path:
