@@ -21,6 +21,17 @@ from typing import Any
 
 
 def _median_rate(fn: Callable[[], int], runs: int = 3) -> float:
+    """Median items/s of this process's CPU time: the machine is shared, and CPU time is
+    what one worker core can do (not valid for Redis, whose work is another process)."""
+    rates = []
+    for _ in range(runs):
+        t0 = time.process_time()
+        n = fn()
+        rates.append(n / (time.process_time() - t0))
+    return statistics.median(rates)
+
+
+def _median_wall_rate(fn: Callable[[], int], runs: int = 3) -> float:
     rates = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -150,7 +161,8 @@ def bench_memory(n_ips: int = 1_000_000, batch: int = 500) -> dict[str, Any]:
     m0 = tracemalloc.get_traced_memory()[0]
     mem = MemoryRates(max_ips=2 * n_ips, evict_idle=False)
     for k in range(0, n_ips, batch):
-        mem.count_batch(events[k : k + batch])
+        # fresh key strings, so that the keys the backend keeps are counted too
+        mem.count_batch([(ip.encode().decode(), ts) for ip, ts in events[k : k + batch]])
     traced = tracemalloc.get_traced_memory()[0] - m0
     tracemalloc.stop()
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -199,13 +211,13 @@ def bench_redis(url: str, n: int = 100_000, batch: int = 500) -> dict[str, Any]:
                 b.count_batch(events[k : k + batch])
             return n
 
-        rate = _median_rate(run)
+        rate = _median_wall_rate(run)
     finally:
         keys = list(client.scan_iter(match=f"{prefix}:*", count=5000))
         for k in range(0, len(keys), 1000):
             client.delete(*keys[k : k + 1000])
         client.close()
-    return {"url": url, "batch": batch, "events": n, "events_per_s": rate}
+    return {"url": url, "batch": batch, "events": n, "distinct_ips": 10_000, "events_per_s": rate}
 
 
 def main() -> None:

@@ -1,10 +1,17 @@
 """Redis rate counters: exact across any number of workers sharing one Redis.
 
-Layout: one hash per IP, ``<prefix>:r:<ip>``, whose fields are second-buckets (absolute
-epoch seconds, decimal) -> count, plus field ``n`` = newest bucket seen for the IP.
-Chosen over one key per (ip, bucket) because a 300 s window would then need up to 300
-key reads per event; with a hash the script loads an IP once per batch (HGETALL), works
-on a Lua table, and writes back only the touched fields (HSET/HDEL) and one EXPIRE.
+Layout: one string per IP, ``<prefix>:r:<ip>`` = ``"n,b1,c1,b2,c2,..."`` (n = newest
+bucket seen for the IP, then second-buckets in absolute epoch seconds and their counts,
+unordered). Chosen over one key per (ip, bucket) because a 300 s window would then need
+up to 300 key reads per event, and over a hash per IP because a hash costs HGETALL +
+HSET + HDEL + EXPIRE per IP per batch while the string costs GET + SET EX: inside a
+script each redis.call has a fixed cost that dominated batches of mostly distinct IPs.
+The script loads each IP once per batch, works on a Lua table, and writes it back once.
+
+Within a batch the script remembers each IP's previous event's window counts and slides
+them (same second: +1; a few seconds later: subtract the buckets that left, add the
+ones that entered, when that touches fewer buckets than a recount) instead of re-summing
+up to R buckets per event, which is what made hot IPs expensive. Out-of-order events fall back to a full recount of that IP.
 
 One round trip per batch: a Lua script (EVALSHA, redis-py re-sends it on NOSCRIPT)
 receives the whole batch. Scripts run atomically, so batches from many workers
@@ -28,8 +35,10 @@ import redis as redis_lib
 
 from pipeline.enrich.rates import Counts, Event, RatesConfig
 
-# KEYS[i] = hash of event i's IP; ARGV = nw, w1..wnw, R, lateness, ttl, t1..tn (buckets).
-# Returns per event {c1..cnw, late}.
+# KEYS[i] = key of event i's IP; ARGV = nw, w1..wnw (ascending), R, lateness, ttl,
+# "t1,t2,...,tn" (buckets). Returns "c1,..,cnw,late,c1,..." (nw + 1 numbers per event):
+# one string each way, because building and parsing 500 nested RESP arrays in redis-py
+# (without hiredis) cost more than the script itself.
 _LUA = r"""
 local nw = tonumber(ARGV[1])
 local W = {}
@@ -37,22 +46,31 @@ for w = 1, nw do W[w] = tonumber(ARGV[1 + w]) end
 local R = tonumber(ARGV[nw + 2])
 local LATE = tonumber(ARGV[nw + 3])
 local TTL = tonumber(ARGV[nw + 4])
-local base = nw + 4
+local T = {}
+for x in string.gmatch(ARGV[nw + 5], '[^,]+') do T[#T + 1] = tonumber(x) end
 local cache = {}
 local order = {}
 local out = {}
 for i = 1, #KEYS do
   local k = KEYS[i]
-  local t = tonumber(ARGV[base + i])
+  local t = T[i]
   local st = cache[k]
   if st == nil then
-    local flat = redis.call('HGETALL', k)
-    st = {n = nil, b = {}, dirty = {}}
-    for j = 1, #flat, 2 do
-      if flat[j] == 'n' then
-        st.n = tonumber(flat[j + 1])
-      else
-        st.b[tonumber(flat[j])] = tonumber(flat[j + 1])
+    st = {n = nil, b = {}, mt = nil, mc = nil, nb = 0}
+    local raw = redis.call('GET', k)
+    if raw then
+      local pend = nil
+      for x in string.gmatch(raw, '[^,]+') do
+        local v = tonumber(x)
+        if st.n == nil then
+          st.n = v
+        elseif pend == nil then
+          pend = v
+        else
+          st.b[pend] = v
+          st.nb = st.nb + 1
+          pend = nil
+        end
       end
     end
     cache[k] = st
@@ -60,56 +78,74 @@ for i = 1, #KEYS do
   end
   local late = 0
   local n = st.n
-  if n == nil or t > n then
-    n = t
-    st.n = t
-    local cut = t - R
-    for b, _ in pairs(st.b) do
-      if b <= cut then
-        st.b[b] = nil
-        st.dirty[b] = true
-      end
+  local mc = st.mc
+  if n ~= nil and t <= n - R then
+    -- forgotten horizon: counts only itself, is not recorded, memo untouched
+    if t < n - LATE then late = 1 end
+    for w = 1, nw do out[#out + 1] = 1 end
+  else
+    local b = st.b
+    local mt = st.mt
+    local advance = (n == nil or t > n)
+    if not advance and t < n - LATE then late = 1 end
+    local old = b[t]
+    if old then
+      b[t] = old + 1
+    else
+      b[t] = 1
+      st.nb = st.nb + 1
     end
-  elseif t < n - LATE then
-    late = 1
-  end
-  local res = {}
-  if t > n - R then
-    st.b[t] = (st.b[t] or 0) + 1
-    st.dirty[t] = true
-    for w = 1, nw do res[w] = 0 end
-    for b, c in pairs(st.b) do
-      local d = t - b
-      if d >= 0 then
-        for w = 1, nw do
-          if d < W[w] then res[w] = res[w] + c end
+    if mt ~= nil and t == mt then
+      -- same second as this IP's previous event: every window gains exactly this event
+      for w = 1, nw do mc[w] = mc[w] + 1 end
+    elseif mt ~= nil and t > mt and 2 * (t - mt) <= st.nb then
+      -- slide the previous event's windows when that touches fewer buckets than a
+      -- recount would (and before pruning touches old buckets)
+      for w = 1, nw do
+        local s = mc[w]
+        local ww = W[w]
+        for x = mt - ww + 1, t - ww do s = s - (b[x] or 0) end
+        for x = mt + 1, t do s = s + (b[x] or 0) end
+        mc[w] = s
+      end
+    else
+      mc = {}
+      for w = 1, nw do mc[w] = 0 end
+      for x, c in pairs(b) do
+        local d = t - x
+        if d >= 0 then
+          for w = 1, nw do
+            if d < W[w] then mc[w] = mc[w] + c end
+          end
+        end
+      end
+      st.mc = mc
+    end
+    st.mt = t
+    if advance then
+      st.n = t
+      local cut = t - R
+      for x, _ in pairs(b) do
+        if x <= cut then
+          b[x] = nil
+          st.nb = st.nb - 1
         end
       end
     end
-  else
-    for w = 1, nw do res[w] = 1 end
+    for w = 1, nw do out[#out + 1] = mc[w] end
   end
-  res[nw + 1] = late
-  out[i] = res
+  out[#out + 1] = late
 end
 for _, k in ipairs(order) do
   local st = cache[k]
-  local sets = {'n', st.n}
-  local dels = {}
-  for b, _ in pairs(st.dirty) do
-    local c = st.b[b]
-    if c then
-      sets[#sets + 1] = b
-      sets[#sets + 1] = c
-    else
-      dels[#dels + 1] = b
-    end
+  local parts = {st.n}
+  for x, c in pairs(st.b) do
+    parts[#parts + 1] = x
+    parts[#parts + 1] = c
   end
-  redis.call('HSET', k, unpack(sets))
-  if #dels > 0 then redis.call('HDEL', k, unpack(dels)) end
-  redis.call('EXPIRE', k, TTL)
+  redis.call('SET', k, table.concat(parts, ','), 'EX', TTL)
 end
-return out
+return table.concat(out, ',')
 """
 
 
@@ -162,16 +198,13 @@ class RedisRates:
             return [], []
         prefix = self._rate_prefix
         keys = [prefix + ip for ip, _ in events]
-        args: list[int] = list(self._head)
-        args.extend([int(ts // 1) for _, ts in events])
-        raw = self._script(keys=keys, args=args)
+        args: list[int | str] = list(self._head)
+        args.append(",".join([str(int(ts // 1)) for _, ts in events]))
+        flat = list(map(int, self._script(keys=keys, args=args).split(b",")))
         nw = len(self.windows)
-        out: list[Counts] = []
-        late: list[int] = []
-        for i, row in enumerate(raw):
-            out.append(tuple(row[:nw]))
-            if row[nw]:
-                late.append(i)
+        step = nw + 1
+        out: list[Counts] = [tuple(flat[k : k + nw]) for k in range(0, len(flat), step)]
+        late = [i for i, v in enumerate(flat[nw::step]) if v]
         self.events += len(events)
         self.late_events += len(late)
         self.batches += 1
