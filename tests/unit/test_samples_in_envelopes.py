@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.clientip import ClientIpResolver
 from pipeline.decode.parser import make_parser
@@ -53,3 +55,16 @@ def test_all_samples_in_envelope(wrapper: str) -> None:
             assert doc["kubernetes"] == KUBE
         if "downstream_remote_address" in doc["envoy"]:
             assert doc["source"]["ip"] in line
+
+
+@given(st.lists(st.binary(max_size=200) | st.sampled_from(
+    [line.encode() for _, line in sample_lines()]
+    + [b"2026-11-29T01:13:00Z stdout P abc", b'{"log": "x"}', b"\xff"]), max_size=20))
+@settings(max_examples=200, deadline=None)
+def test_processor_never_raises_and_keeps_every_record(records: list[bytes]) -> None:
+    proc = RecordProcessor(make_parser("auto"), ClientIpResolver())
+    docs = [d for r in records if (d := proc.process(r)) is not None]
+    docs.extend(proc.flush())
+    for doc in docs:
+        orjson.dumps(doc)  # every document serialises
+    assert proc.parsed + proc.failed == len(docs)
