@@ -230,8 +230,10 @@ cmd_start() {
             --enable-native-access=ALL-UNNAMED --add-modules=jdk.incubator.vector
             # Class-data sharing archive, written at the first exit and reused afterwards:
             # loading ~20k classes is most of the start time on a 2-core box.
-            -XX:+AutoCreateSharedArchive -XX:SharedArchiveFile="$classes/node.jsa" -Xlog:cds=off -Xlog:aot=off
+            -XX:+AutoCreateSharedArchive -XX:SharedArchiveFile="$classes/node.jsa" -Xlog:cds=off
         )
+        # JDK 25 reports archive mismatches under the "aot" tag, which older JDKs reject.
+        (( $(java_feature_version "$java") >= 25 )) && jvm+=(-Xlog:aot=off)
 
         log "starting Elasticsearch $ES_VERSION with $java (heap $ES_HEAP_MIN..$ES_HEAP), logs in $LOG_DIR"
         : >"$LOG_DIR/stdout.log"
