@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from pipeline.decode.access_log import AccessLog, LineError
-from pipeline.decode.envoy_format import CompiledFormat, compile_format
+from pipeline.decode.envoy_format import CompiledFormat, FormatError, compile_format
 from pipeline.decode.json_log import JsonLogParser
 from pipeline.decode.presets import TEXT_PRESETS
 
@@ -76,4 +76,9 @@ def make_parser(log_format: str = "auto",
     preset = TEXT_PRESETS.get(log_format)
     if preset is not None:
         return compile_format(preset, log_format)
-    return compile_format(log_format, "custom")
+    compiled = compile_format(log_format, "custom")
+    if not compiled.commands():
+        # Almost always a misspelt preset name ("istio_legacy"), not a real format.
+        raise FormatError(f"format has no %COMMAND% operators; presets are: "
+                          f"{', '.join(FORMAT_NAMES)}", 0, log_format)
+    return compiled

@@ -310,3 +310,8 @@ def test_format_error_points_at_the_command() -> None:
     lines = str(e.value).splitlines()
     assert "must be closed by '%'" in lines[0]
     assert lines[2].index("^") == lines[1].index("%RESPONSE_CODE")
+
+
+def test_misspelt_preset_name_is_rejected() -> None:
+    with pytest.raises(FormatError, match="presets are: auto, envoy, istio, istio-legacy, json"):
+        make_parser("istio_legacy")
