@@ -164,6 +164,10 @@ def tokenize(fmt: str) -> list[Segment]:
             literal.append(fmt[i:])
             break
         literal.append(fmt[i:pct])
+        if fmt.startswith("%%", pct):
+            literal.append("%")  # Envoy's escape for a literal percent sign
+            i = pct + 2
+            continue
         m = _COMMAND_AT.match(fmt, pct)
         if m is None:
             _explain_bad_command(fmt, pct)

@@ -24,8 +24,9 @@ import pytest
 
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver
 from pipeline.decode.access_log import AccessLog
+from pipeline.decode.envoy_format import FormatError, compile_format
 from pipeline.decode.parser import make_parser
-from pipeline.decode.presets import ISTIO_DEFAULT, ISTIO_JSON
+from pipeline.decode.presets import ENVOY_DEFAULT, ISTIO_DEFAULT, ISTIO_JSON, ISTIO_LEGACY
 from pipeline.process import RecordProcessor
 
 pytestmark = pytest.mark.integration
@@ -336,3 +337,51 @@ def test_enrich_pipeline_over_all_logs(logged: dict[str, list[str]]) -> None:
             assert doc is not None and "_envoygeo_parse_failure" not in doc.get("tags", [])
     assert proc.failed == 0
 
+
+
+# Format strings our compiler must judge exactly as Envoy 1.40 does.
+VALIDATION_CASES = [
+    ENVOY_DEFAULT, ISTIO_DEFAULT, ISTIO_LEGACY, CUSTOM_FORMAT,
+    "%RESPONSE_CODE%", "100%% %RESPONSE_CODE%", "%START_TIME(%Y %s)%",
+    "%REQ(:PATH):10% %RESPONSE_HEADER(x-a)% %TRAILER(grpc-status)%",
+    "%DOWNSTREAM_PEER_CERT_V_START(%Y)% %RESPONSE_FLAGS_LONG% %UPSTREAM_CLUSTER_RAW%",
+    "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %DOWNSTREAM_DIRECT_REMOTE_ADDRESS%",
+    "%FOO%", "%REQ(:PATH):abc%", "%REQ%", "%RESPONSE_CODE(x)%", "%BYTES_SENT:5%",
+    "%REQ(A?B?C)%", "%REQ(:PATH%", "%req(:path)%", "%RESPONSE_CODE",
+    "%RESPONSE_CODE %BYTES_SENT%", "%DYNAMIC_METADATA()%",
+]
+
+
+def _envoy_accepts(envoy_bin: str, tmp: Path, fmt: str) -> bool:
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                 "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "v",
+        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": "/dev/null",
+            "log_format": {"text_format_source": {"inline_string": fmt}}}}],
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        "route_config": {"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]},
+    }
+    cfg = {"static_resources": {"listeners": [{
+        "name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}]}]}}
+    path = tmp / "validate.json"
+    path.write_text(json.dumps(cfg))
+    proc = subprocess.run([envoy_bin, "--mode", "validate", "-c", str(path), "-l", "critical"],
+                          capture_output=True, text=True, timeout=60)
+    return proc.returncode == 0
+
+
+@pytest.mark.parametrize("fmt", VALIDATION_CASES)
+def test_format_validation_agrees_with_envoy(fmt: str, tmp_path: Path) -> None:
+    try:
+        compile_format(fmt)
+        ours = True
+    except FormatError:
+        ours = False
+    assert ours == _envoy_accepts(_envoy_binary(), tmp_path, fmt), fmt

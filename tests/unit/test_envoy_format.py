@@ -315,3 +315,9 @@ def test_format_error_points_at_the_command() -> None:
 def test_misspelt_preset_name_is_rejected() -> None:
     with pytest.raises(FormatError, match="presets are: auto, envoy, istio, istio-legacy, json"):
         make_parser("istio_legacy")
+
+
+def test_double_percent_is_a_literal_percent() -> None:
+    compiled = compile_format("%RESPONSE_CODE% 100%% done")
+    assert compiled.render({"RESPONSE_CODE": "200"}) == "200 100% done"
+    assert parse("%RESPONSE_CODE% 100%% done", "200 100% done").response_code == 200
