@@ -76,15 +76,23 @@ def produce(bootstrap: str, topic: str, values: Iterable[bytes], keyed: bool = T
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10,
                          "message.max.bytes": 4 * 1024 * 1024, "enable.idempotence": True})
     count = 0
+    errors: list[str] = []
+
+    def report(err: Any, msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
     for i, value in enumerate(values):
         while True:
             try:
-                producer.produce(topic, value=value, key=str(i).encode() if keyed else None)
+                producer.produce(topic, value=value, key=str(i).encode() if keyed else None,
+                                 on_delivery=report)
                 break
             except BufferError:
                 producer.poll(0.2)
         count += 1
     assert producer.flush(60) == 0
+    assert not errors, f"{len(errors)} record(s) not produced: {errors[:3]}"
     return count
 
 

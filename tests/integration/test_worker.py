@@ -88,13 +88,13 @@ def test_every_record_indexed_once_then_replay_overwrites(env: dict[str, Any]) -
 
 def test_mapping_rejections_go_to_dead_letter_with_reasons(env: dict[str, Any]) -> None:
     es, index = env["es"], env["index"]
-    # An index whose mapping disagrees with some documents: url.domain as a number.
-    es.indices.create(index=index, mappings={"properties": {"url": {"properties": {
-        "domain": {"type": "long"}}}}})
+    # An index whose mapping disagrees with some documents: the SNI as a number. Only
+    # the "bad" records carry an SNI (the Istio line's REQUESTED_SERVER_NAME).
+    es.indices.create(index=index, mappings={"properties": {"tls": {"properties": {
+        "client": {"properties": {"server_name": {"type": "long"}}}}}}})
     good = access_records(40)
-    bad_lines = [
-        v.replace(b"shop.example.com", b"bad.example.com") for v in access_records(10, start=40)
-    ]
+    bad_lines = [v.replace(b' - -"', b' sni.example.com -"') for v in access_records(10, start=40)]
+    assert all(b"sni.example.com" in v for v in bad_lines)
     produce(env["bootstrap"], env["topic"], good + bad_lines)
     worker = start_worker(env["cfg"], env["tmp"] / "worker.log")
     try:
