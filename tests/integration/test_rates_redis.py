@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -189,3 +191,41 @@ def test_hot_ips_dense_events_match_reference(
     got = run(backend(client, prefix, windows=windows, lateness_s=lateness), events, rng)
     assert got == reference_counts(events, windows, lateness)
     assert got == run(MemoryRates(windows, lateness), events, rng)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "2001:db8::1"]),
+            st.floats(min_value=1000, max_value=1100, allow_nan=False),
+        ),
+        max_size=80,
+    ),
+    windows=st.sets(st.integers(1, 30), min_size=1, max_size=3),
+    lateness=st.integers(0, 20),
+    split=st.integers(1, 25),
+)
+def test_arbitrary_order_property(
+    client: redis.Redis, events: list, windows: set, lateness: int, split: int
+) -> None:
+    b = RedisRates(client, tuple(windows), lateness, key_prefix=f"envoygeo-test-{uuid.uuid4().hex}")
+    counts: list = []
+    late: list = []
+    try:
+        for k in range(0, len(events), split):
+            c, lt = b.count_batch_detailed(events[k : k + split])
+            late.extend(k + i for i in lt)
+            counts.extend(c)
+    finally:
+        keys = list(client.scan_iter(match=f"{b.key_prefix}:*"))
+        if keys:
+            client.delete(*keys)
+    assert (counts, late) == reference_counts(events, tuple(windows), lateness)
+
+
+def test_retention_limit(client: redis.Redis) -> None:
+    with pytest.raises(ValueError):
+        RedisRates(client, (3600,), 600)
