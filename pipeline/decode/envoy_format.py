@@ -44,23 +44,32 @@ class FormatError(ValueError):
 # --- the command vocabulary -------------------------------------------------------
 
 # Commands that take a parenthesised argument, and whether it is required.
-_ARG_REQUIRED = frozenset({
+ARG_REQUIRED = frozenset({
     "REQ", "RESP", "TRAILER", "REQUEST_HEADER", "RESPONSE_HEADER", "RESPONSE_TRAILER",
     "DYNAMIC_METADATA", "CLUSTER_METADATA", "UPSTREAM_METADATA", "METADATA",
     "FILTER_STATE", "UPSTREAM_FILTER_STATE", "ENVIRONMENT", "QUERY_PARAM", "CEL",
-    "REQ_WITHOUT_QUERY", "COMMON_DURATION",
+    "COMMON_DURATION",
 })
 _ARG_OPTIONAL = frozenset({
-    "START_TIME", "EMIT_TIME", "GRPC_STATUS", "PATH",
+    "START_TIME", "EMIT_TIME", "GRPC_STATUS", "PATH", "RESPONSE_CODE_DETAILS",
+    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT",
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT", "UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT",
+    "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT",
     "DOWNSTREAM_PEER_CERT_V_START", "DOWNSTREAM_PEER_CERT_V_END",
     "UPSTREAM_PEER_CERT_V_START", "UPSTREAM_PEER_CERT_V_END",
 })
+# Commands whose argument is a fixed vocabulary (checked per ':'-separated part).
+_ARG_CHOICES: dict[str, frozenset[str]] = {
+    "GRPC_STATUS": frozenset({"CAMEL_STRING", "SNAKE_STRING", "NUMBER"}),
+    "PATH": frozenset({"WQ", "NQ", "ORIG", "PATH", "ORIG_OR_PATH"}),
+    "METADATA": frozenset({"DYNAMIC", "CLUSTER", "ROUTE", "UPSTREAM_HOST", "LISTENER",
+                           "VIRTUAL_HOST", "LISTENER_FILTER_CHAIN"}),
+}
 # Only these accept the `:N` truncation suffix.
 _MAX_LENGTH_OK = frozenset({
     "REQ", "RESP", "TRAILER", "REQUEST_HEADER", "RESPONSE_HEADER", "RESPONSE_TRAILER",
     "DYNAMIC_METADATA", "CLUSTER_METADATA", "UPSTREAM_METADATA", "METADATA",
     "FILTER_STATE", "UPSTREAM_FILTER_STATE", "ENVIRONMENT", "QUERY_PARAM", "CEL",
-    "REQ_WITHOUT_QUERY",
 })
 # Integer-valued commands ("-" when unknown).
 _NUMERIC = frozenset({
@@ -76,7 +85,7 @@ _NUMERIC = frozenset({
     "REQUEST_HEADERS_BYTES", "RESPONSE_HEADERS_BYTES", "RESPONSE_TRAILERS_BYTES",
     "DOWNSTREAM_LOCAL_PORT", "DOWNSTREAM_REMOTE_PORT", "DOWNSTREAM_DIRECT_REMOTE_PORT",
     "UPSTREAM_LOCAL_PORT", "UPSTREAM_REMOTE_PORT", "CONNECTION_ID",
-    "UPSTREAM_CONNECTION_ID", "DOWNSTREAM_CONNECTION_ID",
+    "UPSTREAM_CONNECTION_ID",
 })
 # Single-token values (never contain a space).
 _TOKEN = frozenset({
@@ -111,8 +120,7 @@ _TEXT = frozenset({
     "UPSTREAM_PEER_SUBJECT", "UPSTREAM_PEER_ISSUER", "UPSTREAM_PEER_CERT",
     "UPSTREAM_PEER_CERT_V_START", "UPSTREAM_PEER_CERT_V_END",
     "UPSTREAM_LOCAL_URI_SAN", "UPSTREAM_LOCAL_DNS_SAN", "UPSTREAM_LOCAL_IP_SAN",
-    "UPSTREAM_LOCAL_SUBJECT",
-}) | _ARG_REQUIRED
+}) | ARG_REQUIRED
 KNOWN_COMMANDS: frozenset[str] = _NUMERIC | _TOKEN | _TEXT | _ARG_OPTIONAL
 
 _NUM_RE = r"(\d+|-)"
@@ -216,9 +224,9 @@ def _explain_bad_command(fmt: str, pos: int) -> NoReturn:
 def _validate(fmt: str, pos: int, name: str, arg: str | None, max_len: str | None) -> None:
     if name not in KNOWN_COMMANDS:
         raise FormatError(f"unknown command %{name}%", pos, fmt)
-    if arg is None and name in _ARG_REQUIRED:
+    if arg is None and name in ARG_REQUIRED:
         raise FormatError(f"%{name}% needs an argument, e.g. %{name}(...)%", pos, fmt)
-    if arg is not None and name not in _ARG_REQUIRED and name not in _ARG_OPTIONAL:
+    if arg is not None and name not in ARG_REQUIRED and name not in _ARG_OPTIONAL:
         raise FormatError(f"%{name}% takes no argument", pos, fmt)
     if max_len is not None and name not in _MAX_LENGTH_OK:
         raise FormatError(f"%{name}% does not support a ':N' max length", pos, fmt)
@@ -227,10 +235,18 @@ def _validate(fmt: str, pos: int, name: str, arg: str | None, max_len: str | Non
         parts = arg.split("?")
         if len(parts) > 2:
             raise FormatError(f"more than one alternative header in %{name}({arg})%", pos, fmt)
-        if any(not p for p in parts):
-            raise FormatError(f"empty header name in %{name}({arg})%", pos, fmt)
     if arg is not None and name in ("DYNAMIC_METADATA", "CLUSTER_METADATA") and not arg:
         raise FormatError(f"%{name}()% needs a namespace", pos, fmt)
+    if name == "COMMON_DURATION" and arg is not None and len(arg.split(":")) not in (2, 3):
+        raise FormatError(f"%COMMON_DURATION({arg})% needs START:END or START:END:PRECISION",
+                          pos, fmt)
+    allowed = _ARG_CHOICES.get(name)
+    if arg is not None and allowed is not None:
+        bad = [p for p in (arg.split(":") if name != "METADATA" else arg.split(":")[:1])
+               if p not in allowed]
+        if bad:
+            raise FormatError(f"%{name}({arg})%: unsupported option {bad[0] if bad else arg!r}"
+                              f" (allowed: {', '.join(sorted(allowed))})", pos, fmt)
 
 
 # --- converters ---------------------------------------------------------------------
@@ -341,7 +357,10 @@ def _pattern_for(cmd: Command, next_char: str | None, strict: bool) -> str:
         return _TIME_RE if cmd.argument is None else f"({strftime_regex(cmd.argument)}|-)"
     if cmd.name in _NUMERIC:
         return _NUM_RE
-    if cmd.name in _TOKEN or (cmd.name in _HEADER_COMMANDS and cmd.argument is not None
+    # RESPONSE_CODE_DETAILS(ALLOW_WHITESPACES) keeps the spaces Envoy otherwise replaces.
+    token = cmd.name in _TOKEN and not (cmd.name == "RESPONSE_CODE_DETAILS"
+                                        and cmd.argument == "ALLOW_WHITESPACES")
+    if token or (cmd.name in _HEADER_COMMANDS and cmd.argument is not None
                               and cmd.argument.lower() in _TOKEN_HEADERS):
         if next_char is not None and not next_char.isspace():
             return f"([^\\s{re.escape(next_char)}]+)"

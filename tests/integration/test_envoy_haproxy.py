@@ -24,7 +24,12 @@ import pytest
 
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver
 from pipeline.decode.access_log import AccessLog
-from pipeline.decode.envoy_format import FormatError, compile_format
+from pipeline.decode.envoy_format import (
+    ARG_REQUIRED,
+    KNOWN_COMMANDS,
+    FormatError,
+    compile_format,
+)
 from pipeline.decode.parser import make_parser
 from pipeline.decode.presets import ENVOY_DEFAULT, ISTIO_DEFAULT, ISTIO_JSON, ISTIO_LEGACY
 from pipeline.process import RecordProcessor
@@ -349,7 +354,26 @@ VALIDATION_CASES = [
     "%FOO%", "%REQ(:PATH):abc%", "%REQ%", "%RESPONSE_CODE(x)%", "%BYTES_SENT:5%",
     "%REQ(A?B?C)%", "%REQ(:PATH%", "%req(:path)%", "%RESPONSE_CODE",
     "%RESPONSE_CODE %BYTES_SENT%", "%DYNAMIC_METADATA()%",
+    "%GRPC_STATUS(NUMBER)%", "%GRPC_STATUS(x)%", "%PATH(WQ:ORIG)%", "%PATH(x)%",
+    "%METADATA(ROUTE:ns:key)%", "%METADATA(x)%", "%COMMON_DURATION(x)%",
+    "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:ms)%", "%RESPONSE_CODE_DETAILS(ALLOW_WHITESPACES)%",
+    "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT(16)%", "%REQ_WITHOUT_QUERY(:PATH)%",
+    "%DOWNSTREAM_CONNECTION_ID%", "%%%RESPONSE_CODE%%%", "%", "a%b", "%1%",
 ]
+
+
+def _sample_use(command: str) -> str:
+    if command not in ARG_REQUIRED:
+        return f"%{command}%"
+    arg = {"METADATA": "ROUTE:ns", "COMMON_DURATION": "DS_RX_BEG:DS_TX_END"}.get(command, "x")
+    return f"%{command}({arg})%"
+
+
+@pytest.mark.parametrize("command", sorted(KNOWN_COMMANDS))
+def test_every_known_command_is_known_to_envoy(command: str, tmp_path: Path) -> None:
+    fmt = _sample_use(command)
+    compile_format(fmt)
+    assert _envoy_accepts(_envoy_binary(), tmp_path, fmt), fmt
 
 
 def _envoy_accepts(envoy_bin: str, tmp: Path, fmt: str) -> bool:
