@@ -225,3 +225,127 @@ def assert_exactly_once(es: Elasticsearch, index: str, n: int, start: int = 0) -
     assert not missing, f"{len(missing)} records lost, e.g. {sorted(missing)[:5]}"
     assert not dupes, f"duplicates: {list(dupes.items())[:5]}"
     assert count_docs(es, index) == n
+
+
+# -- reliability helpers (tests/integration/test_reliability.py) --
+
+
+class ProducerThread:
+    """Produces access_records(n) in chunks at about `rate` records/s, in the background.
+
+    A broker restart in the middle is fine: the idempotent producer retries, and
+    `join()` waits for every acknowledgement before it reports.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, n: int, rate: float, chunk: int = 200,
+                 start: int = 0) -> None:
+        import threading
+
+        self.n, self.rate, self.chunk, self.start_at = n, rate, chunk, start
+        self.produced = 0  # handed to the client (acknowledged only after join())
+        self.errors: list[str] = []
+        self.done = threading.Event()
+        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10,
+                                   "enable.idempotence": True, "acks": "all",
+                                   "delivery.timeout.ms": 300000,
+                                   "message.max.bytes": 4 * 1024 * 1024})
+        self._topic = topic
+        self._thread = threading.Thread(target=self._run, name="test-producer", daemon=True)
+
+    def start(self) -> ProducerThread:
+        self._thread.start()
+        return self
+
+    def _report(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self.errors.append(str(err))
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        i = self.start_at
+        end = self.start_at + self.n
+        while i < end:
+            values = access_records(min(self.chunk, end - i), start=i)
+            for value in values:
+                while True:
+                    try:
+                        self._producer.produce(self._topic, value=value, key=str(i).encode(),
+                                               on_delivery=self._report)
+                        break
+                    except BufferError:
+                        self._producer.poll(0.2)
+                i += 1
+            self.produced = i - self.start_at
+            self._producer.poll(0)
+            ahead = (i - self.start_at) / self.rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+        self.done.set()
+
+    def join(self, timeout: float = 300) -> int:
+        """Wait for the thread and every acknowledgement; returns the count produced."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "producer thread did not finish"
+        assert self._producer.flush(timeout) == 0, "records still unacknowledged"
+        assert not self.errors, f"{len(self.errors)} record(s) not produced: {self.errors[:3]}"
+        return self.produced
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of a live process in kB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape_metric(port: int, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of the samples of `name` (with these labels) on a worker's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    want = [f'{k}="{v}"' for k, v in (labels or {}).items()]
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        metric, _, value = line.rpartition(" ")
+        base = metric.split("{", 1)[0]
+        if base == name and all(w in metric for w in want):
+            total += float(value)
+    return total
+
+
+def service(name: str, command: str, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """deploy/local/services/<name>.sh <command>, checked."""
+    proc = subprocess.run(["bash", str(ROOT / "deploy" / "local" / "services" / f"{name}.sh"),
+                           command], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+    assert proc.returncode == 0, f"{name}.sh {command} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def log_messages(log_path: Path) -> list[str]:
+    """The `message` of each JSON log line of a worker (plain lines as they are)."""
+    out = []
+    for raw in log_path.read_bytes().splitlines():
+        try:
+            rec = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            out.append(raw.decode("utf-8", "replace"))
+            continue
+        out.append(str(rec.get("message", rec)) if isinstance(rec, dict) else str(rec))
+    return out

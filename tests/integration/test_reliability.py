@@ -1,0 +1,316 @@
+"""Reliability suite: the delivery contract (DESIGN.md) under crashes and outages.
+
+Every test ends with the exact document count and no duplicates
+(`assert_exactly_once`: each `req-<i>` exactly once, nothing else) and, where a
+consumer group ran to the end, committed offsets == records produced. Document ids
+are the Kafka position, so replays after a crash overwrite instead of adding.
+
+Real services only: Kafka and Elasticsearch started by deploy/local. Two tests stop
+and restart the *shared* services (Elasticsearch on 9200, the Kafka broker); they
+always start them again in `finally`. The 429 test runs its own second
+Elasticsearch node (9201/9301, state under tmp) so the shared node is untouched.
+
+Longer variants are marked `soak` and also need ENVOYGEO_SOAK=1:
+    ENVOYGEO_SOAK=1 pytest -m soak tests/integration/test_reliability.py
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from elasticsearch import Elasticsearch
+
+from tests.integration.harness import (
+    ProducerThread,
+    assert_exactly_once,
+    committed_total,
+    count_docs,
+    create_topic,
+    free_port,
+    log_messages,
+    produce,
+    access_records,
+    rss_kb,
+    scrape_metric,
+    service,
+    setup_worker_env,
+    start_worker,
+    stop_worker,
+    wait_for_committed,
+    wait_for_count,
+    write_config,
+)
+
+SOAK = bool(os.environ.get("ENVOYGEO_SOAK"))
+RSS_BOUND_MB = 400
+
+
+def soak_only() -> None:
+    if not SOAK:
+        pytest.skip("soak: run with ENVOYGEO_SOAK=1 pytest -m soak")
+
+
+@pytest.fixture
+def env(tmp_path: Path, kafka_bootstrap: str, es_url: str, es_client: Elasticsearch,
+        unique: Callable[[str], str]) -> dict[str, Any]:
+    topic, index = unique("rel"), unique("egrel")
+    create_topic(kafka_bootstrap, topic)
+
+    def config(name: str = "worker.yaml", es: str = es_url, **extra: Any) -> Path:
+        return write_config(tmp_path / name, bootstrap=kafka_bootstrap, es_url=es,
+                            topic=topic, group=f"{topic}-group", index=index, extra=extra)
+
+    cfg = config()
+    setup_worker_env(cfg)
+    return {"topic": topic, "index": index, "group": f"{topic}-group", "config": config,
+            "cfg": cfg, "tmp": tmp_path, "bootstrap": kafka_bootstrap, "es": es_client}
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+
+
+def finish(env: dict[str, Any], producer: ProducerThread, workers: list[subprocess.Popen[bytes]],
+           es: Elasticsearch | None = None, timeout_s: float = 180) -> int:
+    """Wait for all produced records to be indexed and committed; stop the workers (exit 0)."""
+    es = es or env["es"]
+    n = producer.join()
+    try:
+        assert wait_for_count(es, env["index"], n, timeout_s=timeout_s, procs=workers) == n
+        assert wait_for_committed(env["bootstrap"], env["group"], env["topic"], n,
+                                  timeout_s=timeout_s) == n
+    finally:
+        codes = [stop_worker(w) for w in workers]
+    assert codes == [0] * len(workers), f"worker exit codes {codes}"
+    return n
+
+
+def assigned_partitions(log_path: Path, topic: str) -> set[int]:
+    """Every partition of `topic` this worker was ever assigned (from its log)."""
+    parts: set[int] = set()
+    for msg in log_messages(log_path):
+        if msg.startswith("assigned "):
+            parts.update(int(p) for p in re.findall(re.escape(topic) + r"\[(\d+)\]", msg))
+    return parts
+
+
+# -- 1. kill -9 at random points, repeatedly --
+
+
+def _kill_loop(env: dict[str, Any], kills: int, n: int, rate: float, seed: int) -> None:
+    rng = random.Random(seed)
+    producer = ProducerThread(env["bootstrap"], env["topic"], n, rate).start()
+    log = env["tmp"] / "worker.log"
+    worker = start_worker(env["cfg"], log)
+    killed_at: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+    try:
+        for _ in range(kills):
+            # Random points: during the group join, mid-batch, between commits.
+            time.sleep(rng.uniform(1.0, 12.0))
+            assert worker.poll() is None, "worker exited on its own"
+            killed_at.append((round(time.monotonic() - t0, 1), count_docs(env["es"], env["index"])
+                              if env["es"].indices.exists(index=env["index"]) else 0))
+            kill9(worker)
+            worker = start_worker(env["cfg"], log)
+    except BaseException:
+        worker.kill()
+        raise
+    print(f"kill -9 at (s, docs indexed so far): {killed_at}")
+    finish(env, producer, [worker])
+    assert_exactly_once(env["es"], env["index"], n)
+    assert committed_total(env["bootstrap"], env["group"], env["topic"]) == n
+    print(f"kill loop: {kills} kills, {n} records, {time.monotonic() - t0:.1f}s")
+
+
+def test_kill9_repeatedly_loses_and_duplicates_nothing(env: dict[str, Any]) -> None:
+    _kill_loop(env, kills=3, n=15000, rate=700, seed=int(time.time()))
+
+
+@pytest.mark.soak
+def test_kill9_soak(env: dict[str, Any]) -> None:
+    soak_only()
+    _kill_loop(env, kills=12, n=80000, rate=800, seed=int(time.time()))
+
+
+# -- 2. two workers, one killed: the survivor takes over --
+
+
+def test_survivor_takes_over_partitions_of_killed_member(env: dict[str, Any]) -> None:
+    es, index, topic = env["es"], env["index"], env["topic"]
+    n = 12000
+    producer = ProducerThread(env["bootstrap"], topic, n, rate=600).start()
+    log_a, log_b = env["tmp"] / "a.log", env["tmp"] / "b.log"
+    a = start_worker(env["cfg"], log_a)
+    b = start_worker(env["cfg"], log_b)
+    t0 = time.monotonic()
+    try:
+        # Both members own partitions and records are flowing.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pa, pb = assigned_partitions(log_a, topic), assigned_partitions(log_b, topic)
+            if pa and pb and wait_for_count(es, index, 1000, timeout_s=1) >= 1000:
+                break
+            time.sleep(0.5)
+        assert pa and pb, f"both members should own partitions: a={pa} b={pb}"
+        time.sleep(random.uniform(0.5, 3.0))
+        kill9(a)
+        killed = time.monotonic()
+        # The survivor gets every partition after the dead member's session expires.
+        deadline = time.monotonic() + 60
+        while assigned_partitions(log_b, topic) != set(range(6)):
+            assert time.monotonic() < deadline, f"survivor owns {assigned_partitions(log_b, topic)}"
+            assert b.poll() is None
+            time.sleep(0.5)
+        takeover = time.monotonic() - killed
+    except BaseException:
+        a.kill()
+        b.kill()
+        raise
+    finish(env, producer, [b])
+    assert_exactly_once(es, index, n)
+    print(f"takeover {takeover:.1f}s after kill -9 (session.timeout.ms 10000); "
+          f"total {time.monotonic() - t0:.1f}s")
+
+
+# -- 3. Elasticsearch down for 30+ s under load --
+
+
+def _es_outage(env: dict[str, Any], down_s: float, n: int, rate: float) -> None:
+    es, index = env["es"], env["index"]
+    producer = ProducerThread(env["bootstrap"], env["topic"], n, rate).start()
+    log = env["tmp"] / "worker.log"
+    worker = start_worker(env["cfg"], log)
+    samples: list[int] = []
+    try:
+        assert wait_for_count(es, index, 2000, procs=[worker]) >= 2000
+        service("elasticsearch", "stop")
+        stopped = time.monotonic()
+        try:
+            while time.monotonic() - stopped < down_s:
+                assert worker.poll() is None, f"worker exited with {worker.returncode}"
+                samples.append(rss_kb(worker.pid))
+                time.sleep(0.5)
+            paused = [m for m in log_messages(log) if "paused fetching" in m]
+        finally:
+            started = time.monotonic()
+            service("elasticsearch", "start")
+            print(f"elasticsearch down {started - stopped:.1f}s, "
+                  f"start took {time.monotonic() - started:.1f}s")
+    except BaseException:
+        worker.kill()
+        raise
+    finish(env, producer, [worker], timeout_s=240)
+    assert_exactly_once(es, index, n)
+    max_mb = max(samples) / 1024
+    print(f"worker RSS while Elasticsearch was down: max {max_mb:.0f} MB, "
+          f"first {samples[0] / 1024:.0f} MB, last {samples[-1] / 1024:.0f} MB "
+          f"({len(samples)} samples)")
+    assert max_mb < RSS_BOUND_MB
+    # Bounded, not growing: the second half of the outage is no bigger than the first
+    # half plus slack (the in-flight batches and librdkafka's queue are full by then).
+    half = len(samples) // 2
+    assert max(samples[half:]) <= max(samples[:half]) + 40 * 1024
+    assert paused, "the worker should pause fetching while Elasticsearch is down"
+    messages = log_messages(log)
+    assert any("resumed fetching" in m for m in messages)
+
+
+def test_elasticsearch_down_30s_nothing_lost_memory_bounded(env: dict[str, Any]) -> None:
+    _es_outage(env, down_s=32, n=40000, rate=800)
+
+
+@pytest.mark.soak
+def test_elasticsearch_down_soak(env: dict[str, Any]) -> None:
+    soak_only()
+    _es_outage(env, down_s=150, n=150000, rate=800)
+
+
+# -- 4. Elasticsearch rejecting with 429 --
+
+
+@pytest.fixture
+def tiny_es(tmp_path: Path) -> Iterator[str]:
+    """A second node whose write queue holds one task: concurrent bulks get 429."""
+    node_env = {"ES_PORT": "9201", "ES_TRANSPORT_PORT": "9301", "ES_WRITE_QUEUE_SIZE": "1",
+                "ES_PROCESSORS": "1", "ES_HEAP": "512m", "ES_HEAP_MIN": "256m",
+                "ES_STATE_DIR": str(tmp_path / "es-429")}
+    try:
+        service("elasticsearch", "start", node_env)
+        yield "http://127.0.0.1:9201"
+    finally:
+        service("elasticsearch", "stop", node_env)
+
+
+def test_429_rejections_are_retried_nothing_lost(env: dict[str, Any], tiny_es: str) -> None:
+    es = Elasticsearch(tiny_es, request_timeout=30)
+    port = free_port()
+    cfg = env["config"]("tiny.yaml", es=tiny_es,
+                        elasticsearch={"concurrency": 4, "retry_initial_backoff_ms": 50,
+                                       "retry_max_backoff_ms": 1000},
+                        kafka={"batch_max_records": 100},
+                        worker={"max_inflight_batches": 8},
+                        metrics={"port": port, "host": "127.0.0.1"})
+    setup_worker_env(cfg)
+    n = 12000
+    produce(env["bootstrap"], env["topic"], access_records(n))
+    log = env["tmp"] / "tiny.log"
+    worker = start_worker(cfg, log)
+    t0 = time.monotonic()
+    try:
+        assert wait_for_count(es, env["index"], n, timeout_s=240, procs=[worker]) == n
+        assert wait_for_committed(env["bootstrap"], env["group"], env["topic"], n) == n
+        partial = scrape_metric(port, "envoygeo_bulk_seconds_count", {"outcome": "partial"})
+        errors = scrape_metric(port, "envoygeo_bulk_seconds_count", {"outcome": "error"})
+    finally:
+        code = stop_worker(worker)
+    assert code == 0
+    elapsed = time.monotonic() - t0
+    retries = [m for m in log_messages(log) if "to retry" in m]
+    retried_items = sum(int(m.split()[1]) for m in retries)
+    print(f"429: {len(retries)} bulk retries covering {retried_items} item(s); "
+          f"partial bulks {partial:.0f}, failed bulks {errors:.0f}; {n} records in {elapsed:.1f}s")
+    assert retries and partial + errors > 0, "the node never pushed back: no 429 happened"
+    assert any("429" in m or "per-item" in m for m in retries)
+    try:
+        assert_exactly_once(es, env["index"], n)
+    finally:
+        es.close()
+
+
+# -- 5. the Kafka broker restarted under load --
+
+
+def test_kafka_broker_restart_worker_recovers(env: dict[str, Any]) -> None:
+    es, index = env["es"], env["index"]
+    n = 20000
+    producer = ProducerThread(env["bootstrap"], env["topic"], n, rate=700).start()
+    log = env["tmp"] / "worker.log"
+    worker = start_worker(env["cfg"], log)
+    try:
+        assert wait_for_count(es, index, 2000, procs=[worker]) >= 2000
+        t0 = time.monotonic()
+        try:
+            service("kafka", "stop")
+            stopped = time.monotonic()
+            time.sleep(5)
+        finally:
+            service("kafka", "start")
+        print(f"kafka stop took {stopped - t0:.1f}s, down {time.monotonic() - stopped:.1f}s")
+        assert worker.poll() is None, "worker died with the broker"
+    except BaseException:
+        worker.kill()
+        raise
+    finish(env, producer, [worker], timeout_s=240)
+    assert_exactly_once(es, index, n)
+    print(f"recovered and caught up {time.monotonic() - t0:.1f}s after the stop began")
