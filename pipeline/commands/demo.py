@@ -112,7 +112,8 @@ def summary_text(data: object, outcome: dict[str, object]) -> str:
         "",
         f"requests sent through HAProxy  {outcome['sent']}",
         f"log lines shipped to Kafka     {outcome['shipped']}",
-        f"documents in Elasticsearch     {outcome['indexed']}   (worker exit {outcome['worker_exit']})",
+        f"documents in Elasticsearch     {outcome['indexed']}"
+        f"   (worker exit {outcome['worker_exit']})",
         "client IP found by            " + ", ".join(f"{k}: {v}" for k, v in data.ip_sources),
         "",
         "top countries                  requests",

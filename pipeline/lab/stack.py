@@ -110,7 +110,8 @@ def envoy_bootstrap(
             {
                 "name": "envoy.access_loggers.file",
                 "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3."
+                    "FileAccessLog",
                     "path": str(access_log),
                     "log_format": fmt,
                 },
