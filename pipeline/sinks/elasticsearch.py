@@ -119,7 +119,29 @@ class ElasticsearchSink:
     def write(
         self, items: Sequence[BulkItem], stop: threading.Event | None = None
     ) -> list[Rejection]:
-        """Index all items; return the permanent rejections. Raises SinkStopped on shutdown."""
+        """Index all items; return the permanent rejections. Raises SinkStopped on shutdown.
+
+        Items go out in requests of at most `bulk_max_docs` documents and about
+        `bulk_max_bytes` bytes, in order; each request is retried on its own.
+        """
+        max_docs, max_bytes = self.settings.bulk_max_docs, self.settings.bulk_max_bytes
+        rejected: list[Rejection] = []
+        chunk: list[BulkItem] = []
+        size = 0
+        for item in items:
+            item_bytes = len(item.source) + len(item.doc_id) + len(item.index) + 40
+            if chunk and (len(chunk) >= max_docs or size + item_bytes > max_bytes):
+                rejected += self._write_chunk(chunk, stop)
+                chunk, size = [], 0
+            chunk.append(item)
+            size += item_bytes
+        if chunk:
+            rejected += self._write_chunk(chunk, stop)
+        return rejected
+
+    def _write_chunk(
+        self, items: Sequence[BulkItem], stop: threading.Event | None
+    ) -> list[Rejection]:
         pending = list(items)
         rejected: list[Rejection] = []
         attempt = 0

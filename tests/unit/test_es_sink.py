@@ -101,3 +101,17 @@ def test_stop_event_interrupts_endless_retry() -> None:
     stop.set()
     with pytest.raises(SinkStopped):
         _sink(client).write(_items(2), stop)
+
+
+def test_batches_are_split_by_docs_and_bytes() -> None:
+    client = ScriptedClient([{}] * 10)
+    settings = ElasticsearchSettings(bulk_max_docs=3, bulk_max_bytes=10_000)
+    sink = ElasticsearchSink(settings, client=client)  # type: ignore[arg-type]
+    assert sink.write(_items(7)) == []
+    assert client.calls == [["id0", "id1", "id2"], ["id3", "id4", "id5"], ["id6"]]
+
+    big = [BulkItem("idx", f"b{i}", b"x" * 600, b"", "") for i in range(4)]
+    client = ScriptedClient([{}] * 10)
+    settings = ElasticsearchSettings(bulk_max_docs=100, bulk_max_bytes=1500)
+    ElasticsearchSink(settings, client=client).write(big)  # type: ignore[arg-type]
+    assert client.calls == [["b0", "b1"], ["b2", "b3"]]
