@@ -97,7 +97,7 @@ class FieldSpec:
 
 # THE table. Order matters only for documentation.
 FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("start_time", to_time, (("START_TIME", None),),
+    FieldSpec("start_time", to_time, (("START_TIME", None), ("START_TIME_LOCAL", None)),
               ("start_time", "timestamp", "time", "@timestamp", "starttime")),
     FieldSpec("method", to_str, (("REQ", ":method"),), ("method", ":method", "http_method")),
     FieldSpec("path", to_str,
