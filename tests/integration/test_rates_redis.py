@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -33,21 +32,13 @@ pytestmark = pytest.mark.integration
 
 WINDOWS = (10, 60, 300)
 LATENESS = 60
-URL = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(URL)
-    try:
-        c.ping()
-    except redis.ConnectionError:
-        subprocess.run(
-            ["bash", str(ROOT / "deploy/local/services/redis.sh"), "start"],
-            check=True,
-            timeout=60,
-        )
-        c.ping()
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    """`redis_url` (tests/conftest.py) starts the local Redis when nothing answers."""
+    c = redis.Redis.from_url(redis_url)
+    c.ping()
     yield c
     c.close()
 
@@ -141,8 +132,8 @@ def test_keys_expire_and_old_buckets_are_pruned(client: redis.Redis, prefix: str
     assert 0 < client.ttl(key) <= 15 + 600
 
 
-def test_open_backend_from_config(prefix: str) -> None:
-    b = open_backend(RatesConfig(backend="redis", redis_url=URL, key_prefix=prefix))
+def test_open_backend_from_config(redis_url: str, prefix: str) -> None:
+    b = open_backend(RatesConfig(backend="redis", redis_url=redis_url, key_prefix=prefix))
     assert isinstance(b, RedisRates)
     assert b.count_batch([("x", 5.0), ("x", 5.5)]) == [(1, 1, 1), (2, 2, 2)]
     b.close()
