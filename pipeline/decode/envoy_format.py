@@ -69,8 +69,8 @@ _ARG_CHOICES: dict[str, frozenset[str]] = {
 # Only these accept the `:N` truncation suffix.
 _MAX_LENGTH_OK = frozenset({
     "REQ", "RESP", "TRAILER", "REQUEST_HEADER", "RESPONSE_HEADER", "RESPONSE_TRAILER",
-    "DYNAMIC_METADATA", "CLUSTER_METADATA", "UPSTREAM_METADATA", "METADATA",
-    "FILTER_STATE", "UPSTREAM_FILTER_STATE", "ENVIRONMENT", "QUERY_PARAM", "CEL",
+    "DYNAMIC_METADATA", "METADATA", "FILTER_STATE", "UPSTREAM_FILTER_STATE", "ENVIRONMENT",
+    "QUERY_PARAM", "QUERY_PARAMS", "CEL", "PATH", "STREAM_INFO_REQ",
 })
 # Integer-valued commands ("-" when unknown).
 _NUMERIC = frozenset({

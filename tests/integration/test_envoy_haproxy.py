@@ -409,3 +409,14 @@ def test_format_validation_agrees_with_envoy(fmt: str, tmp_path: Path) -> None:
     except FormatError:
         ours = False
     assert ours == _envoy_accepts(_envoy_binary(), tmp_path, fmt), fmt
+
+
+@pytest.mark.parametrize("command", sorted(KNOWN_COMMANDS))
+def test_max_length_suffix_judged_like_envoy(command: str, tmp_path: Path) -> None:
+    fmt = _sample_use(command)[:-1] + ":5%"
+    try:
+        compile_format(fmt)
+        ours = True
+    except FormatError:
+        ours = False
+    assert ours == _envoy_accepts(_envoy_binary(), tmp_path, fmt), fmt
