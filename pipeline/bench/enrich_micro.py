@@ -1,7 +1,8 @@
 """Micro-benchmarks of the enrichment stages (GeoIP, rate backends); prints figures.
 
 Not a timed test: the machine is shared, so each figure is the median of a few runs.
-Run: ``python -m pipeline.bench.enrich_micro [--geoip PATH] [--redis URL] [--ips N]``.
+Run: ``python -m pipeline.bench.enrich_micro [--geoip PATH] [--redis URL] [--ips N]``;
+`command` is a click command ready for `envoygeo bench` registration.
 The functions return plain dicts so `envoygeo bench core` can reuse them.
 """
 
@@ -18,6 +19,8 @@ import tracemalloc
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+import click
 
 
 def _median_rate(fn: Callable[[], int], runs: int = 3) -> float:
@@ -220,6 +223,30 @@ def bench_redis(url: str, n: int = 100_000, batch: int = 500) -> dict[str, Any]:
     return {"url": url, "batch": batch, "events": n, "distinct_ips": 10_000, "events_per_s": rate}
 
 
+@click.command("enrich")
+@click.option("--geoip", "geoip_path", default=None, help="City .mmdb (default: DB-IP Lite).")
+@click.option("--redis", "redis_url", default="redis://127.0.0.1:6379/0", show_default=True)
+@click.option("--ips", default=1_000_000, show_default=True, help="Distinct IPs, memory.")
+@click.option("--only", multiple=True, type=click.Choice(["geoip", "memory", "redis"]))
+def command(geoip_path: str | None, redis_url: str, ips: int, only: tuple[str, ...]) -> None:
+    """GeoIP lookups/s, rate-backend events/s and bytes per tracked IP."""
+    run(
+        geoip_path or default_geoip_path(),
+        redis_url,
+        ips,
+        set(only or ("geoip", "memory", "redis")),
+    )
+
+
+def run(geoip_path: str | None, redis_url: str, ips: int, only: set[str]) -> None:
+    if "geoip" in only and geoip_path:
+        print("geoip", bench_geoip(geoip_path), flush=True)
+    if "memory" in only:
+        print("memory", bench_memory(ips), flush=True)
+    if "redis" in only:
+        print("redis", bench_redis(redis_url), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--geoip", default=default_geoip_path())
@@ -227,13 +254,7 @@ def main() -> None:
     ap.add_argument("--ips", type=int, default=1_000_000)
     ap.add_argument("--only", choices=["geoip", "memory", "redis"], action="append")
     a = ap.parse_args()
-    only = set(a.only or ["geoip", "memory", "redis"])
-    if "geoip" in only and a.geoip:
-        print("geoip", bench_geoip(a.geoip), flush=True)
-    if "memory" in only:
-        print("memory", bench_memory(a.ips), flush=True)
-    if "redis" in only:
-        print("redis", bench_redis(a.redis), flush=True)
+    run(a.geoip, a.redis, a.ips, set(a.only or ["geoip", "memory", "redis"]))
 
 
 if __name__ == "__main__":
