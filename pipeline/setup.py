@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic
-from elasticsearch import Elasticsearch, NotFoundError
+from elasticsearch import Elasticsearch
 
 from pipeline.config import Settings
 from pipeline.schema import component_templates, index_templates
@@ -28,11 +28,22 @@ def install_templates(es: Elasticsearch, settings: Settings) -> list[str]:
 
 
 def missing_templates(es: Elasticsearch, settings: Settings) -> list[str]:
+    """Indices (or existing indices) that would not get envoygeo's mappings.
+
+    Asks Elasticsearch which template a new index of that name would get, rather than
+    looking for our template by name: any template the operator installed that maps
+    `source.ip` as `ip` is accepted, and a name no template covers is reported.
+    """
     missing = []
     for name in (settings.elasticsearch.index, settings.elasticsearch.alerts_index):
-        try:
-            es.indices.get_index_template(name=name)
-        except NotFoundError:
+        if es.indices.exists(index=name):
+            mappings = next(iter(es.indices.get_mapping(index=name).body.values()))["mappings"]
+        else:
+            mappings = es.indices.simulate_index_template(name=name).body.get(
+                "template", {}).get("mappings", {})
+        source_ip = mappings.get("properties", {}).get("source", {}).get(
+            "properties", {}).get("ip", {})
+        if source_ip.get("type") != "ip":
             missing.append(name)
     return missing
 

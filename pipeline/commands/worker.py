@@ -102,8 +102,8 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
                    f"{exc}", err=True)
         sys.exit(3)
     if missing:
-        click.echo(f"envoygeo: index template(s) {', '.join(missing)} missing in Elasticsearch;"
-                   " run `envoygeo setup` first.", err=True)
+        click.echo(f"envoygeo: no envoygeo index template covers {', '.join(missing)} "
+                   "(source.ip would not be an `ip` field); run `envoygeo setup` first.", err=True)
         sys.exit(3)
     try:
         enricher = Enricher.from_settings(settings)

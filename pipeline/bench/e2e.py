@@ -1,0 +1,173 @@
+"""`envoygeo bench e2e`: the worker draining Kafka into Elasticsearch vs the bulk ceiling.
+
+In one run, against the same Elasticsearch and with the same bulk settings:
+
+* **ceiling**: the corpus enriched beforehand, then only indexed (`_bulk`, same
+  batch size and concurrency as the worker), no Kafka, no enrichment on the clock;
+* **1 worker** and **2 workers** (`envoygeo run` processes, one consumer group)
+  draining the corpus, already in a 6-partition topic, into a fresh index.
+
+A drain is timed from the first document visible to the last (the refresh that shows
+it), so process start-up and group joining are not counted against the worker.
+All rates are medians of `--runs`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from pipeline.bench.core import corpus
+from pipeline.bench.enrich_micro import default_geoip_path
+from pipeline.config import load_settings
+from pipeline.enricher import Enricher
+from pipeline.setup import ensure_topics, install_templates
+from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, make_client
+
+
+def _config(path: Path, bootstrap: str, es_url: str, topic: str, index: str, group: str,
+            geoip: str | None, batch: int, concurrency: int) -> Path:
+    path.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": group,
+                  "dead_letter_topic": f"{topic}-dlq", "alerts_topic": f"{topic}-alerts",
+                  "batch_max_records": batch, "topic_partitions": 6},
+        "elasticsearch": {"hosts": [es_url], "index": index, "alerts_index": f"{index}-alerts",
+                          "bulk_max_docs": batch, "concurrency": concurrency},
+        "geoip": {"city": geoip},
+        "metrics": {"port": 0, "progress_interval_s": 30},
+    }))
+    return path
+
+
+def _produce(bootstrap: str, topic: str, records: list[bytes]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50,
+                         "compression.type": "lz4", "enable.idempotence": True})
+    for i, value in enumerate(records):
+        while True:
+            try:
+                producer.produce(topic, value=value, key=str(i).encode())
+                break
+            except BufferError:
+                producer.poll(0.1)
+    if producer.flush(120):
+        raise click.ClickException("could not load the corpus into Kafka")
+
+
+def _drain_rate(es: Any, index: str, n: int, procs: list[subprocess.Popen[bytes]],
+                timeout_s: float) -> float:
+    """Documents per second from the first visible document to the n-th."""
+    first_t, first_c = None, 0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise click.ClickException(f"worker exited with {p.returncode}")
+        try:
+            es.indices.refresh(index=index)
+            c = int(es.count(index=index)["count"])
+        except Exception:  # index not created yet
+            c = 0
+        now = time.monotonic()
+        if c and first_t is None:
+            first_t, first_c = now, c
+        if c >= n and first_t is not None:
+            return (c - first_c) / max(now - first_t, 1e-6)
+        time.sleep(0.1)
+    raise click.ClickException(f"{index}: not drained within {timeout_s:.0f}s")
+
+
+def _ceiling(settings: Any, docs: list[bytes], index: str, batch: int, concurrency: int) -> float:
+    """Pre-built documents through the worker's own sink: bulk only."""
+    sink = ElasticsearchSink(settings.elasticsearch.model_copy(update={"index": index}))
+    items = [BulkItem(index, f"c-{i}", d) for i, d in enumerate(docs)]
+    chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
+    stop = threading.Event()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        rejected = sum(len(r) for r in pool.map(lambda c: sink.write(c, stop), chunks))
+    elapsed = time.perf_counter() - t0
+    if rejected:
+        raise click.ClickException(f"ceiling run: {rejected} documents rejected")
+    sink.close()
+    return len(items) / elapsed
+
+
+@click.command()
+@click.option("--events", "-n", default=100_000, show_default=True)
+@click.option("--runs", default=3, show_default=True)
+@click.option("--batch", default=2000, show_default=True, help="Records per batch / bulk.")
+@click.option("--concurrency", default=2, show_default=True, help="Bulk requests in flight.")
+@click.option("--kafka", "bootstrap", default="127.0.0.1:9092", show_default=True)
+@click.option("--es", "es_url", default="http://127.0.0.1:9200", show_default=True)
+@click.option("--geoip", "geoip_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--keep", is_flag=True, help="Keep the benchmark indices and topics.")
+def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str, es_url: str,
+            geoip_path: str | None, keep: bool) -> None:
+    """Worker drain rate (1 and 2 workers) vs the Elasticsearch bulk ceiling, same run."""
+    geoip_path = geoip_path or default_geoip_path()
+    run_id = uuid.uuid4().hex[:6]
+    work = Path(tempfile.mkdtemp(prefix="envoygeo-bench-e2e-"))
+    topic, prefix = f"bench-e2e-{run_id}", f"bench-e2e-{run_id}"
+    cfg_path = _config(work / "base.yaml", bootstrap, es_url, topic, f"{prefix}-w",
+                       f"{prefix}-g", geoip_path, batch, concurrency)
+    settings = load_settings(cfg_path)
+    es = make_client(settings.elasticsearch)
+    click.echo(f"corpus: {events:,} Fluent Bit records; batch {batch}, bulk concurrency "
+               f"{concurrency}; Kafka {bootstrap}, Elasticsearch {es_url}", err=True)
+    records, _ = corpus(events, max(events // 4, 1000))
+    docs = [r.document for r in Enricher.from_settings(settings).enrich_batch(records)[0]
+            if r.document is not None]
+    # Templates for every index this run creates: prefix-w1-*, prefix-w2-*, prefix-ceil-*.
+    install_templates(es, settings.model_copy(update={"elasticsearch": settings.elasticsearch
+                                                      .model_copy(update={"index": prefix})}))
+    ensure_topics(settings)
+    _produce(bootstrap, topic, records)
+    results: dict[str, list[float]] = {"ceiling": [], "1 worker": [], "2 workers": []}
+    created: list[str] = []
+    try:
+        for r in range(runs):
+            index = f"{prefix}-ceil-{r}"
+            created.append(index)
+            results["ceiling"].append(_ceiling(settings, docs, index, batch, concurrency))
+            for workers in (1, 2):
+                index, group = f"{prefix}-w{workers}-{r}", f"{prefix}-g{workers}-{r}"
+                created.append(index)
+                cfg = _config(work / f"{index}.yaml", bootstrap, es_url, topic, index, group,
+                              geoip_path, batch, concurrency)
+                procs = [subprocess.Popen(
+                    [sys.executable, "-m", "pipeline.cli", "run", "-c", str(cfg)],
+                    stdout=subprocess.DEVNULL, stderr=open(work / f"{index}-{i}.log", "wb"))
+                    for i in range(workers)]
+                try:
+                    results[f"{workers} worker{'s' if workers > 1 else ''}"].append(
+                        _drain_rate(es, index, len(records), procs, 600))
+                finally:
+                    for p in procs:
+                        p.terminate()
+                    for p in procs:
+                        p.wait(60)
+            line = ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in results.items())
+            click.echo(f"run {r + 1}/{runs}: {line}", err=True)
+    finally:
+        if not keep:
+            for index in created:
+                es.options(ignore_status=404).indices.delete(index=index)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    click.echo(f"elasticsearch bulk ceiling   {med['ceiling']:>10,.0f} docs/s  (pre-built, "
+               f"median of {runs})")
+    for k in ("1 worker", "2 workers"):
+        click.echo(f"{k:<28} {med[k]:>10,.0f} docs/s  ratio to ceiling "
+                   f"{med[k] / med['ceiling']:.2f}")
