@@ -9,6 +9,10 @@ import click
 # name -> ("module:attribute", one-line help). Each benchmark lives in pipeline/bench/.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "parse": ("pipeline.bench.parse:command", "Lines/s of each access-log preset on one core."),
+    "enrich": (
+        "pipeline.bench.enrich_micro:command",
+        "GeoIP lookups/s, rate backends events/s and bytes per IP.",
+    ),
     "e2e": ("pipeline.bench.e2e:command", "Worker drain rate vs the Elasticsearch bulk ceiling."),
     "core": ("pipeline.bench.core:command", "Whole enrichment on one core vs a geoip2 baseline."),
 }
