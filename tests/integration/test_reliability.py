@@ -31,6 +31,7 @@ from elasticsearch import Elasticsearch
 
 from tests.integration.harness import (
     ProducerThread,
+    access_records,
     assert_exactly_once,
     committed_total,
     count_docs,
@@ -38,7 +39,6 @@ from tests.integration.harness import (
     free_port,
     log_messages,
     produce,
-    access_records,
     rss_kb,
     scrape_metric,
     service,
@@ -186,14 +186,28 @@ def test_survivor_takes_over_partitions_of_killed_member(env: dict[str, Any]) ->
 # -- 3. Elasticsearch down for 30+ s under load --
 
 
+def http_status(port: int, path: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
 def _es_outage(env: dict[str, Any], down_s: float, n: int, rate: float) -> None:
     es, index = env["es"], env["index"]
+    port = free_port()
+    cfg = env["config"]("outage.yaml", metrics={"port": port, "host": "127.0.0.1"})
     producer = ProducerThread(env["bootstrap"], env["topic"], n, rate).start()
     log = env["tmp"] / "worker.log"
-    worker = start_worker(env["cfg"], log)
+    worker = start_worker(cfg, log)
     samples: list[int] = []
     try:
         assert wait_for_count(es, index, 2000, procs=[worker]) >= 2000
+        before_stop = len(log_messages(log))
         service("elasticsearch", "stop")
         stopped = time.monotonic()
         try:
@@ -201,12 +215,16 @@ def _es_outage(env: dict[str, Any], down_s: float, n: int, rate: float) -> None:
                 assert worker.poll() is None, f"worker exited with {worker.returncode}"
                 samples.append(rss_kb(worker.pid))
                 time.sleep(0.5)
-            paused = [m for m in log_messages(log) if "paused fetching" in m]
+            # End of the outage: fetching paused, not ready, but alive (the loop turns).
+            paused_gauge = scrape_metric(port, "envoygeo_paused")
+            ready, healthy = http_status(port, "/readyz"), http_status(port, "/healthz")
+            during = log_messages(log)[before_stop:]
         finally:
             started = time.monotonic()
             service("elasticsearch", "start")
             print(f"elasticsearch down {started - stopped:.1f}s, "
                   f"start took {time.monotonic() - started:.1f}s")
+        after_start = len(log_messages(log))
     except BaseException:
         worker.kill()
         raise
@@ -215,15 +233,15 @@ def _es_outage(env: dict[str, Any], down_s: float, n: int, rate: float) -> None:
     max_mb = max(samples) / 1024
     print(f"worker RSS while Elasticsearch was down: max {max_mb:.0f} MB, "
           f"first {samples[0] / 1024:.0f} MB, last {samples[-1] / 1024:.0f} MB "
-          f"({len(samples)} samples)")
+          f"({len(samples)} samples); paused={paused_gauge} readyz={ready} healthz={healthy}")
     assert max_mb < RSS_BOUND_MB
     # Bounded, not growing: the second half of the outage is no bigger than the first
     # half plus slack (the in-flight batches and librdkafka's queue are full by then).
     half = len(samples) // 2
     assert max(samples[half:]) <= max(samples[:half]) + 40 * 1024
-    assert paused, "the worker should pause fetching while Elasticsearch is down"
-    messages = log_messages(log)
-    assert any("resumed fetching" in m for m in messages)
+    assert any("paused fetching" in m for m in during), "no pause while Elasticsearch was down"
+    assert paused_gauge == 1 and ready == 503 and healthy == 200
+    assert any("resumed fetching" in m for m in log_messages(log)[after_start:])
 
 
 def test_elasticsearch_down_30s_nothing_lost_memory_bounded(env: dict[str, Any]) -> None:
