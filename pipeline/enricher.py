@@ -89,7 +89,15 @@ class Enricher:
         out: list[Processed | None] = [process(v) for v in values]
         if flush_partials:
             self._attach_flushed(out)
+        return out, self._enrich(out)
 
+    def flush(self) -> tuple[list[Processed], list[dict[str, Any]]]:
+        """End of input: partial lines still held back, enriched like the rest."""
+        out = self.processor.flush_records()
+        return out, self._enrich(out)  # type: ignore[arg-type]
+
+    def _enrich(self, out: Sequence[Processed | None]) -> list[dict[str, Any]]:
+        """GeoIP, rates and ECS bookkeeping on processed records, in place; returns alerts."""
         ingested = datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
         lookup = self.geoip.lookup if self.geoip is not None else None
         apply_geo = geoip_mod.apply
@@ -133,7 +141,7 @@ class Enricher:
                 event_docs[i].setdefault("tags", []).append(RATE_LATE_TAG)
             if self.alerts is not None:
                 alerts = self.alerts.evaluate(events, counts, self._alert_geo)
-        return out, alerts
+        return alerts
 
     def enrich_batch(self, values: Sequence[bytes]) -> tuple[list[Enriched], list[dict[str, Any]]]:
         """The worker's entry point: serialised documents, one per input value."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from typing import BinaryIO
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO
 
 import click
 import orjson
@@ -13,7 +13,11 @@ from pipeline.clientip import ClientIpPolicy, ClientIpResolver
 from pipeline.decode.envoy_format import FormatError
 from pipeline.decode.json_log import JsonKeysError, load_json_keys
 from pipeline.decode.parser import make_parser
-from pipeline.process import RecordProcessor
+from pipeline.enrich.alerts import AlertRule
+from pipeline.enrich.geoip import GeoIP, GeoIPReloadError
+from pipeline.enrich.rates import RatesConfig
+from pipeline.enricher import Enricher
+from pipeline.process import Processed, RecordProcessor
 
 EPILOG = """\b
 Input: one record per line, each in any envelope (detected per record):
@@ -42,6 +46,8 @@ Examples:
   envoygeo enrich --log-format json \
       --json-keys 'client=downstream_remote_address,ua=user_agent' x.log
   envoygeo enrich --json-keys my-json-format.json x.log   # a json_format block works as is
+  envoygeo enrich --geoip-city GeoLite2-City.mmdb --geoip-asn GeoLite2-ASN.mmdb \
+      --rate-window 10 --rate-window 60 --alert burst:10:100 --alerts-out alerts.jsonl x.log
 
 \b
 Exit status: 0 every record parsed; 1 some records failed (they are still
@@ -65,6 +71,16 @@ def _records(paths: tuple[str, ...]) -> Iterator[bytes]:
                 s.close()
 
 
+def _alert_rule(spec: str) -> AlertRule:
+    """`name:window_s:threshold` (as in --alert burst:10:100)."""
+    try:
+        name, window, threshold = spec.split(":")
+        return AlertRule(name=name, window_s=int(window), threshold=int(threshold))
+    except ValueError as e:
+        raise click.BadParameter(f"{spec!r}: expected NAME:WINDOW_S:THRESHOLD ({e})",
+                                 param_hint="--alert") from None
+
+
 @click.command(epilog=EPILOG, context_settings={"max_content_width": 100})
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @click.option("--log-format", default="auto", show_default=True, metavar="NAME|FORMAT",
@@ -75,9 +91,31 @@ def _records(paths: tuple[str, ...]) -> Iterator[bytes]:
               help="Proxy/LB network whose X-Forwarded-For is believed. Repeatable.")
 @click.option("--trusted-hops", default=1, show_default=True, type=click.IntRange(min=0),
               help="At most this many X-Forwarded-For entries (from the right) are examined.")
+@click.option("--geoip-city", type=click.Path(exists=True, dir_okay=False),
+              help="City .mmdb (GeoIP2/GeoLite2, DB-IP Lite, or ip-location-db flat layout).")
+@click.option("--geoip-country", type=click.Path(exists=True, dir_okay=False),
+              help="Country .mmdb (fills what the City database lacks).")
+@click.option("--geoip-asn", type=click.Path(exists=True, dir_okay=False), help="ASN .mmdb.")
+@click.option("--rates/--no-rates", default=True, show_default=True,
+              help="Per-IP request counts in trailing windows (in memory, by event time).")
+@click.option("--rate-window", "rate_windows", multiple=True, type=click.IntRange(min=1),
+              metavar="SECONDS", help="Window length; repeatable (default 10, 60, 300).")
+@click.option("--lateness", default=60, show_default=True, type=click.IntRange(min=0),
+              help="Seconds an event may arrive out of order and still be counted exactly.")
+@click.option("--alert", "alert_specs", multiple=True, metavar="NAME:WINDOW_S:THRESHOLD",
+              help="Alert rule, e.g. burst:10:100 (window must be a --rate-window).")
+@click.option("--alerts-out", type=click.File("wb"), default=None,
+              help="Write alert documents here (JSON lines); default: count only.")
 def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
-           trusted_proxies: tuple[str, ...], trusted_hops: int) -> None:
-    """Parse access-log records and print one ECS JSON document per record."""
+           trusted_proxies: tuple[str, ...], trusted_hops: int, geoip_city: str | None,
+           geoip_country: str | None, geoip_asn: str | None, rates: bool,
+           rate_windows: tuple[int, ...], lateness: int, alert_specs: tuple[str, ...],
+           alerts_out: BinaryIO | None) -> None:
+    """Parse access-log records and print one ECS JSON document per record.
+
+    With --geoip-* and rates (on by default) this is the whole enrichment of the
+    worker, with no servers: GeoIP, per-IP rates (envoygeo.rate.<window>s) and alerts.
+    """
     try:
         keys = load_json_keys(json_keys)
         parser = make_parser(log_format, keys)
@@ -86,17 +124,50 @@ def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
         raise click.BadParameter(str(e)) from e
     except ValueError as e:
         raise click.BadParameter(f"--trusted-proxy: {e}") from e
-    proc = RecordProcessor(parser, ClientIpResolver(policy))
+    rules = [_alert_rule(spec) for spec in alert_specs]
+    try:
+        geoip = (GeoIP.open(geoip_city, geoip_country, geoip_asn)
+                 if geoip_city or geoip_country or geoip_asn else None)
+        rates_cfg = (RatesConfig(backend="memory", windows=rate_windows or (10, 60, 300),
+                                 lateness_s=lateness) if rates else None)
+        if rules and rates_cfg is None:
+            raise ValueError("--alert needs --rates")
+        enricher = Enricher.build(RecordProcessor(parser, ClientIpResolver(policy)), geoip,
+                                  rates_cfg, rules)
+    except (GeoIPReloadError, ValueError) as e:
+        raise click.BadParameter(str(e)) from e
     out = sys.stdout.buffer
     dumps = orjson.dumps
+    alerts_total = 0
+
+    def emit(records: Sequence[Processed | None], alerts: list[dict[str, Any]]) -> None:
+        nonlocal alerts_total
+        for rec in records:
+            if rec is not None:
+                out.write(dumps(rec.doc) + b"\n")
+        alerts_total += len(alerts)
+        if alerts_out is not None:
+            for alert in alerts:
+                alerts_out.write(dumps(alert) + b"\n")
+
+    # Chunks: the rate stage and alerts work per batch; output order is input order.
+    chunk: list[bytes] = []
     for record in _records(files):
-        doc = proc.process(record)
-        if doc is not None:
-            out.write(dumps(doc) + b"\n")
-    for doc in proc.flush():
-        out.write(dumps(doc) + b"\n")
+        chunk.append(record)
+        if len(chunk) >= 1000:
+            emit(*enricher.enrich_records(chunk, flush_partials=False))
+            chunk = []
+    if chunk:
+        emit(*enricher.enrich_records(chunk, flush_partials=False))
+    emit(*enricher.flush())
     out.flush()
+    proc = enricher.processor
     total = proc.parsed + proc.failed
-    click.echo(f"envoygeo enrich: {total} records, {proc.parsed} parsed, {proc.failed} failed",
-               err=True)
+    extra = ""
+    if geoip is not None:
+        extra += f", GeoIP cache hits {geoip.hits}/{geoip.hits + geoip.misses}"
+    if rates_cfg is not None:
+        extra += f", {alerts_total} alerts"
+    click.echo(f"envoygeo enrich: {total} records, {proc.parsed} parsed, {proc.failed} failed"
+               + extra, err=True)
     sys.exit(1 if proc.failed else 0)
