@@ -349,3 +349,27 @@ def log_messages(log_path: Path) -> list[str]:
             continue
         out.append(str(rec.get("message", rec)) if isinstance(rec, dict) else str(rec))
     return out
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str,
+                      partitions: int = 6) -> dict[int, int]:
+    """The group's committed offset per partition (-1001 when none)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=30)
+    finally:
+        consumer.close()
+    return {tp.partition: tp.offset for tp in tps}
+
+
+def summary_records_in(log_path: Path) -> int | None:
+    """`records_in` of a worker's final summary line (None if it never wrote one)."""
+    found = None
+    for raw in log_path.read_bytes().splitlines():
+        try:
+            rec = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and str(rec.get("message", "")).startswith("summary:"):
+            found = int(rec["records_in"])
+    return found

@@ -33,6 +33,7 @@ from tests.integration.harness import (
     ProducerThread,
     access_records,
     assert_exactly_once,
+    committed_offsets,
     committed_total,
     count_docs,
     create_topic,
@@ -45,6 +46,7 @@ from tests.integration.harness import (
     setup_worker_env,
     start_worker,
     stop_worker,
+    summary_records_in,
     wait_for_committed,
     wait_for_count,
     write_config,
@@ -257,17 +259,26 @@ def test_elasticsearch_down_soak(env: dict[str, Any]) -> None:
 # -- 4. Elasticsearch rejecting with 429 --
 
 
-@pytest.fixture
-def tiny_es(tmp_path: Path) -> Iterator[str]:
+TINY_ES = "http://127.0.0.1:9201"
+
+
+@pytest.fixture(scope="module")
+def tiny_es_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A second node whose write queue holds one task: concurrent bulks get 429."""
     node_env = {"ES_PORT": "9201", "ES_TRANSPORT_PORT": "9301", "ES_WRITE_QUEUE_SIZE": "1",
                 "ES_PROCESSORS": "1", "ES_HEAP": "512m", "ES_HEAP_MIN": "256m",
-                "ES_STATE_DIR": str(tmp_path / "es-429")}
+                "ES_STATE_DIR": str(tmp_path_factory.mktemp("es-9201"))}
     try:
         service("elasticsearch", "start", node_env)
-        yield "http://127.0.0.1:9201"
+        yield node_env
     finally:
         service("elasticsearch", "stop", node_env)
+
+
+@pytest.fixture
+def tiny_es(tiny_es_env: dict[str, str]) -> str:
+    service("elasticsearch", "start", tiny_es_env)  # a no-op unless a test stopped it
+    return TINY_ES
 
 
 def test_429_rejections_are_retried_nothing_lost(env: dict[str, Any], tiny_es: str) -> None:
@@ -304,6 +315,95 @@ def test_429_rejections_are_retried_nothing_lost(env: dict[str, Any], tiny_es: s
         assert_exactly_once(es, env["index"], n)
     finally:
         es.close()
+
+
+# -- SIGTERM while Elasticsearch is down: exit 0 within the grace, commit nothing unindexed --
+
+
+def test_sigterm_while_elasticsearch_down_commits_only_indexed(
+        env: dict[str, Any], tiny_es: str, tiny_es_env: dict[str, str]) -> None:
+    topic, group, index = env["topic"], env["group"], env["index"]
+    grace = 5
+    cfg = env["config"]("sigterm.yaml", es=tiny_es, kafka={"batch_max_records": 500},
+                        worker={"shutdown_grace_s": grace})
+    setup_worker_env(cfg)
+    es = Elasticsearch(tiny_es, request_timeout=30)
+    n = 8000
+    producer = ProducerThread(env["bootstrap"], topic, n, rate=800).start()
+    log = env["tmp"] / "sigterm.log"
+    worker = start_worker(cfg, log)
+    try:
+        try:
+            assert wait_for_count(es, index, 1000, procs=[worker]) >= 1000
+            service("elasticsearch", "stop", tiny_es_env)
+            time.sleep(3)  # in-flight batches now retry against a dead node
+            assert worker.poll() is None
+            t0 = time.monotonic()
+            worker.send_signal(signal.SIGTERM)
+            code = worker.wait(grace + 15)
+            took = time.monotonic() - t0
+        finally:
+            service("elasticsearch", "start", tiny_es_env)
+    except BaseException:
+        worker.kill()
+        raise
+    print(f"SIGTERM with Elasticsearch down: exit {code} after {took:.1f}s (grace {grace}s)")
+    assert code == 0
+    assert took < grace + 10
+    assert any("not indexed at shutdown" in m or "shutdown before batch" in m
+               for m in log_messages(log)), "expected undelivered batches at shutdown"
+    # The contract: every committed offset's records are in the index.
+    committed = committed_offsets(env["bootstrap"], group, topic)
+    es.indices.refresh(index=index)
+    hits = es.search(index=index, size=10000, source=False, query={"match_all": {}})
+    ids = {h["_id"] for h in hits["hits"]["hits"]}
+    for p, off in committed.items():
+        missing = [o for o in range(max(off, 0)) if f"{topic}-{p}-{o}" not in ids]
+        assert not missing, f"partition {p} committed {off} but offsets {missing[:5]} unindexed"
+    assert sum(max(o, 0) for o in committed.values()) < n  # something was left uncommitted
+    # A new worker picks up from the committed offsets: nothing lost, nothing doubled.
+    worker = start_worker(cfg, env["tmp"] / "sigterm-2.log")
+    try:
+        finish(env, producer, [worker], es=es)
+        assert_exactly_once(es, index, n)
+    finally:
+        es.close()
+
+
+# -- graceful rebalances (join, leave): drained and committed first, nothing replayed --
+
+
+def test_graceful_rebalances_replay_nothing(env: dict[str, Any]) -> None:
+    es, index, topic = env["es"], env["index"], env["topic"]
+    n = 15000
+    producer = ProducerThread(env["bootstrap"], topic, n, rate=700).start()
+    logs = [env["tmp"] / f"{name}.log" for name in "abc"]
+    a = start_worker(env["cfg"], logs[0])
+    workers = [a]
+    try:
+        assert wait_for_count(es, index, 2000, procs=workers) >= 2000
+        workers.append(start_worker(env["cfg"], logs[1]))  # a revokes with batches in flight
+        deadline = time.monotonic() + 60
+        while not assigned_partitions(logs[1], topic):
+            assert time.monotonic() < deadline, "b never got partitions"
+            time.sleep(0.5)
+        time.sleep(2)
+        workers.append(start_worker(env["cfg"], logs[2]))
+        while not assigned_partitions(logs[2], topic):
+            assert time.monotonic() < deadline, "c never got partitions"
+            time.sleep(0.5)
+        time.sleep(2)
+        assert stop_worker(a) == 0  # leaves: revokes everything, drained and committed
+    except BaseException:
+        for w in workers:
+            w.kill()
+        raise
+    finish(env, producer, workers[1:])
+    assert_exactly_once(es, index, n)
+    read = [summary_records_in(path) for path in logs]
+    print(f"records read per worker: {read} (sum {sum(r or 0 for r in read)}, produced {n})")
+    # Every rebalance here was cooperative and graceful, so no record was read twice.
+    assert sum(r or 0 for r in read) == n
 
 
 # -- 5. the Kafka broker restarted under load --
