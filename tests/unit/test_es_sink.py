@@ -32,7 +32,8 @@ class ScriptedClient:
         items = [{"index": {"status": step.get(i, 201), **(
             {"error": {"type": "document_parsing_exception", "reason": f"bad {i}"}}
             if step.get(i, 201) >= 300 else {})}} for i in ids]
-        return SimpleNamespace(body={"errors": any(s >= 300 for s in step.values()), "items": items})
+        errors = any(s >= 300 for s in step.values())
+        return SimpleNamespace(body={"errors": errors, "items": items})
 
     def close(self) -> None:
         pass

@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, load_settings
 from pipeline.decode.access_log import default_json_aliases, field_for_command
 from pipeline.decode.envoy_format import Command, tokenize
 from pipeline.decode.json_log import JsonLogParser
-from tests.integration.test_envoy_haproxy import _envoy_binary
+from pipeline.lab.stack import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -212,7 +212,7 @@ def test_envoy_validates_the_listener_filter_and_log_format(tmp_path: Path) -> N
                      "envoy.filters.listener.tls_inspector"]
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(bootstrap))
-    proc = subprocess.run([_envoy_binary(), "--mode", "validate", "-c", str(path),
+    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path),
                            "--log-level", "warn"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
@@ -221,7 +221,7 @@ def test_envoy_validates_the_listener_filter_and_log_format(tmp_path: Path) -> N
         '"envoy.filters.listener.proxy_protocol"', '"envoy.listener.proxy_protocol"'))
     old["static_resources"]["listeners"][0]["listener_filters"][0].pop("typed_config")
     path.write_text(yaml.safe_dump(old))
-    proc = subprocess.run([_envoy_binary(), "--mode", "validate", "-c", str(path)],
+    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
 

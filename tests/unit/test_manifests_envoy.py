@@ -16,14 +16,8 @@ import yaml
 
 from pipeline.decode.access_log import AccessLog
 from pipeline.decode.json_log import JsonLogParser
-from tests.integration.test_envoy_haproxy import _envoy_binary
+from pipeline.lab.stack import envoy_binary, free_port
 from tests.unit.test_manifests import _envoy_bootstrap
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _send(port: int, payload: bytes, deadline: float) -> bytes:
@@ -39,13 +33,13 @@ def _send(port: int, payload: bytes, deadline: float) -> bytes:
 
 
 def test_proxy_protocol_client_reaches_the_json_log(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     bootstrap = _envoy_bootstrap()
     listener = bootstrap["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = port
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(bootstrap))
-    proc = subprocess.Popen([_envoy_binary(), "-c", str(config), "--log-level", "error",
+    proc = subprocess.Popen([envoy_binary(), "-c", str(config), "--log-level", "error",
                              "--base-id", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

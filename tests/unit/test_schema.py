@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_committed_schema_files_match_the_field_table(name: str) -> None:
     path = ROOT / "schemas" / name
     assert path.exists(), f"{path} missing: run `envoygeo schema`"
-    assert path.read_text() == render(schema_files()[name]), f"{name} is stale: run `envoygeo schema`"
+    stale = f"{name} is stale: run `envoygeo schema`"
+    assert path.read_text() == render(schema_files()[name]), stale
 
 
 def _leaves(props: dict[str, Any], prefix: str = "") -> dict[str, str]:
