@@ -47,23 +47,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class LazyGroup(click.Group):
-    """A group whose commands are resolved on first use."""
+    """A group whose commands are resolved on first use, from a registry of
+    name -> ("module:attribute", one-line help)."""
+
+    registry: dict[str, tuple[str, str]] = COMMANDS
+    section = "Commands"
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted(self.registry)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        spec = COMMANDS.get(cmd_name)
+        spec = self.registry.get(cmd_name)
         if spec is None:
             return None
         module_name, _, attr = spec[0].partition(":")
-        return getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Listing help must not import every command module.
-        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        rows = [(name, self.registry[name][1]) for name in self.list_commands(ctx)]
         if rows:
-            with formatter.section("Commands"):
+            with formatter.section(self.section):
                 formatter.write_dl(rows)
 
 

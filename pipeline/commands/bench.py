@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-
 import click
+
+from pipeline.cli import LazyGroup
 
 # name -> ("module:attribute", one-line help). Each benchmark lives in pipeline/bench/.
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -18,20 +18,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 }
 
 
-class _LazyBench(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(BENCHMARKS)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        spec = BENCHMARKS.get(cmd_name)
-        if spec is None:
-            return None
-        module_name, _, attr = spec[0].partition(":")
-        return getattr(importlib.import_module(module_name), attr)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        with formatter.section("Benchmarks"):
-            formatter.write_dl([(n, BENCHMARKS[n][1]) for n in self.list_commands(ctx)])
+class _LazyBench(LazyGroup):
+    registry = BENCHMARKS
+    section = "Benchmarks"
 
 
 @click.group(cls=_LazyBench)
