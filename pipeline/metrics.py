@@ -63,6 +63,11 @@ class Metrics:
         self.geoip_cache = Gauge(
             "envoygeo_geoip_cache_lookups", "GeoIP cache lookups so far.", ["result"], registry=r
         )
+        self.geoip_reload_failures = Gauge(
+            "envoygeo_geoip_reload_failures",
+            "Replaced GeoIP files refused (corrupt); the old database stays in use.",
+            registry=r,
+        )
         self.rate_seconds = Histogram(
             "envoygeo_rate_backend_seconds",
             "Latency of one rate-backend batch call.",

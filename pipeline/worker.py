@@ -164,6 +164,7 @@ class Worker:
                 if msgs:
                     self._submit(self._prepare(msgs))
                 if time.monotonic() >= next_progress:
+                    self._publish_enricher_stats()
                     self._log_progress()
                     next_progress = time.monotonic() + cfg.metrics.progress_interval_s
         finally:
@@ -324,6 +325,15 @@ class Worker:
         if not self.sink.writable.is_set():
             return False, f"elasticsearch not accepting writes: {self.sink.last_error}"
         return True, f"ok: {len(self.source.assigned)} partition(s)"
+
+    def _publish_enricher_stats(self) -> None:
+        """GeoIP cache counters as gauges (the enricher counts; we only read)."""
+        stats = getattr(self.enricher, "stats", None)
+        geo = stats().get("geoip") if stats is not None else None
+        if geo:
+            self.metrics.geoip_cache.labels("hit").set(geo["cache_hits"])
+            self.metrics.geoip_cache.labels("miss").set(geo["cache_misses"])
+            self.metrics.geoip_reload_failures.set(geo["reload_failures"])
 
     def _log_progress(self, final: bool = False) -> None:
         p = self.progress

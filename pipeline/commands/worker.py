@@ -88,6 +88,7 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
     """
     from pipeline.enricher import Enricher
     from pipeline.logs import setup_logging
+    from pipeline.metrics import Metrics
     from pipeline.setup import missing_templates
     from pipeline.sinks.elasticsearch import make_client
     from pipeline.worker import Worker
@@ -105,11 +106,12 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
         click.echo(f"envoygeo: no envoygeo index template covers {', '.join(missing)} "
                    "(source.ip would not be an `ip` field); run `envoygeo setup` first.", err=True)
         sys.exit(3)
+    metrics = Metrics()
     try:
-        enricher = Enricher.from_settings(settings)
+        enricher = Enricher.from_settings(settings, on_rates=metrics.rate_seconds.observe)
     except Exception as exc:
         click.echo(f"envoygeo: cannot start enrichment: {exc}", err=True)
         sys.exit(2)
-    worker = Worker(settings, enricher)
+    worker = Worker(settings, enricher, metrics=metrics)
     worker.install_signal_handlers()
     sys.exit(worker.run())

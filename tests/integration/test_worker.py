@@ -182,3 +182,46 @@ def test_alerts_reach_topic_and_index_once(env: dict[str, Any]) -> None:
     assert body["source"]["ip"] == "89.160.20.112"
     assert body["envoygeo"]["alert"]["count"] == 50
     assert count_docs(es, f"{index}-alerts") == 1
+
+
+def test_metrics_health_and_readiness(env: dict[str, Any]) -> None:
+    import time
+    import urllib.request
+
+    from pipeline.lab.stack import free_port
+    from tests.mmdb_fixtures import write_city
+
+    es, index = env["es"], env["index"]
+    port = free_port()
+    city = write_city(env["tmp"] / "city.mmdb")
+    cfg = env["config"]("metrics.yaml", metrics={"port": port, "progress_interval_s": 0.5},
+                        geoip={"city": str(city)})
+    produce(env["bootstrap"], env["topic"],
+            access_records(300, clients=("81.2.69.160", "175.16.199.10")))
+    worker = start_worker(cfg, env["tmp"] / "worker.log")
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    try:
+        assert wait_for_count(es, index, 300, procs=[worker]) == 300
+        time.sleep(2.5)  # a progress tick and a statistics interval
+        status, body = get("/metrics")
+        health, _ = get("/healthz")
+        ready, why = get("/readyz")
+    finally:
+        assert stop_worker(worker) == 0
+    assert status == 200 and health == 200 and ready == 200, why
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines()
+               if line and not line.startswith("#")}
+    assert metrics["envoygeo_records_in_total"] == 300
+    assert metrics["envoygeo_records_indexed_total"] == 300
+    assert metrics['envoygeo_geoip_cache_lookups{result="hit"}'] >= 290
+    assert metrics["envoygeo_rate_backend_seconds_count"] >= 1
+    assert metrics['envoygeo_bulk_seconds_count{outcome="ok"}'] >= 1
+    lags = [v for k, v in metrics.items() if k.startswith("envoygeo_consumer_lag{")]
+    assert lags and all(v >= 0 for v in lags)
