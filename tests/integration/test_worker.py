@@ -225,3 +225,29 @@ def test_metrics_health_and_readiness(env: dict[str, Any]) -> None:
     assert metrics['envoygeo_bulk_seconds_count{outcome="ok"}'] >= 1
     lags = [v for k, v in metrics.items() if k.startswith("envoygeo_consumer_lag{")]
     assert lags and all(v >= 0 for v in lags)
+
+
+def test_data_stream_mode_replays_without_duplicates(tmp_path: Path, kafka_bootstrap: str,
+                                                     es_url: str, es_client: Elasticsearch,
+                                                     unique: Callable[[str], str]) -> None:
+    """Data streams take only `create`: a replayed record answers 409, counted as done."""
+    topic, stream = unique("ds"), unique("egds")
+    create_topic(kafka_bootstrap, topic)
+    cfg = write_config(tmp_path / "ds.yaml", bootstrap=kafka_bootstrap, es_url=es_url,
+                       topic=topic, group=f"{topic}-g", index=stream,
+                       extra={"elasticsearch": {"data_stream": True}})
+    setup_worker_env(cfg)
+    produce(kafka_bootstrap, topic, access_records(200))
+    for group in ("first", "replay"):
+        run_cfg = write_config(tmp_path / f"{group}.yaml", bootstrap=kafka_bootstrap,
+                               es_url=es_url, topic=topic, group=f"{topic}-{group}",
+                               index=stream, extra={"elasticsearch": {"data_stream": True}})
+        worker = start_worker(run_cfg, tmp_path / f"{group}.log")
+        try:
+            assert wait_for_committed(kafka_bootstrap, f"{topic}-{group}", topic, 200) == 200
+        finally:
+            assert stop_worker(worker) == 0
+    backing = list(es_client.indices.get(index=stream).body)
+    assert backing and all(name.startswith(".ds-") for name in backing)
+    assert_exactly_once(es_client, stream, 200)
+    assert "409" not in (tmp_path / "replay.log").read_text()  # not an error: already there
