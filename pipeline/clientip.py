@@ -14,6 +14,8 @@ call and the same few thousand addresses repeat across millions of lines.
 from __future__ import annotations
 
 import ipaddress
+import socket
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -88,13 +90,12 @@ def split_host_port(text: str) -> tuple[str, int | None] | None:
         if rest[0] != ":" or not rest[1:].isdigit():
             return None
         return host, int(rest[1:])
-    colons = s.count(":")
-    if colons == 1:
-        host, _, port = s.partition(":")
-        if not port.isdigit():
-            return None
-        return host, int(port)
-    return s, None  # bare v4 (no colon) or bare v6 (several)
+    host, sep, port = s.partition(":")
+    if not sep or ":" in port:
+        return s, None  # bare v4 (no colon) or bare v6 (several)
+    if not port.isdigit():
+        return None
+    return host, int(port)
 
 
 def classify(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> IpClass:
@@ -113,6 +114,54 @@ def classify(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> IpClass:
     return "reserved"  # documentation, benchmarking, unspecified, 240/4, ...
 
 
+def _class_table(version: int) -> tuple[list[int], list[IpClass]]:
+    """`classify` as sorted interval starts and the class of each interval.
+
+    `classify` depends only on membership in a fixed set of networks (ours and those
+    `ipaddress` tests in its is_* properties), so it is constant between consecutive
+    network boundaries. Evaluating it once per interval with `classify` itself as the
+    oracle makes the table exact by construction, and a lookup is one bisect instead
+    of a dozen `ipaddress` containment tests (~10 µs per new address).
+    """
+    consts = ipaddress._IPv4Constants if version == 4 else ipaddress._IPv6Constants  # type: ignore[attr-defined]
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+        n for n in (*_PRIVATE_NETS, _CGNAT) if n.version == version]
+    for value in vars(consts).values():
+        for v in value if isinstance(value, list) else (value,):
+            if isinstance(v, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                nets.append(v)
+            elif isinstance(v, ipaddress.IPv4Address | ipaddress.IPv6Address):
+                nets.append(ipaddress.ip_network(v))
+    top = 1 << (32 if version == 4 else 128)
+    if version == 6:
+        nets += [ipaddress.ip_network("::1/128"), ipaddress.ip_network("::/128")]
+    points = {0}
+    for n in nets:
+        points.add(int(n.network_address))
+        end = int(n.broadcast_address) + 1
+        if end < top:
+            points.add(end)
+    make = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    starts: list[int] = []
+    classes: list[IpClass] = []
+    for p in sorted(points):
+        c = classify(make(p))
+        if not classes or classes[-1] != c:
+            starts.append(p)
+            classes.append(c)
+    return starts, classes
+
+
+_V4_TABLE = _class_table(4)
+_V6_TABLE = _class_table(6)
+
+
+def classify_int(version: int, value: int) -> IpClass:
+    """`classify` for an address given as its integer value (table lookup)."""
+    starts, classes = _V4_TABLE if version == 4 else _V6_TABLE
+    return classes[bisect_right(starts, value) - 1]
+
+
 class ClientIpResolver:
     """Resolves `ClientIp` for access logs under one policy (and caches per policy)."""
 
@@ -120,7 +169,13 @@ class ClientIpResolver:
         self.policy = policy or ClientIpPolicy()
         self._nets = tuple(ipaddress.ip_network(c, strict=False)
                            for c in self.policy.trusted_proxies)
+        # Trusted CIDRs as integer ranges: (version, first, last).
+        self._ranges = tuple((n.version, int(n.network_address), int(n.broadcast_address))
+                             for n in self._nets)
         self._cache: dict[str, _Addr | None] = {}
+        # Raw field text ("10.0.7.3:8080", "-", "[2001:db8::1]:443") -> its endpoint:
+        # upstream and local addresses repeat verbatim, so most fields cost one probe.
+        self._endpoints: dict[str, tuple[_Addr | None, int | None, bool]] = {}
         self._cache_size = cache_size
 
     def address(self, host: str) -> _Addr | None:
@@ -135,24 +190,47 @@ class ClientIpResolver:
         return addr
 
     def _parse(self, host: str) -> _Addr | None:
+        if "." in host and ":" not in host and "%" not in host:
+            # Dotted-quad fast path: inet_pton accepts exactly the strings
+            # `ipaddress.IPv4Address` does (four decimal octets, no leading zeros), and
+            # those are already in normal form, so `host` is its own str().
+            try:
+                packed = socket.inet_pton(socket.AF_INET, host)
+            except OSError:
+                return None
+            return self._addr(host, 4, int.from_bytes(packed, "big"))
         try:
             ip = ipaddress.ip_address(host.split("%", 1)[0] if "%" in host else host)
         except ValueError:
             return None
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        trusted = any(ip.version == n.version and ip in n for n in self._nets)
-        return _Addr(str(ip), classify(ip), trusted)
+        return self._addr(str(ip), ip.version, int(ip))
+
+    def _addr(self, text: str, version: int, value: int) -> _Addr:
+        trusted = any(v == version and lo <= value <= hi for v, lo, hi in self._ranges)
+        return _Addr(text, classify_int(version, value), trusted)
 
     def _endpoint(self, text: str | None) -> tuple[_Addr | None, int | None, bool]:
-        """(address, port, malformed) for an Envoy address field."""
-        if text is None or text == "-":
+        """(address, port, malformed) for an Envoy address field; cached per raw text."""
+        if text is None:
             return None, None, False
-        hp = split_host_port(text)
-        if hp is None:
-            return None, None, True
-        addr = self.address(hp[0])
-        return addr, hp[1], addr is None
+        hit = self._endpoints.get(text)
+        if hit is not None:
+            return hit
+        if text == "-":
+            out: tuple[_Addr | None, int | None, bool] = (None, None, False)
+        else:
+            hp = split_host_port(text)
+            if hp is None:
+                out = (None, None, True)
+            else:
+                addr = self.address(hp[0])
+                out = (addr, hp[1], addr is None)
+        if len(self._endpoints) >= self._cache_size:
+            self._endpoints.clear()  # bounded like the address cache
+        self._endpoints[text] = out
+        return out
 
     def resolve(self, log: AccessLog) -> ClientIp:
         related: list[str] = []
@@ -172,8 +250,7 @@ class ClientIpResolver:
         entries: list[_Addr | None] = []
         if xff:
             for part in xff.split(","):
-                hp = split_host_port(part)
-                a = self.address(hp[0]) if hp is not None else None
+                a = self._endpoint(part)[0]
                 entries.append(a)
                 if a is None:
                     if "clientip_invalid_xff" not in tags:
