@@ -18,8 +18,9 @@ from __future__ import annotations
 import calendar
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, NoReturn
 
 from pipeline.decode.access_log import (
@@ -395,6 +396,13 @@ def _pattern_for(cmd: Command, next_char: str | None, strict: bool) -> str:
 
 # --- the compiled parser ------------------------------------------------------------
 
+# AccessLog's canonical fields in constructor order (everything before extra/log_format).
+_CANONICAL_ORDER: tuple[str, ...] = tuple(f.name for f in dataclass_fields(AccessLog))[:-2]
+assert [f.name for f in dataclass_fields(AccessLog)][-2:] == ["extra", "log_format"]
+# Envoy writes "-" for an absent value; an empty capture is absent too. Used as
+# `map(_ABSENT.get, groups, groups)`: None for those, the value itself otherwise, in C.
+_ABSENT: dict[str | None, None] = {"-": None, "": None}
+
 
 def _strip_line_end(fmt: str) -> str:
     """Envoy formats end in a newline (real or the two characters \\n); lines don't."""
@@ -412,7 +420,8 @@ def _strip_line_end(fmt: str) -> str:
 class CompiledFormat:
     """Parser for the lines of one format string. Build with `compile_format`."""
 
-    __slots__ = ("name", "source", "segments", "_strict", "_lenient", "_fields", "_quotes")
+    __slots__ = ("name", "source", "segments", "_strict", "_lenient", "_fields", "_quotes",
+                 "_pick", "_converts", "_extras")
 
     def __init__(self, fmt: str, name: str = "custom") -> None:
         self.name = name
@@ -445,6 +454,32 @@ class CompiledFormat:
                          if lenient_rx != "".join(strict) else None)
         self._fields = tuple(fields)
         self._quotes = sum(seg.count('"') for seg in self.segments if isinstance(seg, str))
+        self._plan_fast_build(fields)
+
+    def _plan_fast_build(
+            self, fields: list[tuple[int, str, Callable[[str], Any] | None, bool]]) -> None:
+        """Precompute `build`'s fast path, or leave `_pick` None when it cannot apply.
+
+        The fast path picks all canonical values with one C-level `itemgetter` call
+        in AccessLog constructor order (index `len(groups)` stands for "not in this
+        format" and reads the None appended to the values), then runs only the few
+        converters. It needs each canonical field to come from one command: with two
+        (a field logged twice) the first present value wins, which `_build_general`
+        implements.
+        """
+        canonical = [(idx, target, conv) for idx, target, conv, canon in fields if canon]
+        targets = [target for _, target, _ in canonical]
+        if len(set(targets)) != len(targets):
+            self._pick = None
+            return
+        absent = len(fields)
+        where = {target: idx for idx, target, _ in canonical}
+        order = [where.get(name, absent) for name in _CANONICAL_ORDER]
+        self._pick = itemgetter(*order)
+        self._converts = tuple((_CANONICAL_ORDER.index(target), conv)
+                               for _, target, conv in canonical if conv is not None)
+        self._extras = tuple((idx, target, conv)
+                             for idx, target, conv, canon in fields if not canon)
 
     def match(self, line: str, lenient: bool = True) -> re.Match[str] | None:
         """Strict pattern first; the lenient one only when asked and different."""
@@ -473,8 +508,43 @@ class CompiledFormat:
         return self.build(m)
 
     def build(self, m: re.Match[str]) -> AccessLog:
-        # Hot path: a flat loop over precomputed (group, target, converter) tuples
-        # into one kwargs dict; text values need no call at all (converter None).
+        """The AccessLog for a match of this format.
+
+        Hot path (every line): absent markers become None and the canonical values are
+        put in constructor order by two C calls, so Python-level work is only the
+        handful of converters (time, integers) and any non-canonical extras. Anything
+        unusual (a field logged twice, a value a converter rejects, which adds a
+        `<field>_raw` extra in field order) takes `_build_general`, the reference.
+        """
+        pick = self._pick
+        if pick is None:
+            return self._build_general(m)
+        groups = m.groups()
+        values = list(map(_ABSENT.get, groups, groups))
+        values.append(None)  # what `pick` reads for fields this format does not log
+        args = list(pick(values))
+        for pos, conv in self._converts:
+            raw = args[pos]
+            if raw is not None:
+                value = conv(raw)
+                if value is None:
+                    return self._build_general(m)
+                args[pos] = value
+        extra: dict[str, Any] = {}
+        for idx, target, conv in self._extras:
+            raw = values[idx]
+            if raw is not None:
+                if conv is None:
+                    extra[target] = raw
+                else:
+                    value = conv(raw)
+                    if value is not None:
+                        extra[target] = value
+        return AccessLog(*args, extra, self.name)
+
+    def _build_general(self, m: re.Match[str]) -> AccessLog:
+        # A flat loop over precomputed (group, target, converter) tuples into one
+        # kwargs dict; text values need no call at all (converter None).
         groups = m.groups()
         kw: dict[str, Any] = {}
         extra: dict[str, Any] = {}
