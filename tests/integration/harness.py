@@ -373,3 +373,53 @@ def summary_records_in(log_path: Path) -> int | None:
         if isinstance(rec, dict) and str(rec.get("message", "")).startswith("summary:"):
             found = int(rec["records_in"])
     return found
+
+
+class PrivateService:
+    """A node of our own, started with the repo's own deploy/local/services scripts.
+
+    Tests that stop and start a service must not do that to the shared one: other
+    sessions (and a concurrent CI clone, whose fixtures start a replacement as soon as
+    the port closes) use it. A private node gets free ports and its own state.
+
+    Elasticsearch: elasticsearch.sh with ES_PORT / ES_TRANSPORT_PORT / ES_STATE_DIR.
+    Kafka: kafka.sh keeps its state under <repo>/.local, so it runs from a copy of the
+    scripts in `root` (the Maven jars are shared through ~/.cache/envoygeo).
+    """
+
+    def __init__(self, kind: str, root: Path, **settings: str) -> None:
+        self.kind, self.root = kind, root
+        self.port, self.aux_port = free_port(), free_port()
+        if kind == "elasticsearch":
+            self.env = {"ES_PORT": str(self.port), "ES_TRANSPORT_PORT": str(self.aux_port),
+                        "ES_STATE_DIR": str(root / "es"), "ES_HEAP": "512m",
+                        "ES_HEAP_MIN": "256m", **settings}
+            self.script = ROOT / "deploy" / "local" / "services" / "elasticsearch.sh"
+            self.address = f"http://127.0.0.1:{self.port}"
+        elif kind == "kafka":
+            import shutil
+
+            for rel in ("deploy/local/services/common.sh", "deploy/local/services/kafka.sh",
+                        "deploy/local/kafka/pom.xml", "deploy/local/kafka/server.properties.in",
+                        "deploy/local/kafka/log4j2.properties"):
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / rel, root / rel)
+            self.env = {"KAFKA_PORT": str(self.port), "KAFKA_CONTROLLER_PORT": str(self.aux_port),
+                        "KAFKA_HEAP": "384m", **settings}
+            self.script = root / "deploy" / "local" / "services" / "kafka.sh"
+            self.address = f"127.0.0.1:{self.port}"
+        else:
+            raise ValueError(kind)
+
+    def run(self, command: str, timeout: float = 300) -> str:
+        proc = subprocess.run(["bash", str(self.script), command], capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, **self.env})
+        assert proc.returncode == 0, (
+            f"{self.kind}.sh {command} ({self.address}) failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout + proc.stderr
+
+    def start(self) -> None:
+        self.run("start")
+
+    def stop(self) -> None:
+        self.run("stop")

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import pytest
 from elasticsearch import Elasticsearch
 
 from tests.integration.harness import (
+    PrivateService,
     ProducerThread,
     access_records,
     assert_exactly_once,
@@ -42,7 +44,6 @@ from tests.integration.harness import (
     produce,
     rss_kb,
     scrape_metric,
-    service,
     setup_worker_env,
     start_worker,
     stop_worker,
@@ -61,20 +62,80 @@ def soak_only() -> None:
         pytest.skip("soak: run with ENVOYGEO_SOAK=1 pytest -m soak")
 
 
-@pytest.fixture
-def env(tmp_path: Path, kafka_bootstrap: str, es_url: str, es_client: Elasticsearch,
-        unique: Callable[[str], str]) -> dict[str, Any]:
+def make_env(tmp_path: Path, bootstrap: str, es_url: str, es: Elasticsearch,
+             unique: Callable[[str], str]) -> dict[str, Any]:
     topic, index = unique("rel"), unique("egrel")
-    create_topic(kafka_bootstrap, topic)
+    create_topic(bootstrap, topic)
 
-    def config(name: str = "worker.yaml", es: str = es_url, **extra: Any) -> Path:
-        return write_config(tmp_path / name, bootstrap=kafka_bootstrap, es_url=es,
+    def config(name: str = "worker.yaml", **extra: Any) -> Path:
+        return write_config(tmp_path / name, bootstrap=bootstrap, es_url=es_url,
                             topic=topic, group=f"{topic}-group", index=index, extra=extra)
 
     cfg = config()
     setup_worker_env(cfg)
     return {"topic": topic, "index": index, "group": f"{topic}-group", "config": config,
-            "cfg": cfg, "tmp": tmp_path, "bootstrap": kafka_bootstrap, "es": es_client}
+            "cfg": cfg, "tmp": tmp_path, "bootstrap": bootstrap, "es": es}
+
+
+@pytest.fixture
+def env(tmp_path: Path, kafka_bootstrap: str, es_url: str, es_client: Elasticsearch,
+        unique: Callable[[str], str]) -> dict[str, Any]:
+    """The shared Kafka and Elasticsearch (never stopped by these tests)."""
+    return make_env(tmp_path, kafka_bootstrap, es_url, es_client, unique)
+
+
+@contextmanager
+def private_node(kind: str, root: Path, **settings: str) -> Iterator[PrivateService]:
+    node = PrivateService(kind, root, **settings)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def outage_es(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateService]:
+    """A private Elasticsearch node that tests may stop (the shared one stays up)."""
+    with private_node("elasticsearch", tmp_path_factory.mktemp("es-outage")) as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def tiny_es(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateService]:
+    """A private node whose write queue holds one task: concurrent bulks get 429."""
+    with private_node("elasticsearch", tmp_path_factory.mktemp("es-429"),
+                      ES_WRITE_QUEUE_SIZE="1", ES_PROCESSORS="1") as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def private_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateService]:
+    """A private KRaft broker that a test may restart (the shared one stays up)."""
+    with private_node("kafka", tmp_path_factory.mktemp("kafka")) as node:
+        yield node
+
+
+@pytest.fixture
+def es_env(tmp_path: Path, kafka_bootstrap: str, outage_es: PrivateService,
+           unique: Callable[[str], str]) -> Iterator[dict[str, Any]]:
+    """Shared Kafka, private Elasticsearch (started if a previous test left it stopped)."""
+    outage_es.start()
+    es = Elasticsearch(outage_es.address, request_timeout=30)
+    try:
+        yield {**make_env(tmp_path, kafka_bootstrap, outage_es.address, es, unique),
+               "node": outage_es}
+    finally:
+        es.close()
+
+
+@pytest.fixture
+def kafka_env(tmp_path: Path, es_url: str, es_client: Elasticsearch,
+              private_kafka: PrivateService, unique: Callable[[str], str]) -> dict[str, Any]:
+    """Private Kafka broker, shared Elasticsearch."""
+    private_kafka.start()
+    return {**make_env(tmp_path, private_kafka.address, es_url, es_client, unique),
+            "node": private_kafka}
 
 
 def kill9(proc: subprocess.Popen[bytes]) -> None:
@@ -210,7 +271,7 @@ def _es_outage(env: dict[str, Any], down_s: float, n: int, rate: float) -> None:
     try:
         assert wait_for_count(es, index, 2000, procs=[worker]) >= 2000
         before_stop = len(log_messages(log))
-        service("elasticsearch", "stop")
+        env["node"].stop()
         stopped = time.monotonic()
         try:
             while time.monotonic() - stopped < down_s:
@@ -223,7 +284,7 @@ def _es_outage(env: dict[str, Any], down_s: float, n: int, rate: float) -> None:
             during = log_messages(log)[before_stop:]
         finally:
             started = time.monotonic()
-            service("elasticsearch", "start")
+            env["node"].start()
             print(f"elasticsearch down {started - stopped:.1f}s, "
                   f"start took {time.monotonic() - started:.1f}s")
         after_start = len(log_messages(log))
@@ -246,51 +307,39 @@ def _es_outage(env: dict[str, Any], down_s: float, n: int, rate: float) -> None:
     assert any("resumed fetching" in m for m in log_messages(log)[after_start:])
 
 
-def test_elasticsearch_down_30s_nothing_lost_memory_bounded(env: dict[str, Any]) -> None:
-    _es_outage(env, down_s=32, n=40000, rate=800)
+def test_elasticsearch_down_30s_nothing_lost_memory_bounded(es_env: dict[str, Any]) -> None:
+    _es_outage(es_env, down_s=32, n=40000, rate=800)
 
 
 @pytest.mark.soak
-def test_elasticsearch_down_soak(env: dict[str, Any]) -> None:
+def test_elasticsearch_down_soak(es_env: dict[str, Any]) -> None:
     soak_only()
-    _es_outage(env, down_s=150, n=150000, rate=800)
+    _es_outage(es_env, down_s=150, n=150000, rate=800)
 
 
 # -- 4. Elasticsearch rejecting with 429 --
 
 
-TINY_ES = "http://127.0.0.1:9201"
-
-
-@pytest.fixture(scope="module")
-def tiny_es_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A second node whose write queue holds one task: concurrent bulks get 429."""
-    node_env = {"ES_PORT": "9201", "ES_TRANSPORT_PORT": "9301", "ES_WRITE_QUEUE_SIZE": "1",
-                "ES_PROCESSORS": "1", "ES_HEAP": "512m", "ES_HEAP_MIN": "256m",
-                "ES_STATE_DIR": str(tmp_path_factory.mktemp("es-9201"))}
-    try:
-        service("elasticsearch", "start", node_env)
-        yield node_env
-    finally:
-        service("elasticsearch", "stop", node_env)
-
-
 @pytest.fixture
-def tiny_es(tiny_es_env: dict[str, str]) -> str:
-    service("elasticsearch", "start", tiny_es_env)  # a no-op unless a test stopped it
-    return TINY_ES
+def tiny_env(tmp_path: Path, kafka_bootstrap: str, tiny_es: PrivateService,
+             unique: Callable[[str], str]) -> Iterator[dict[str, Any]]:
+    es = Elasticsearch(tiny_es.address, request_timeout=30)
+    try:
+        yield make_env(tmp_path, kafka_bootstrap, tiny_es.address, es, unique)
+    finally:
+        es.close()
 
 
-def test_429_rejections_are_retried_nothing_lost(env: dict[str, Any], tiny_es: str) -> None:
-    es = Elasticsearch(tiny_es, request_timeout=30)
+def test_429_rejections_are_retried_nothing_lost(tiny_env: dict[str, Any]) -> None:
+    env = tiny_env
+    es = env["es"]
     port = free_port()
-    cfg = env["config"]("tiny.yaml", es=tiny_es,
+    cfg = env["config"]("tiny.yaml",
                         elasticsearch={"concurrency": 4, "retry_initial_backoff_ms": 50,
                                        "retry_max_backoff_ms": 1000},
                         kafka={"batch_max_records": 100},
                         worker={"max_inflight_batches": 8},
                         metrics={"port": port, "host": "127.0.0.1"})
-    setup_worker_env(cfg)
     n = 12000
     produce(env["bootstrap"], env["topic"], access_records(n))
     log = env["tmp"] / "tiny.log"
@@ -311,23 +360,18 @@ def test_429_rejections_are_retried_nothing_lost(env: dict[str, Any], tiny_es: s
           f"partial bulks {partial:.0f}, failed bulks {errors:.0f}; {n} records in {elapsed:.1f}s")
     assert retries and partial + errors > 0, "the node never pushed back: no 429 happened"
     assert any("429" in m or "per-item" in m for m in retries)
-    try:
-        assert_exactly_once(es, env["index"], n)
-    finally:
-        es.close()
+    assert_exactly_once(es, env["index"], n)
 
 
 # -- SIGTERM while Elasticsearch is down: exit 0 within the grace, commit nothing unindexed --
 
 
-def test_sigterm_while_elasticsearch_down_commits_only_indexed(
-        env: dict[str, Any], tiny_es: str, tiny_es_env: dict[str, str]) -> None:
-    topic, group, index = env["topic"], env["group"], env["index"]
+def test_sigterm_while_elasticsearch_down_commits_only_indexed(es_env: dict[str, Any]) -> None:
+    env = es_env
+    topic, group, index, es, node = env["topic"], env["group"], env["index"], env["es"], env["node"]
     grace = 5
-    cfg = env["config"]("sigterm.yaml", es=tiny_es, kafka={"batch_max_records": 500},
+    cfg = env["config"]("sigterm.yaml", kafka={"batch_max_records": 500},
                         worker={"shutdown_grace_s": grace})
-    setup_worker_env(cfg)
-    es = Elasticsearch(tiny_es, request_timeout=30)
     n = 8000
     producer = ProducerThread(env["bootstrap"], topic, n, rate=800).start()
     log = env["tmp"] / "sigterm.log"
@@ -335,7 +379,7 @@ def test_sigterm_while_elasticsearch_down_commits_only_indexed(
     try:
         try:
             assert wait_for_count(es, index, 1000, procs=[worker]) >= 1000
-            service("elasticsearch", "stop", tiny_es_env)
+            node.stop()
             time.sleep(3)  # in-flight batches now retry against a dead node
             assert worker.poll() is None
             t0 = time.monotonic()
@@ -343,7 +387,7 @@ def test_sigterm_while_elasticsearch_down_commits_only_indexed(
             code = worker.wait(grace + 15)
             took = time.monotonic() - t0
         finally:
-            service("elasticsearch", "start", tiny_es_env)
+            node.start()
     except BaseException:
         worker.kill()
         raise
@@ -363,11 +407,8 @@ def test_sigterm_while_elasticsearch_down_commits_only_indexed(
     assert sum(max(o, 0) for o in committed.values()) < n  # something was left uncommitted
     # A new worker picks up from the committed offsets: nothing lost, nothing doubled.
     worker = start_worker(cfg, env["tmp"] / "sigterm-2.log")
-    try:
-        finish(env, producer, [worker], es=es)
-        assert_exactly_once(es, index, n)
-    finally:
-        es.close()
+    finish(env, producer, [worker])
+    assert_exactly_once(es, index, n)
 
 
 # -- graceful rebalances (join, leave): drained and committed first, nothing replayed --
@@ -409,8 +450,9 @@ def test_graceful_rebalances_replay_nothing(env: dict[str, Any]) -> None:
 # -- 5. the Kafka broker restarted under load --
 
 
-def test_kafka_broker_restart_worker_recovers(env: dict[str, Any]) -> None:
-    es, index = env["es"], env["index"]
+def test_kafka_broker_restart_worker_recovers(kafka_env: dict[str, Any]) -> None:
+    env = kafka_env
+    es, index, broker = env["es"], env["index"], env["node"]
     n = 20000
     producer = ProducerThread(env["bootstrap"], env["topic"], n, rate=700).start()
     log = env["tmp"] / "worker.log"
@@ -419,11 +461,11 @@ def test_kafka_broker_restart_worker_recovers(env: dict[str, Any]) -> None:
         assert wait_for_count(es, index, 2000, procs=[worker]) >= 2000
         t0 = time.monotonic()
         try:
-            service("kafka", "stop")
+            broker.stop()
             stopped = time.monotonic()
             time.sleep(5)
         finally:
-            service("kafka", "start")
+            broker.start()
         print(f"kafka stop took {stopped - t0:.1f}s, down {time.monotonic() - stopped:.1f}s")
         assert worker.poll() is None, "worker died with the broker"
     except BaseException:
