@@ -8,6 +8,7 @@ code in the same order.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -26,6 +27,22 @@ from pipeline.process import Processed, RecordProcessor
 from pipeline.schema import ECS_VERSION
 
 RATE_LATE_TAG = "_envoygeo_rate_late"
+
+
+# Why the collector is tuned: a batch keeps every document alive until it is
+# serialised (rates are counted for the whole batch first), ~15 GC-tracked containers
+# per record. With CPython's default generation-0 threshold (700) each of them is
+# traversed in gen 0 and gen 1, and a full collection over the whole heap (caches
+# included) runs every few thousand records: measured at ~25% of `bench core`. The hot
+# path makes no reference cycles, so collecting rarely frees nothing later than now.
+GC_GEN0_THRESHOLD = 100_000
+
+
+def tune_gc() -> None:
+    """Raise the gen-0 threshold to GC_GEN0_THRESHOLD; never lowers a higher setting."""
+    gen0, gen1, gen2 = gc.get_threshold()
+    if 0 < gen0 < GC_GEN0_THRESHOLD:
+        gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 class Enriched(NamedTuple):
@@ -52,6 +69,7 @@ class Enricher:
         # Rate keys ("10s", "60s", ...) built once, not per document.
         self._rate_keys = [f"{w}s" for w in rates.windows] if rates is not None else []
         self.rate_seconds = 0.0
+        tune_gc()
 
     @classmethod
     def from_settings(cls, settings: Settings,
