@@ -8,6 +8,7 @@ which keeps documents small. A later stage adds geo/rate fields to the returned 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 from pipeline.clientip import ClientIp, split_host_port
@@ -65,96 +66,88 @@ def _common(env: Envelope, doc: dict[str, Any]) -> None:
         doc.setdefault("envoygeo", {})["stream"] = env.stream
 
 
+# AccessLog attributes copied verbatim under `envoy.*` and `envoy.upstream.*` when
+# present, in document order. One `attrgetter` call reads them all (in C); the
+# comprehension then only tests for None.
+_ENVOY_KEYS = ("response_flags", "response_code_details", "connection_termination_details",
+               "upstream_transport_failure_reason", "route_name", "x_forwarded_for",
+               "downstream_remote_address", "downstream_direct_remote_address",
+               "downstream_local_address", "protocol")
+_envoy_values = attrgetter(*_ENVOY_KEYS)
+_UPSTREAM_KEYS = ("host", "cluster", "local_address", "service_time_ms")
+_upstream_values = attrgetter("upstream_host", "upstream_cluster", "upstream_local_address",
+                              "upstream_service_time")
+
+
 def build_document(env: Envelope, log: AccessLog, cip: ClientIp) -> dict[str, Any]:
-    """The ECS document for a parsed access log."""
-    ts = log.start_time if log.start_time is not None else env.timestamp
+    """The ECS document for a parsed access log.
+
+    Runs once per record: each AccessLog attribute is read once into a local, and
+    keys are inserted in the same order as always (documents stay byte-identical).
+    """
+    ts = log.start_time
+    if ts is None:
+        ts = env.timestamp
     doc: dict[str, Any] = {}
     if ts is not None:
         doc["@timestamp"] = iso_timestamp(ts)
 
-    if cip.ip is not None:
-        source: dict[str, Any] = {"ip": cip.ip, "address": cip.ip}
-        if cip.port is not None:
-            source["port"] = cip.port
-        doc["source"] = source
+    ip = cip.ip
+    if ip is not None:
+        port = cip.port
+        doc["source"] = ({"ip": ip, "address": ip} if port is None
+                         else {"ip": ip, "address": ip, "port": port})
     dest = _endpoint(log.downstream_local_address)
     if dest is not None:
-        doc["destination"] = {"ip": dest[0], "port": dest[1]} if dest[1] is not None \
-            else {"ip": dest[0]}
+        doc["destination"] = ({"ip": dest[0]} if dest[1] is None
+                              else {"ip": dest[0], "port": dest[1]})
 
     request: dict[str, Any] = {}
-    if log.method is not None:
-        request["method"] = log.method
-    if log.request_id is not None:
-        request["id"] = log.request_id
-    if log.bytes_received is not None:
-        request["bytes"] = log.bytes_received
-    http: dict[str, Any] = {"request": request}
+    if (method := log.method) is not None:
+        request["method"] = method
+    if (request_id := log.request_id) is not None:
+        request["id"] = request_id
+    if (received := log.bytes_received) is not None:
+        request["bytes"] = received
     response: dict[str, Any] = {}
-    if log.response_code:  # 0 means no HTTP response (TCP proxy, reset)
-        response["status_code"] = log.response_code
-    if log.bytes_sent is not None:
-        response["bytes"] = log.bytes_sent
-    http["response"] = response
-    if log.protocol is not None and log.protocol.startswith("HTTP/"):
-        http["version"] = log.protocol[5:]
+    status = log.response_code
+    if status:  # 0 means no HTTP response (TCP proxy, reset)
+        response["status_code"] = status
+    if (sent := log.bytes_sent) is not None:
+        response["bytes"] = sent
+    http: dict[str, Any] = {"request": request, "response": response}
+    protocol = log.protocol
+    if protocol is not None and protocol.startswith("HTTP/"):
+        http["version"] = protocol[5:]
     doc["http"] = http
 
     url: dict[str, Any] = {}
-    if log.path is not None:
-        url["original"] = log.path
-        path, sep, query = log.path.partition("?")
+    if (original := log.path) is not None:
+        path, sep, query = original.partition("?")
+        url["original"] = original
         url["path"] = path
         if sep:
             url["query"] = query
-    if log.authority is not None:
-        host = _endpoint(log.authority)
-        url["domain"] = host[0] if host is not None else log.authority
+    if (authority := log.authority) is not None:
+        host = _endpoint(authority)
+        url["domain"] = host[0] if host is not None else authority
     if url:
         doc["url"] = url
-    if log.user_agent is not None:
-        doc["user_agent"] = {"original": log.user_agent}
+    if (agent := log.user_agent) is not None:
+        doc["user_agent"] = {"original": agent}
 
     event: dict[str, Any] = {"kind": "event", "category": ["web"]}
-    if log.duration_ms is not None:
-        event["duration"] = log.duration_ms * 1_000_000
-    if log.response_code:
-        event["outcome"] = "failure" if log.response_code >= 500 else "success"
+    if (duration := log.duration_ms) is not None:
+        event["duration"] = duration * 1_000_000
+    if status:
+        event["outcome"] = "failure" if status >= 500 else "success"
     doc["event"] = event
-    if log.requested_server_name is not None:
-        doc["tls"] = {"client": {"server_name": log.requested_server_name}}
+    if (sni := log.requested_server_name) is not None:
+        doc["tls"] = {"client": {"server_name": sni}}
 
     envoy: dict[str, Any] = {"log_format": log.log_format}
-    # Explicit tests, not a getattr loop: this is per record.
-    if log.response_flags is not None:
-        envoy["response_flags"] = log.response_flags
-    if log.response_code_details is not None:
-        envoy["response_code_details"] = log.response_code_details
-    if log.connection_termination_details is not None:
-        envoy["connection_termination_details"] = log.connection_termination_details
-    if log.upstream_transport_failure_reason is not None:
-        envoy["upstream_transport_failure_reason"] = log.upstream_transport_failure_reason
-    if log.route_name is not None:
-        envoy["route_name"] = log.route_name
-    if log.x_forwarded_for is not None:
-        envoy["x_forwarded_for"] = log.x_forwarded_for
-    if log.downstream_remote_address is not None:
-        envoy["downstream_remote_address"] = log.downstream_remote_address
-    if log.downstream_direct_remote_address is not None:
-        envoy["downstream_direct_remote_address"] = log.downstream_direct_remote_address
-    if log.downstream_local_address is not None:
-        envoy["downstream_local_address"] = log.downstream_local_address
-    if log.protocol is not None:
-        envoy["protocol"] = log.protocol
-    upstream: dict[str, Any] = {}
-    if log.upstream_host is not None:
-        upstream["host"] = log.upstream_host
-    if log.upstream_cluster is not None:
-        upstream["cluster"] = log.upstream_cluster
-    if log.upstream_local_address is not None:
-        upstream["local_address"] = log.upstream_local_address
-    if log.upstream_service_time is not None:
-        upstream["service_time_ms"] = log.upstream_service_time
+    envoy.update({k: v for k, v in zip(_ENVOY_KEYS, _envoy_values(log)) if v is not None})
+    upstream = {k: v for k, v in zip(_UPSTREAM_KEYS, _upstream_values(log)) if v is not None}
     if upstream:
         envoy["upstream"] = upstream
     if log.extra:
@@ -164,13 +157,16 @@ def build_document(env: Envelope, log: AccessLog, cip: ClientIp) -> dict[str, An
     envoygeo: dict[str, Any] = {"ip_source": cip.source, "envelope": env.kind}
     if cip.ip_class is not None:
         envoygeo["ip_class"] = cip.ip_class
+    if env.stream is not None:
+        envoygeo["stream"] = env.stream
     doc["envoygeo"] = envoygeo
     if cip.related:
         doc["related"] = {"ip": cip.related}
     tags = env.tags + cip.tags if cip.tags else env.tags
     if tags:
         doc["tags"] = tags
-    _common(env, doc)
+    if env.kubernetes is not None:
+        doc["kubernetes"] = env.kubernetes
     return doc
 
 
