@@ -5,12 +5,17 @@ Every test ends with the exact document count and no duplicates
 consumer group ran to the end, committed offsets == records produced. Document ids
 are the Kafka position, so replays after a crash overwrite instead of adding.
 
-Real services only: Kafka and Elasticsearch started by deploy/local. Two tests stop
-and restart the *shared* services (Elasticsearch on 9200, the Kafka broker); they
-always start them again in `finally`. The 429 test runs its own second
-Elasticsearch node (9201/9301, state under tmp) so the shared node is untouched.
+Real services only, started by the repo's deploy/local/services scripts. Tests that
+crash workers use the shared Kafka and Elasticsearch. Tests that stop a *service*
+never stop the shared one: other sessions use it, and a concurrent run's fixtures
+start a replacement on the port as soon as it closes (seen: a CI clone's node took
+over 127.0.0.1:9200 during an outage test). They run private nodes instead, on free
+ports with their own state (`PrivateService`): an Elasticsearch node for the outage and
+SIGTERM tests, one with `thread_pool.write.queue_size=1` for the 429 test, and a KRaft
+broker for the broker restart. Each starts once per module and is stopped at the end.
 
-Longer variants are marked `soak` and also need ENVOYGEO_SOAK=1:
+Longer variants are marked `soak` and also need ENVOYGEO_SOAK=1 (markers alone do not
+deselect anything, so the opt-in keeps the default run near five minutes):
     ENVOYGEO_SOAK=1 pytest -m soak tests/integration/test_reliability.py
 """
 
