@@ -78,20 +78,23 @@ def decode_envelope(data: bytes | str) -> Envelope:
 def _decode(data: bytes | str) -> Envelope:
     text, valid = _to_text(data)
     line = text.rstrip("\r\n")
-    tags = [] if valid else ["envelope_invalid_utf8"]
-    if not line.strip():
-        return Envelope("invalid", None, text, tags=tags, error="empty record")
-    if line[0] == "{":
+    if not line or line.isspace():
+        return Envelope("invalid", None, text, tags=_invalid_tags(valid), error="empty record")
+    env: Envelope | None = None
+    first = line[0]
+    if first == "{":
         env = _from_json(line)
-        if env is not None:
-            env.tags.extend(tags)
-            return env
-    if line[0].isdigit():
+    if env is None and first.isdigit():
         env = _from_cri(line, "cri", None)
-        if env is not None:
-            env.tags.extend(tags)
-            return env
-    return Envelope("bare", line, line, tags=tags)
+    if env is None:
+        return Envelope("bare", line, line, tags=_invalid_tags(valid))
+    if not valid:
+        env.tags.append("envelope_invalid_utf8")
+    return env
+
+
+def _invalid_tags(valid: bool) -> list[str]:
+    return [] if valid else ["envelope_invalid_utf8"]
 
 
 def _from_json(line: str) -> Envelope | None:
@@ -100,27 +103,31 @@ def _from_json(line: str) -> Envelope | None:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         return None
+    # Hot path (every Kafka record): exact type checks, each key read once.
     payload = obj.get("log")
-    if not isinstance(payload, str):
+    if type(payload) is not str:
         payload = obj.get("message")
     kube = obj.get("kubernetes")
-    kube = kube if isinstance(kube, dict) else None
+    if type(kube) is not dict:
+        kube = None
     stamp = obj.get("@timestamp")
     if stamp is None:
         stamp = obj.get("time", obj.get("timestamp"))
-    if isinstance(payload, str):
-        keys = obj.keys()
-        if kube is None and "@timestamp" not in obj and keys <= _DOCKER_KEYS:
-            kind = "docker"
-        elif "@timestamp" in obj:
+    if type(payload) is str:
+        if "@timestamp" in obj:
             kind = "fluent-bit"
+        elif kube is None and obj.keys() <= _DOCKER_KEYS:
+            kind = "docker"
         else:
             kind = "fluentd"
-        stream = obj.get("stream") if isinstance(obj.get("stream"), str) else None
-        env = Envelope(kind, None, line, stream=stream, timestamp=parse_epoch_or_iso(stamp),
-                       kubernetes=kube)
+        stream = obj.get("stream")
+        if type(stream) is not str:
+            stream = None
+        # Fluent Bit's epoch float needs no parsing (see parse_epoch_or_iso).
+        ts = stamp if type(stamp) is float and stamp <= 1e11 else parse_epoch_or_iso(stamp)
+        env = Envelope(kind, None, line, stream=stream, timestamp=ts, kubernetes=kube)
         inner = payload.rstrip("\r\n")
         # A collector tailing raw container files without a CRI parser forwards the CRI
         # line itself; unwrap it so the access log is reached either way.
@@ -160,8 +167,8 @@ class PartialJoiner:
 
     def feed(self, env: Envelope) -> Envelope | None:
         """The completed record, or None while a partial is being held back."""
-        if env.error is not None:
-            return env
+        if env.error is not None or (not env.partial and not self._pending):
+            return env  # the common case: a whole line, nothing waiting anywhere
         key = self._key(env)
         pending = self._pending.get(key)
         if pending is None and not env.partial:
