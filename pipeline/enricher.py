@@ -117,7 +117,7 @@ class Enricher:
     def _enrich(self, out: Sequence[Processed | None]) -> list[dict[str, Any]]:
         """GeoIP, rates and ECS bookkeeping on processed records, in place; returns alerts."""
         ingested = datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
-        lookup = self.geoip.lookup if self.geoip is not None else None
+        lookup = self.geoip.batch_lookup() if self.geoip is not None else None
         apply_geo = geoip_mod.apply
         events: list[Event] = []
         event_docs: list[dict[str, Any]] = []
@@ -125,23 +125,22 @@ class Enricher:
         for rec in out:
             if rec is None:
                 continue
-            doc = rec.doc
+            doc, ip, ts, error = rec
             doc["ecs"] = {"version": ECS_VERSION}
             event = doc["event"]
             event["ingested"] = ingested
             event["module"] = "envoygeo"
-            if rec.error is None:
+            if error is None:
                 event["type"] = ["access"]
                 event["dataset"] = "envoygeo.access"
             else:
                 event["dataset"] = "envoygeo.unparsed"
-            ip = rec.ip
             if ip is None:
                 continue
             if lookup is not None:
                 apply_geo(doc, lookup(ip))
-            if rec.ts is not None:
-                events.append((ip, rec.ts))
+            if ts is not None:
+                events.append((ip, ts))
                 event_docs.append(doc)
 
         alerts: list[dict[str, Any]] = []

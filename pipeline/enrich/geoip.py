@@ -48,6 +48,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import maxminddb
@@ -91,6 +92,9 @@ _GEO_FIELDS: tuple[tuple[int, str], ...] = (
     (POSTAL_CODE, "postal_code"),
     (TIMEZONE, "timezone"),
 )
+
+_GEO_NAMES = tuple(name for _, name in _GEO_FIELDS)
+_geo_values = itemgetter(*(idx for idx, _ in _GEO_FIELDS))
 
 # Non-global ranges, as sorted (starts, ends) integer arrays so that classifying an address
 # costs one inet_pton and one bisect instead of ipaddress's dozen network containment
@@ -367,6 +371,13 @@ class GeoIP:
             self.check_reload()
         return self._cached(ip)
 
+    def batch_lookup(self) -> Callable[[str], GeoResult]:
+        """`lookup` for the records of one batch: the reload check once, here, then the
+        bare C cache per record (saves a Python call and a clock read per record)."""
+        if time.monotonic() >= self._next_check:
+            self.check_reload()
+        return self._cached
+
     def check_reload(self) -> bool:
         """Stat every database now; swap in replacements. True when something changed."""
         self._next_check = time.monotonic() + self.check_interval_s
@@ -455,15 +466,17 @@ def apply(doc: dict[str, Any], result: GeoResult | None) -> None:
     source = doc.get("source")
     if source is None:
         source = doc["source"] = {}
-    geo: dict[str, Any] = {}
-    for idx, name in _GEO_FIELDS:
-        v = result[idx]
-        if v is not None:
-            geo[name] = v
+    # Once per record: one comprehension, and the new dict is stored as is unless the
+    # document already has a `source.geo` to merge into.
+    geo = {name: v for name, v in zip(_GEO_NAMES, _geo_values(result)) if v is not None}
     if result[LAT] is not None:
         geo["location"] = {"lat": result[LAT], "lon": result[LON]}
     if geo:
-        source.setdefault("geo", {}).update(geo)
+        existing = source.get("geo")
+        if existing is None:
+            source["geo"] = geo
+        else:
+            existing.update(geo)
     if result[AS_NUMBER] is not None or result[AS_ORG] is not None:
         asn: dict[str, Any] = {}
         if result[AS_NUMBER] is not None:
