@@ -100,6 +100,7 @@ class Worker:
         self._inflight: deque[tuple[Future[None], Batch]] = deque()
         self._pool = ThreadPoolExecutor(settings.elasticsearch.concurrency, "bulk")
         self._fatal: BaseException | None = None
+        self._grace_timer: threading.Timer | None = None
         self.source: KafkaSource | None = None
         self.status: StatusServer | None = None
 
@@ -113,6 +114,10 @@ class Worker:
                 self.settings.worker.shutdown_grace_s,
             )
             self.stopping.set()
+            # The grace period starts now, not when the loop gets to _shutdown(): the
+            # main thread may be blocked in a revoke callback draining batches that a
+            # dead Elasticsearch will not take, and only `abort` can release it.
+            self._start_grace_timer()
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
@@ -174,14 +179,20 @@ class Worker:
             return 1
         return 0
 
+    def _start_grace_timer(self) -> None:
+        """Set `abort` once shutdown_grace_s have passed (idempotent)."""
+        if self._grace_timer is None:
+            timer = threading.Timer(self.settings.worker.shutdown_grace_s, self.abort.set)
+            timer.daemon = True
+            timer.start()
+            self._grace_timer = timer
+
     def _shutdown(self) -> None:
-        grace = self.settings.worker.shutdown_grace_s
-        timer = threading.Timer(grace, self.abort.set)
-        timer.daemon = True
-        timer.start()
+        self._start_grace_timer()
         log.info("draining %d in-flight batch(es)", len(self._inflight))
         self._drain()
-        timer.cancel()
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.source is not None:
             self.source.close()

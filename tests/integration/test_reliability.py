@@ -416,6 +416,97 @@ def test_sigterm_while_elasticsearch_down_commits_only_indexed(es_env: dict[str,
     assert_exactly_once(es, index, n)
 
 
+# -- SIGTERM while a revoke waits on a dead Elasticsearch --
+
+
+class GroupMember:
+    """A bare consumer-group member (the test's own) that joins to force a rebalance."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+        import threading
+
+        from confluent_kafka import Consumer
+
+        self.assigned: set[int] = set()
+        self._stop = threading.Event()
+        self._consumer = Consumer({
+            "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": 10000, "auto.offset.reset": "earliest"})
+        self._consumer.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _on_assign(self, consumer: Any, parts: list[Any]) -> None:
+        self.assigned.update(tp.partition for tp in parts)
+        consumer.pause(parts)  # takes nothing: it only holds partitions
+
+    def _on_revoke(self, consumer: Any, parts: list[Any]) -> None:
+        self.assigned.difference_update(tp.partition for tp in parts)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._consumer.poll(0.2)
+        self._consumer.close()  # leaves the group without committing anything
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def test_sigterm_during_revoke_while_elasticsearch_down_exits_in_grace(
+        es_env: dict[str, Any]) -> None:
+    """A rolling deploy while Elasticsearch is down: a member joins, the worker must give
+    partitions away but cannot flush them, then gets SIGTERM. It must still exit within
+    its grace period (committing nothing unindexed), not hang in the revoke."""
+    env = es_env
+    topic, group, index, es, node = env["topic"], env["group"], env["index"], env["es"], env["node"]
+    grace = 5
+    cfg = env["config"]("revoke.yaml", kafka={"batch_max_records": 500},
+                        worker={"shutdown_grace_s": grace})
+    n = 8000
+    producer = ProducerThread(env["bootstrap"], topic, n, rate=800).start()
+    log = env["tmp"] / "revoke.log"
+    worker = start_worker(cfg, log)
+    member: GroupMember | None = None
+    try:
+        try:
+            assert wait_for_count(es, index, 1000, procs=[worker]) >= 1000
+            node.stop()
+            time.sleep(3)  # in-flight batches now retry against a dead node
+            member = GroupMember(env["bootstrap"], group, topic)
+            deadline = time.monotonic() + 30
+            while not any(m.startswith("revoking") for m in log_messages(log)):
+                assert time.monotonic() < deadline, "the join never made the worker revoke"
+                time.sleep(0.2)
+            time.sleep(1)
+            assert worker.poll() is None
+            t0 = time.monotonic()
+            worker.send_signal(signal.SIGTERM)
+            try:
+                code: int | None = worker.wait(grace + 25)
+            except subprocess.TimeoutExpired:
+                code = None
+            took = time.monotonic() - t0
+        finally:
+            node.start()
+    except BaseException:
+        worker.kill()
+        raise
+    finally:
+        if member is not None:
+            member.close()
+    print(f"SIGTERM during a blocked revoke: exit {code} after {took:.1f}s (grace {grace}s)")
+    if code is None:
+        worker.wait(60)  # Elasticsearch is back: the revoke can finish now
+    assert code == 0, "the worker hung in the revoke past its grace period"
+    assert took < grace + 10
+    # Nothing unindexed was committed; a new worker finishes the job exactly once.
+    worker = start_worker(cfg, env["tmp"] / "revoke-2.log")
+    finish(env, producer, [worker])
+    assert_exactly_once(es, index, n)
+
+
 # -- graceful rebalances (join, leave): drained and committed first, nothing replayed --
 
 
