@@ -196,7 +196,7 @@ class ClientIpResolver:
             # those are already in normal form, so `host` is its own str().
             try:
                 packed = socket.inet_pton(socket.AF_INET, host)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: NUL or unencodable characters
                 return None
             return self._addr(host, 4, int.from_bytes(packed, "big"))
         try:

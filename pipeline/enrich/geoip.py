@@ -468,7 +468,8 @@ def apply(doc: dict[str, Any], result: GeoResult | None) -> None:
         source = doc["source"] = {}
     # Once per record: one comprehension, and the new dict is stored as is unless the
     # document already has a `source.geo` to merge into.
-    geo = {name: v for name, v in zip(_GEO_NAMES, _geo_values(result)) if v is not None}
+    geo = {name: v for name, v in zip(_GEO_NAMES, _geo_values(result), strict=True)
+           if v is not None}
     if result[LAT] is not None:
         geo["location"] = {"lat": result[LAT], "lon": result[LON]}
     if geo:
