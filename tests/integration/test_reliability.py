@@ -14,9 +14,9 @@ ports with their own state (`PrivateService`): an Elasticsearch node for the out
 SIGTERM tests, one with `thread_pool.write.queue_size=1` for the 429 test, and a KRaft
 broker for the broker restart. Each starts once per module and is stopped at the end.
 
-Longer variants are marked `soak` and also need ENVOYGEO_SOAK=1 (markers alone do not
-deselect anything, so the opt-in keeps the default run near five minutes):
-    ENVOYGEO_SOAK=1 pytest -m soak tests/integration/test_reliability.py
+Longer variants are marked `soak`; pyproject's addopts deselect them (`-m 'not soak'`) so
+the default run stays near five minutes. Run them with:
+    pytest -m soak tests/integration/test_reliability.py
 """
 
 from __future__ import annotations
@@ -58,13 +58,7 @@ from tests.integration.harness import (
     write_config,
 )
 
-SOAK = bool(os.environ.get("ENVOYGEO_SOAK"))
 RSS_BOUND_MB = 400
-
-
-def soak_only() -> None:
-    if not SOAK:
-        pytest.skip("soak: run with ENVOYGEO_SOAK=1 pytest -m soak")
 
 
 def make_env(tmp_path: Path, bootstrap: str, es_url: str, es: Elasticsearch,
@@ -207,7 +201,6 @@ def test_kill9_repeatedly_loses_and_duplicates_nothing(env: dict[str, Any]) -> N
 
 @pytest.mark.soak
 def test_kill9_soak(env: dict[str, Any]) -> None:
-    soak_only()
     _kill_loop(env, kills=12, n=80000, rate=800, seed=int(time.time()))
 
 
@@ -322,7 +315,6 @@ def test_elasticsearch_down_30s_nothing_lost_memory_bounded(es_env: dict[str, An
 
 @pytest.mark.soak
 def test_elasticsearch_down_soak(es_env: dict[str, Any]) -> None:
-    soak_only()
     _es_outage(es_env, down_s=150, n=150000, rate=800)
 
 
