@@ -21,7 +21,6 @@ the default run stays near five minutes. Run them with:
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import signal
