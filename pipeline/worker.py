@@ -320,8 +320,12 @@ class Worker:
             self._inflight.popleft()
             done.update(batch.offsets)
         self.metrics.inflight.set(len(self._inflight))
-        if done and self.source is not None:
-            self.source.commit(done, asynchronous=not wait)
+        if self.source is None:
+            return
+        if done:
+            self.source.mark_done(done)
+        if done or wait or self.source.commit_due():
+            self.source.commit_pending(asynchronous=not wait)
 
     def _drain(self) -> None:
         self._reap(wait=True)

@@ -9,6 +9,7 @@ move and the others keep flowing.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -48,8 +49,12 @@ class KafkaSource:
         if settings.statistics_interval_ms and on_stats is not None:
             conf["statistics.interval.ms"] = settings.statistics_interval_ms
             conf["stats_cb"] = lambda raw: on_stats(orjson.loads(raw))
+        conf["on_commit"] = self._committed
         conf.update(settings.librdkafka)
         self._on_revoke = on_revoke
+        # Done offsets not yet confirmed committed (see commit_pending).
+        self.pending: dict[tuple[str, int], int] = {}
+        self._last_commit_attempt = 0.0
         self._on_assign = on_assign
         self.assigned: set[tuple[str, int]] = set()
         self.paused = False
@@ -73,13 +78,19 @@ class KafkaSource:
     def _revoke(self, consumer: Consumer, partitions: Partitions) -> None:
         log.info("revoking %s: flushing and committing first", _names(partitions))
         self._on_revoke(partitions)
-        self.assigned.difference_update((tp.topic, tp.partition) for tp in partitions)
+        self._forget(partitions)
 
     def _lost(self, consumer: Consumer, partitions: Partitions) -> None:
         # Lost (session expired): another member may already own them, so committing
         # would be wrong; the replays this causes overwrite by document id.
         log.warning("lost %s (session expired); not committing them", _names(partitions))
-        self.assigned.difference_update((tp.topic, tp.partition) for tp in partitions)
+        self._forget(partitions)
+
+    def _forget(self, partitions: Partitions) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self.assigned.discard(key)
+            self.pending.pop(key, None)  # the new owner commits from here on
 
     # -- fetching --
 
@@ -133,18 +144,53 @@ class KafkaSource:
 
     # -- offsets --
 
-    def commit(self, offsets: dict[tuple[str, int], int], asynchronous: bool) -> None:
-        """Store and commit the next offset to read for each partition we still own."""
-        tps = [
-            TopicPartition(t, p, off) for (t, p), off in offsets.items() if (t, p) in self.assigned
-        ]
+    def mark_done(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Record that everything below these offsets is indexed or dead-lettered."""
+        pending = self.pending
+        for key, off in offsets.items():
+            if off > pending.get(key, -1):
+                pending[key] = off
+
+    def commit_pending(self, asynchronous: bool) -> None:
+        """Store and commit the done offsets not yet known to be committed.
+
+        An offset leaves `pending` only when Kafka confirms it (the commit call for a
+        synchronous commit, `_committed` for an asynchronous one), so a commit lost in
+        a rebalance or a broker hiccup is sent again on a later call instead of being
+        forgotten, even if no new record ever arrives for that partition.
+        """
+        self._last_commit_attempt = time.monotonic()
+        tps = [TopicPartition(t, p, off) for (t, p), off in self.pending.items()
+               if (t, p) in self.assigned]
         if not tps:
             return
-        self.consumer.store_offsets(offsets=tps)
         try:
-            self.consumer.commit(offsets=tps, asynchronous=asynchronous)
-        except Exception as exc:  # e.g. during a rebalance: the next commit covers it
-            log.warning("commit of %s failed: %s", _names(tps), exc)
+            self.consumer.store_offsets(offsets=tps)
+            if asynchronous:
+                self.consumer.commit(offsets=tps, asynchronous=True)
+            else:
+                self._confirm(self.consumer.commit(offsets=tps, asynchronous=False) or [])
+        except Exception as exc:  # e.g. during a rebalance: retried on a later call
+            log.warning("commit of %s failed (will retry): %s", _names(tps), exc)
+
+    def commit_due(self, retry_after_s: float = 1.0) -> bool:
+        """Something is pending and the last attempt is old enough to try again."""
+        return bool(self.pending) and (
+            time.monotonic() - self._last_commit_attempt >= retry_after_s)
+
+    def _committed(self, err: KafkaError | None, partitions: Partitions) -> None:
+        # librdkafka's commit callback, served inside poll/consume on this thread.
+        if err is not None:
+            log.warning("commit failed (will retry): %s", err)
+            return
+        self._confirm(partitions)
+
+    def _confirm(self, partitions: Partitions) -> None:
+        pending = self.pending
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            if tp.error is None and key in pending and tp.offset >= pending[key]:
+                del pending[key]
 
     def close(self) -> None:
         self.consumer.close()
