@@ -22,6 +22,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from elasticsearch import Elasticsearch
 
+from pipeline.lab.shipper import DEFAULT_KUBERNETES
+from pipeline.lab.shipper import fluent_bit_record as shipper_record
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Istio default text format; the client address is what the PROXY protocol preserved.
@@ -34,20 +37,8 @@ ISTIO_LINE = (
 
 
 def fluent_bit_record(line: str, ts: float, pod: str = "istio-ingressgateway-7d9f-x2x") -> bytes:
-    return orjson.dumps({
-        "@timestamp": ts,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".000000000Z",
-        "stream": "stdout",
-        "_p": "F",
-        "log": line,
-        "kubernetes": {
-            "pod_name": pod,
-            "namespace_name": "istio-system",
-            "container_name": "istio-proxy",
-            "host": "node-1",
-            "labels": {"app": "istio-ingressgateway", "istio": "ingressgateway"},
-        },
-    })
+    """The lab shipper's Fluent Bit record, for a given pod."""
+    return shipper_record(line, ts, {**DEFAULT_KUBERNETES, "pod_name": pod})
 
 
 def access_records(n: int, start: int = 0, clients: Sequence[str] = ("89.160.20.112",),
