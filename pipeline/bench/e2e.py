@@ -37,6 +37,8 @@ from pipeline.config import load_settings
 from pipeline.enricher import Enricher
 from pipeline.setup import ensure_topics, install_templates
 from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, make_client
+from pipeline.sinks.kafka import produce_waiting
+from pipeline.sources.kafka import committed_total
 
 
 def _config(path: Path, bootstrap: str, es_url: str, topic: str, index: str, group: str,
@@ -59,25 +61,9 @@ def _produce(bootstrap: str, topic: str, records: list[bytes]) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50,
                          "compression.type": "lz4", "enable.idempotence": True})
     for i, value in enumerate(records):
-        while True:
-            try:
-                producer.produce(topic, value=value, key=str(i).encode())
-                break
-            except BufferError:
-                producer.poll(0.1)
+        produce_waiting(producer, topic, value, str(i).encode(), wait_s=0.1)
     if producer.flush(120):
         raise click.ClickException("could not load the corpus into Kafka")
-
-
-def _committed(bootstrap: str, group: str, topic: str) -> int:
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in range(6)], timeout=10)
-    finally:
-        consumer.close()
-    return sum(tp.offset for tp in tps if tp.offset > 0)
 
 
 def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
@@ -89,7 +75,7 @@ def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
         for p in procs:
             if p.poll() is not None:
                 raise click.ClickException(f"worker exited with {p.returncode}")
-        c = _committed(bootstrap, group, topic)
+        c = committed_total(bootstrap, group, topic, timeout_s=10)
         now = time.monotonic()
         if c and first_t is None:
             first_t, first_c = now, c

@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 from confluent_kafka import Producer
 
+from pipeline.sinks.kafka import produce_waiting
+
 DEFAULT_KUBERNETES: dict[str, Any] = {
     "pod_name": "istio-ingressgateway-7d9f8c6b5-x2x9k",
     "namespace_name": "istio-system",
@@ -85,13 +87,8 @@ class FileShipper:
                     time.sleep(0.05)
 
     def _produce(self, value: bytes) -> None:
-        while True:
-            try:
-                self._producer.produce(self.topic, value=value, on_delivery=self._report)
-                self.shipped += 1
-                return
-            except BufferError:
-                self._producer.poll(0.2)
+        produce_waiting(self._producer, self.topic, value, on_delivery=self._report)
+        self.shipped += 1
 
     def stop(self) -> int:
         """Ship what is left, wait for every acknowledgement; returns lines shipped."""

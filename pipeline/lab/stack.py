@@ -95,6 +95,16 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout_s: fl
     raise LabError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s:.0f}s")
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10) -> None:
+    """TERM, then KILL if it has not exited within the grace period."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def envoy_bootstrap(
     listen_port: int, admin_port: int, access_log: Path, log_format: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -272,12 +282,7 @@ class ProxyStack:
         tb: TracebackType | None,
     ) -> None:
         for proc in reversed(self._procs):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
         self._procs.clear()
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -21,6 +21,23 @@ from pipeline.sinks.elasticsearch import SinkStopped
 log = logging.getLogger(__name__)
 
 
+def produce_waiting(producer: Producer, topic: str, value: bytes, key: bytes | None = None,
+                    headers: list[tuple[str, bytes]] | None = None,
+                    on_delivery: Any = None, wait_s: float = 0.2) -> None:
+    """Produce one record, waiting while librdkafka's local queue is full.
+
+    `produce()` raises BufferError instead of blocking; serving delivery reports with
+    `poll()` frees room. Every producer in the project goes through here.
+    """
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, headers=headers,
+                             on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(wait_s)
+
+
 @dataclass(slots=True)
 class OutRecord:
     value: bytes
@@ -89,19 +106,8 @@ class KafkaTopicSink:
                 time.sleep(self._retry_backoff_s)
 
     def _produce(self, topic: str, rec: OutRecord, index: int, report: Any) -> None:
-        while True:
-            try:
-                self._producer.produce(
-                    topic,
-                    value=rec.value,
-                    key=rec.key,
-                    headers=rec.headers,
-                    on_delivery=lambda err, msg, i=index: report(err, i),
-                )
-                return
-            except BufferError:
-                # Local queue full: let deliveries drain, then try again.
-                self._producer.poll(0.5)
+        produce_waiting(self._producer, topic, rec.value, rec.key, rec.headers,
+                        lambda err, msg, i=index: report(err, i), wait_s=0.5)
 
     def close(self) -> None:
         self._producer.flush(30)

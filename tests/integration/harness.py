@@ -24,6 +24,8 @@ from elasticsearch import Elasticsearch
 
 from pipeline.lab.shipper import DEFAULT_KUBERNETES
 from pipeline.lab.shipper import fluent_bit_record as shipper_record
+from pipeline.sinks.kafka import produce_waiting
+from pipeline.sources.kafka import committed_total
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,26 +76,12 @@ def produce(bootstrap: str, topic: str, values: Iterable[bytes], keyed: bool = T
             errors.append(str(err))
 
     for i, value in enumerate(values):
-        while True:
-            try:
-                producer.produce(topic, value=value, key=str(i).encode() if keyed else None,
-                                 on_delivery=report)
-                break
-            except BufferError:
-                producer.poll(0.2)
+        produce_waiting(producer, topic, value, str(i).encode() if keyed else None,
+                        on_delivery=report)
         count += 1
     assert producer.flush(60) == 0
     assert not errors, f"{len(errors)} record(s) not produced: {errors[:3]}"
     return count
-
-
-def committed_total(bootstrap: str, group: str, topic: str, partitions: int = 6) -> int:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=30)
-    finally:
-        consumer.close()
-    return sum(tp.offset for tp in tps if tp.offset >= 0)
 
 
 def wait_for_committed(bootstrap: str, group: str, topic: str, expected: int,
@@ -258,13 +246,8 @@ class ProducerThread:
         while i < end:
             values = access_records(min(self.chunk, end - i), start=i)
             for value in values:
-                while True:
-                    try:
-                        self._producer.produce(self._topic, value=value, key=str(i).encode(),
-                                               on_delivery=self._report)
-                        break
-                    except BufferError:
-                        self._producer.poll(0.2)
+                produce_waiting(self._producer, self._topic, value, str(i).encode(),
+                                on_delivery=self._report)
                 i += 1
             self.produced = i - self.start_at
             self._producer.poll(0)

@@ -29,7 +29,13 @@ from pipeline.decode.envoy_format import (
 )
 from pipeline.decode.parser import make_parser
 from pipeline.decode.presets import ENVOY_DEFAULT, ISTIO_DEFAULT, ISTIO_JSON, ISTIO_LEGACY
-from pipeline.lab.stack import envoy_binary, free_port, haproxy_binary, wait_port
+from pipeline.lab.stack import (
+    envoy_binary,
+    free_port,
+    haproxy_binary,
+    stop_process,
+    wait_port,
+)
 from pipeline.process import RecordProcessor
 
 pytestmark = pytest.mark.integration
@@ -163,12 +169,7 @@ backend be_xff
     finally:
         for proc in (haproxy, envoy):
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc)
 
 
 def _get(host: str, port: int, test_id: str, headers: dict[str, str]) -> None:
