@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from pipeline import native as native_mod
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver
 from pipeline.config import Settings
 from pipeline.decode.parser import make_parser
@@ -45,6 +46,11 @@ def tune_gc() -> None:
         gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
+def _ingested_now() -> str:
+    """`event.ingested` for a batch: now, in the `@timestamp` text form."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
 class Enriched(NamedTuple):
     """What the worker needs of one input record."""
 
@@ -60,6 +66,7 @@ class Enricher:
         rates: RateBackend | None = None,
         alerts: AlertEngine | None = None,
         on_rates: Callable[[float], None] | None = None,
+        native: bool = True,
     ) -> None:
         self.processor = processor
         self.geoip = geoip
@@ -69,6 +76,16 @@ class Enricher:
         # Rate keys ("10s", "60s", ...) built once, not per document.
         self._rate_keys = [f"{w}s" for w in rates.windows] if rates is not None else []
         self.rate_seconds = 0.0
+        self._native_rates = getattr(rates, "native", None)
+        self._fast: Any = None
+        self.native_status = "off"
+        if native:
+            self._fast, why = native_mod.build_core(
+                processor.parser, processor.resolver,
+                self._geo_source_fragment if geoip is not None else None,
+                geoip.cache_size if geoip is not None else 0,
+                rates.windows if rates is not None else ())
+            self.native_status = "on" if self._fast is not None else f"off: {why}"
         tune_gc()
 
     @classmethod
@@ -114,9 +131,12 @@ class Enricher:
         out = self.processor.flush_records()
         return out, self._enrich(out)  # type: ignore[arg-type]
 
-    def _enrich(self, out: Sequence[Processed | None]) -> list[dict[str, Any]]:
-        """GeoIP, rates and ECS bookkeeping on processed records, in place; returns alerts."""
-        ingested = datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    def _enrich(self, out: Sequence[Processed | None], count: bool = True) -> list[dict[str, Any]]:
+        """GeoIP, rates and ECS bookkeeping on processed records, in place; returns alerts.
+
+        `count=False`: the caller counts rates itself (the native path, whole batch).
+        """
+        ingested = _ingested_now()
         lookup = self.geoip.batch_lookup() if self.geoip is not None else None
         apply_geo = geoip_mod.apply
         events: list[Event] = []
@@ -144,13 +164,10 @@ class Enricher:
                 event_docs.append(doc)
 
         alerts: list[dict[str, Any]] = []
-        if self.rates is not None and events:
+        if self.rates is not None and events and count:
             started = time.perf_counter()
             counts, late = self.rates.count_batch_detailed(events)
-            elapsed = time.perf_counter() - started
-            self.rate_seconds += elapsed
-            if self._on_rates is not None:
-                self._on_rates(elapsed)
+            self._rates_took(time.perf_counter() - started)
             keys = self._rate_keys
             for doc, c in zip(event_docs, counts, strict=True):
                 doc["envoygeo"]["rate"] = dict(zip(keys, c, strict=True))
@@ -162,12 +179,85 @@ class Enricher:
 
     def enrich_batch(self, values: Sequence[bytes]) -> tuple[list[Enriched], list[dict[str, Any]]]:
         """The worker's entry point: serialised documents, one per input value."""
+        if self._fast is not None and not self.processor.joiner.pending:
+            done = self._enrich_batch_native(values)
+            if done is not None:
+                return done
         records, alerts = self.enrich_records(values)
         dumps = orjson.dumps
         return [
             Enriched(None, None) if r is None else Enriched(dumps(r.doc), r.error)
             for r in records
         ], alerts
+
+    def _enrich_batch_native(self, values: Sequence[bytes],
+                             ) -> tuple[list[Enriched], list[dict[str, Any]]] | None:
+        """`enrich_batch` through the compiled core; None when it declines the batch.
+
+        The core writes the documents it can; the records it hands back run through
+        the same Python stages as always (`RecordProcessor`, `_enrich`'s bookkeeping)
+        and join the batch's rate counting in record order, so counts, alerts and
+        documents are what the Python path alone would produce.
+        """
+        geo = self.geoip
+        generation = 0
+        if geo is not None:
+            geo.batch_lookup()  # the reload check, once per batch
+            generation = geo.generation
+        core = self._fast
+        hits = core.geo_hits
+        batch = core.begin(values if isinstance(values, list) else list(values),
+                           _ingested_now(), generation)
+        if batch is None:
+            return None
+        fallback = batch.fallback
+        self.processor.parsed += len(values) - len(fallback)
+        if geo is not None:
+            geo.external_hits += core.geo_hits - hits
+        records: dict[int, Processed | None] = {}
+        if fallback:
+            process = self.processor.process_record
+            for i in fallback:
+                records[i] = rec = process(values[i])
+                if rec is not None and rec.ip is not None and rec.ts is not None:
+                    batch.set_event(i, rec.ip, rec.ts)
+            self._enrich(list(records.values()), count=False)
+        alerts: list[dict[str, Any]] = []
+        if self.rates is not None:
+            started = time.perf_counter()
+            if self._native_rates is not None:
+                batch.count(self._native_rates)
+            else:
+                counts, late = self.rates.count_batch_detailed(batch.events())
+                batch.set_counts(counts, late)
+            self._rates_took(time.perf_counter() - started)
+            keys = self._rate_keys
+            for i, c, late_event in batch.python_counts():
+                doc = records[i].doc  # type: ignore[union-attr]
+                doc["envoygeo"]["rate"] = dict(zip(keys, c, strict=True))
+                if late_event:
+                    doc.setdefault("tags", []).append(RATE_LATE_TAG)
+            if self.alerts is not None:
+                events, counts = batch.alert_candidates(self.alerts.thresholds())
+                if events:
+                    alerts = self.alerts.evaluate(events, counts, self._alert_geo)
+        docs = batch.finish()
+        if not fallback:
+            return [Enriched(d, None) for d in docs], alerts
+        dumps = orjson.dumps
+        out: list[Enriched] = []
+        for i, d in enumerate(docs):
+            if d is not None:
+                out.append(Enriched(d, None))
+            else:
+                rec = records[i]
+                out.append(Enriched(None, None) if rec is None
+                           else Enriched(dumps(rec.doc), rec.error))
+        return out, alerts
+
+    def _geo_source_fragment(self, ip: str) -> tuple[str | None, bytes | None]:
+        """The native core's GeoIP cache miss: this enricher's lookup, rendered."""
+        return geoip_mod.source_fragment(self.geoip.lookup(ip))  # type: ignore[union-attr]
 
     def _attach_flushed(self, out: list[Processed | None]) -> None:
         """Partial lines still open at the end of a batch become documents now.
@@ -182,13 +272,21 @@ class Enricher:
         for slot, rec in zip(held[-len(flushed):], flushed, strict=False):
             out[slot] = rec
 
+    def _rates_took(self, elapsed: float) -> None:
+        self.rate_seconds += elapsed
+        if self._on_rates is not None:
+            self._on_rates(elapsed)
+
     def _alert_geo(self, ip: str) -> dict[str, Any]:
         if self.geoip is None:
             return {}
         return geoip_mod.geo_fields(self.geoip.lookup(ip))
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"parsed": self.processor.parsed, "failed": self.processor.failed}
+        out: dict[str, Any] = {"parsed": self.processor.parsed, "failed": self.processor.failed,
+                               "native": self.native_status}
+        if self._fast is not None:
+            out["native_handed_back"] = self._fast.handed_back
         if self.geoip is not None:
             out["geoip"] = self.geoip.stats()
         if self.rates is not None:

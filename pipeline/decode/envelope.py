@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.decode.timeparse import parse_epoch_or_iso, parse_iso8601
+from pipeline.decode.timeparse import MIN_EPOCH, parse_epoch_or_iso, parse_iso8601
 
 # <RFC3339Nano> <stream> <P|F> <line>  (the line may be empty)
 _CRI = re.compile(r"(\d{4}-\d\d-\d\dT\S+) (stdout|stderr) ([FP])(?: (.*))?", re.DOTALL)
@@ -126,7 +126,8 @@ def _from_json(line: str) -> Envelope | None:
         if type(stream) is not str:
             stream = None
         # Fluent Bit's epoch float needs no parsing (see parse_epoch_or_iso).
-        ts = stamp if type(stamp) is float and stamp <= 1e11 else parse_epoch_or_iso(stamp)
+        ts = (stamp if type(stamp) is float and MIN_EPOCH <= stamp <= 1e11
+              else parse_epoch_or_iso(stamp))
         env = Envelope(kind, None, line, stream=stream, timestamp=ts, kubernetes=kube)
         inner = payload.rstrip("\r\n")
         # A collector tailing raw container files without a CRI parser forwards the CRI
@@ -158,6 +159,11 @@ class PartialJoiner:
     def __init__(self, max_bytes: int = 1 << 20) -> None:
         self.max_bytes = max_bytes
         self._pending: dict[tuple[Any, ...], tuple[Envelope, list[str], int]] = {}
+
+    @property
+    def pending(self) -> bool:
+        """Whether some partial line is being held back."""
+        return bool(self._pending)
 
     @staticmethod
     def _key(env: Envelope) -> tuple[Any, ...]:

@@ -31,16 +31,27 @@ def parse_iso8601(text: str) -> float | None:
         return None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+    ts = dt.timestamp()
+    return ts if MIN_EPOCH <= ts < MAX_EPOCH else None
+
+
+# Instants a document can carry: 1970-01-01 up to the end of year 9999 (what
+# `datetime` and Elasticsearch's default date format can write). Anything else is a
+# corrupt or hostile value and is treated as unknown rather than crashing the writer.
+MIN_EPOCH = 0.0
+MAX_EPOCH = 253_402_300_800.0
 
 
 def parse_epoch_or_iso(value: object) -> float | None:
-    """Epoch seconds from a number (seconds; milliseconds if implausibly large) or a string."""
+    """Epoch seconds from a number (seconds; milliseconds if implausibly large) or a
+    string; None when it is neither or lies outside MIN_EPOCH..MAX_EPOCH."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
         v = float(value)
-        return v / 1000.0 if v > 1e11 else v
+        if v > 1e11:
+            v /= 1000.0
+        return v if MIN_EPOCH <= v < MAX_EPOCH else None
     if isinstance(value, str):
         try:
             return parse_epoch_or_iso(float(value))

@@ -97,6 +97,11 @@ class AlertEngine:
         self._allowed_cache[key] = ok
         return ok
 
+    def thresholds(self) -> list[tuple[int, int]]:
+        """(window index, threshold) per rule: enough to pre-select the events that
+        `evaluate` can act on (the native path passes only those)."""
+        return [(wi, rule.threshold) for rule, wi, _ in self._rules]
+
     def evaluate(
         self,
         events: Sequence[Event],

@@ -52,6 +52,7 @@ from operator import itemgetter
 from typing import Any
 
 import maxminddb
+import orjson
 from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
@@ -312,6 +313,11 @@ class GeoIP:
     locale: str = "en"
     _next_check: float = field(default=0.0, repr=False)
     _cached: Callable[[str], GeoResult] = field(init=False, repr=False)
+    # Bumped whenever cached answers become stale (a database was swapped), so caches
+    # outside this object (the native fast path's) know to drop theirs.
+    generation: int = field(default=0, repr=False)
+    # Hits answered by such an outside cache, reported with this one's.
+    external_hits: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self._next_check = time.monotonic() + self.check_interval_s
@@ -389,6 +395,7 @@ class GeoIP:
         return changed
 
     def clear_cache(self) -> None:
+        self.generation += 1
         clear = getattr(self._cached, "cache_clear", None)
         if clear is not None:
             clear()
@@ -422,7 +429,7 @@ class GeoIP:
         info = getattr(self._cached, "cache_info", None)
         ci = info() if info is not None else None
         return {
-            "cache_hits": ci.hits if ci else 0,
+            "cache_hits": (ci.hits if ci else 0) + self.external_hits,
             "cache_misses": ci.misses if ci else 0,
             "cache_size": ci.currsize if ci else 0,
             "reloads": sum(d.reloads for d in self.databases),
@@ -485,6 +492,17 @@ def apply(doc: dict[str, Any], result: GeoResult | None) -> None:
         if result[AS_ORG] is not None:
             asn["organization"] = {"name": result[AS_ORG]}
         source["as"] = asn
+
+
+def source_fragment(result: GeoResult | None) -> tuple[str | None, bytes | None]:
+    """What `apply` would do, for the native document writer: (tag, or the serialised
+    members `"geo":{...},"as":{...}` to append inside `source`)."""
+    if result is None:
+        return None, None
+    if result[TAG] is not None:
+        return result[TAG], None
+    fields = geo_fields(result)
+    return None, (orjson.dumps(fields)[1:-1] if fields else None)
 
 
 def geo_fields(result: GeoResult | None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pipeline.enrich.rates import (  # noqa: E402
     rate_fields,
 )
 from pipeline.enrich.rates.memory import MemoryRates  # noqa: E402
+from pipeline.enrich.rates.native import NativeMemoryRates  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -119,7 +120,7 @@ def test_ipv6_and_ipv4_keys_are_distinct() -> None:
 
 def test_open_backend_and_protocol() -> None:
     b = open_backend(RatesConfig(windows=(60, 10), lateness_s=5))
-    assert isinstance(b, MemoryRates) and isinstance(b, RateBackend)
+    assert isinstance(b, MemoryRates | NativeMemoryRates) and isinstance(b, RateBackend)
     assert b.windows == (10, 60)
     with pytest.raises(ValueError):
         RatesConfig(windows=())

@@ -101,6 +101,12 @@ def rate_fields(windows: Sequence[int], counts: Counts) -> dict[str, int]:
 def open_backend(cfg: RatesConfig) -> RateBackend:
     """Build the configured backend (imports lazily: redis-py is only needed for redis)."""
     if cfg.backend == "memory":
+        from pipeline import native
+
+        if native.available():
+            from pipeline.enrich.rates.native import NativeMemoryRates
+
+            return NativeMemoryRates.from_config(cfg)
         from pipeline.enrich.rates.memory import MemoryRates
 
         return MemoryRates.from_config(cfg)

@@ -36,8 +36,34 @@ def _rebase(arr: array[int]) -> None:
     arr[:] = array("q", [(v & ~_MASK) | ((v & _MASK) - base) for v in arr])
 
 
-class MemoryRates:
-    """See module docstring and `pipeline.enrich.rates` for the exact semantics."""
+class LocalAlertClaims:
+    """In-process alert dedupe for the memory backends: a bounded set of claimed keys
+    (oldest dropped beyond the cap); exact for one worker, as the counts are."""
+
+    def __init__(self, max_alert_keys: int = 100_000) -> None:
+        self._alert_keys: OrderedDict[str, float] = OrderedDict()
+        self._max_alert_keys = max_alert_keys
+
+    def claim_alerts(self, claims: Sequence[tuple[str, int]]) -> list[bool]:
+        keys = self._alert_keys
+        res: list[bool] = []
+        for key, ttl in claims:
+            if key in keys:
+                res.append(False)
+                continue
+            keys[key] = ttl
+            res.append(True)
+            while len(keys) > self._max_alert_keys:
+                keys.popitem(last=False)
+        return res
+
+
+class MemoryRates(LocalAlertClaims):
+    """See module docstring and `pipeline.enrich.rates` for the exact semantics.
+
+    `pipeline.enrich.rates.native.NativeMemoryRates` is the same counter compiled;
+    this one is the reference the tests hold it to, and the fallback without it.
+    """
 
     def __init__(
         self,
@@ -47,6 +73,7 @@ class MemoryRates:
         max_alert_keys: int = 100_000,
         evict_idle: bool = True,
     ) -> None:
+        super().__init__(max_alert_keys)
         self.windows: tuple[int, ...] = tuple(sorted(set(int(w) for w in windows)))
         self.lateness_s = int(lateness_s)
         self.retention_s = max(self.windows) + self.lateness_s
@@ -54,8 +81,6 @@ class MemoryRates:
         self.evict_idle = evict_idle
         self._state: dict[str, array[int]] = {}
         self._newest = -(1 << 62)  # newest relative bucket seen by this backend
-        self._alert_keys: OrderedDict[str, float] = OrderedDict()
-        self._max_alert_keys = max_alert_keys
         self.events = 0
         self.late_events = 0
         self.evicted_idle = 0
@@ -176,20 +201,6 @@ class MemoryRates:
             self.evicted_capacity += excess
         for ip in doomed:
             del state[ip]
-
-    def claim_alerts(self, claims: Sequence[tuple[str, int]]) -> list[bool]:
-        """In-process dedupe: a bounded set of keys (oldest dropped beyond the cap)."""
-        keys = self._alert_keys
-        res: list[bool] = []
-        for key, ttl in claims:
-            if key in keys:
-                res.append(False)
-                continue
-            keys[key] = ttl
-            res.append(True)
-            while len(keys) > self._max_alert_keys:
-                keys.popitem(last=False)
-        return res
 
     def stats(self) -> dict[str, Any]:
         return {

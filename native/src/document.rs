@@ -1,0 +1,355 @@
+//! The ECS document of `pipeline.document.build_document` plus the fields
+//! `Enricher._enrich` adds, written straight to bytes in the same key order.
+//!
+//! Rates and alert tags are only known once the whole batch is counted, so a document
+//! is written in two parts: `head` (everything up to the last `envoygeo` key) now, and
+//! the tail (`envoygeo.rate`, `related`, `tags`, `kubernetes`, `ecs`) at `finish`.
+
+use crate::clientip::{split_host_port, ClientIp};
+use crate::envelope::Env;
+use crate::json::{key, write_int, write_str};
+use crate::scan::{Format, Parsed, Val};
+use crate::timefmt::iso_timestamp;
+
+pub struct Doc {
+    pub head: Vec<u8>,
+    pub ip: Option<String>,
+    pub ts: Option<f64>,
+    pub related: Vec<String>,
+    pub tags: Vec<String>,
+    pub early_tags: bool,
+    pub kubernetes: Option<Vec<u8>>,
+}
+
+/// `document._endpoint`: (host, port), IPv4-mapped hosts in their IPv4 form.
+fn endpoint(text: &str) -> Result<Option<(&str, Option<i64>)>, ()> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    Ok(split_host_port(text)?.map(|(h, p)| {
+        if h.len() >= 7 && h[..7].eq_ignore_ascii_case("::ffff:") && h.contains('.') {
+            (&h[7..], p)
+        } else {
+            (h, p)
+        }
+    }))
+}
+
+pub struct Fields<'a> {
+    line: &'a str,
+    parsed: &'a Parsed,
+}
+
+impl<'a> Fields<'a> {
+    pub fn new(line: &'a str, parsed: &'a Parsed) -> Self {
+        Fields { line, parsed }
+    }
+    pub fn s(&self, slot: usize) -> Option<&'a str> {
+        match self.parsed.slots[slot] {
+            Val::Str(a, b) => Some(&self.line[a..b]),
+            _ => None,
+        }
+    }
+    fn i(&self, slot: usize) -> Option<i64> {
+        match self.parsed.slots[slot] {
+            Val::Int(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn t(&self, slot: usize) -> Option<f64> {
+        match self.parsed.slots[slot] {
+            Val::Time(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+// AccessLog slots (constructor order).
+pub const START_TIME: usize = 0;
+const METHOD: usize = 1;
+const PATH: usize = 2;
+const PROTOCOL: usize = 3;
+const RESPONSE_CODE: usize = 4;
+const RESPONSE_FLAGS: usize = 5;
+const RESPONSE_CODE_DETAILS: usize = 6;
+const CONNECTION_TERMINATION_DETAILS: usize = 7;
+const UPSTREAM_TRANSPORT_FAILURE_REASON: usize = 8;
+const BYTES_RECEIVED: usize = 9;
+const BYTES_SENT: usize = 10;
+const DURATION_MS: usize = 11;
+const UPSTREAM_SERVICE_TIME: usize = 12;
+pub const X_FORWARDED_FOR: usize = 13;
+const USER_AGENT: usize = 14;
+const REQUEST_ID: usize = 15;
+const AUTHORITY: usize = 16;
+pub const UPSTREAM_HOST: usize = 17;
+const UPSTREAM_CLUSTER: usize = 18;
+pub const UPSTREAM_LOCAL_ADDRESS: usize = 19;
+const DOWNSTREAM_LOCAL_ADDRESS: usize = 20;
+pub const DOWNSTREAM_REMOTE_ADDRESS: usize = 21;
+pub const DOWNSTREAM_DIRECT_REMOTE_ADDRESS: usize = 22;
+const REQUESTED_SERVER_NAME: usize = 23;
+const ROUTE_NAME: usize = 24;
+
+fn opt_str(out: &mut Vec<u8>, k: &str, v: Option<&str>) {
+    if let Some(v) = v {
+        key(out, k);
+        write_str(out, v);
+    }
+}
+
+fn opt_int(out: &mut Vec<u8>, k: &str, v: Option<i64>) {
+    if let Some(v) = v {
+        key(out, k);
+        write_int(out, v);
+    }
+}
+
+pub struct Geo {
+    pub tag: Option<String>,
+    pub fragment: Option<Vec<u8>>,
+}
+
+/// Err(()) sends the record to the Python path (a value only Python can render).
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    env: &Env,
+    kubernetes: Option<Vec<u8>>,
+    fmt: &Format,
+    f: &Fields,
+    cip: ClientIp,
+    geo: Option<&Geo>,
+    ingested: &str,
+) -> Result<Doc, ()> {
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    out.push(b'{');
+    let ts = f.t(START_TIME).or(env.ts);
+    if let Some(ts) = ts {
+        key(&mut out, "@timestamp");
+        write_str(&mut out, &iso_timestamp(ts).ok_or(())?);
+    }
+    let mut tags: Vec<String> = cip.tags.iter().map(|t| (*t).to_owned()).collect();
+    let early_tags = !tags.is_empty();
+    if let Some(ip) = &cip.ip {
+        key(&mut out, "source");
+        out.push(b'{');
+        key(&mut out, "ip");
+        write_str(&mut out, ip);
+        key(&mut out, "address");
+        write_str(&mut out, ip);
+        opt_int(&mut out, "port", cip.port);
+        if let Some(g) = geo {
+            if let Some(tag) = &g.tag {
+                if !tags.iter().any(|t| t == tag) {
+                    tags.push(tag.clone());
+                }
+            } else if let Some(frag) = &g.fragment {
+                out.push(b',');
+                out.extend_from_slice(frag);
+            }
+        }
+        out.push(b'}');
+    }
+    if let Some((host, port)) = match f.s(DOWNSTREAM_LOCAL_ADDRESS) {
+        Some(t) => endpoint(t)?,
+        None => None,
+    } {
+        key(&mut out, "destination");
+        out.push(b'{');
+        key(&mut out, "ip");
+        write_str(&mut out, host);
+        opt_int(&mut out, "port", port);
+        out.push(b'}');
+    }
+
+    key(&mut out, "http");
+    out.extend_from_slice(b"{\"request\":{");
+    opt_str(&mut out, "method", f.s(METHOD));
+    opt_str(&mut out, "id", f.s(REQUEST_ID));
+    opt_int(&mut out, "bytes", f.i(BYTES_RECEIVED));
+    out.extend_from_slice(b"},\"response\":{");
+    let status = f.i(RESPONSE_CODE).filter(|&s| s != 0);
+    opt_int(&mut out, "status_code", status);
+    opt_int(&mut out, "bytes", f.i(BYTES_SENT));
+    out.push(b'}');
+    let protocol = f.s(PROTOCOL);
+    if let Some(v) = protocol.and_then(|p| p.strip_prefix("HTTP/")) {
+        key(&mut out, "version");
+        write_str(&mut out, v);
+    }
+    out.push(b'}');
+
+    let original = f.s(PATH);
+    let authority = f.s(AUTHORITY);
+    if original.is_some() || authority.is_some() {
+        key(&mut out, "url");
+        out.push(b'{');
+        if let Some(o) = original {
+            key(&mut out, "original");
+            write_str(&mut out, o);
+            let (path, query) = match o.find('?') {
+                Some(i) => (&o[..i], Some(&o[i + 1..])),
+                None => (o, None),
+            };
+            key(&mut out, "path");
+            write_str(&mut out, path);
+            opt_str(&mut out, "query", query);
+        }
+        if let Some(a) = authority {
+            key(&mut out, "domain");
+            write_str(&mut out, endpoint(a)?.map_or(a, |(h, _)| h));
+        }
+        out.push(b'}');
+    }
+    if let Some(ua) = f.s(USER_AGENT) {
+        key(&mut out, "user_agent");
+        out.push(b'{');
+        key(&mut out, "original");
+        write_str(&mut out, ua);
+        out.push(b'}');
+    }
+
+    key(&mut out, "event");
+    out.extend_from_slice(b"{\"kind\":\"event\",\"category\":[\"web\"]");
+    if let Some(d) = f.i(DURATION_MS) {
+        key(&mut out, "duration");
+        write_int(&mut out, d.checked_mul(1_000_000).ok_or(())?);
+    }
+    if let Some(s) = status {
+        key(&mut out, "outcome");
+        write_str(&mut out, if s >= 500 { "failure" } else { "success" });
+    }
+    key(&mut out, "ingested");
+    write_str(&mut out, ingested);
+    out.extend_from_slice(
+        b",\"module\":\"envoygeo\",\"type\":[\"access\"],\"dataset\":\"envoygeo.access\"}",
+    );
+    if let Some(sni) = f.s(REQUESTED_SERVER_NAME) {
+        key(&mut out, "tls");
+        out.extend_from_slice(b"{\"client\":{");
+        key(&mut out, "server_name");
+        write_str(&mut out, sni);
+        out.extend_from_slice(b"}}");
+    }
+
+    key(&mut out, "envoy");
+    out.push(b'{');
+    key(&mut out, "log_format");
+    write_str(&mut out, &fmt.name);
+    opt_str(&mut out, "response_flags", f.s(RESPONSE_FLAGS));
+    opt_str(&mut out, "response_code_details", f.s(RESPONSE_CODE_DETAILS));
+    opt_str(&mut out, "connection_termination_details", f.s(CONNECTION_TERMINATION_DETAILS));
+    opt_str(&mut out, "upstream_transport_failure_reason", f.s(UPSTREAM_TRANSPORT_FAILURE_REASON));
+    opt_str(&mut out, "route_name", f.s(ROUTE_NAME));
+    opt_str(&mut out, "x_forwarded_for", f.s(X_FORWARDED_FOR));
+    opt_str(&mut out, "downstream_remote_address", f.s(DOWNSTREAM_REMOTE_ADDRESS));
+    opt_str(&mut out, "downstream_direct_remote_address", f.s(DOWNSTREAM_DIRECT_REMOTE_ADDRESS));
+    opt_str(&mut out, "downstream_local_address", f.s(DOWNSTREAM_LOCAL_ADDRESS));
+    opt_str(&mut out, "protocol", protocol);
+    let (uh, uc, ul, ust) = (
+        f.s(UPSTREAM_HOST),
+        f.s(UPSTREAM_CLUSTER),
+        f.s(UPSTREAM_LOCAL_ADDRESS),
+        f.i(UPSTREAM_SERVICE_TIME),
+    );
+    if uh.is_some() || uc.is_some() || ul.is_some() || ust.is_some() {
+        key(&mut out, "upstream");
+        out.push(b'{');
+        opt_str(&mut out, "host", uh);
+        opt_str(&mut out, "cluster", uc);
+        opt_str(&mut out, "local_address", ul);
+        opt_int(&mut out, "service_time_ms", ust);
+        out.push(b'}');
+    }
+    if !f.parsed.extras.is_empty() {
+        key(&mut out, "extra");
+        out.push(b'{');
+        for &(fi, val) in &f.parsed.extras {
+            key(&mut out, &fmt.field(fi).extra_key);
+            match val {
+                Val::Str(a, b) => write_str(&mut out, &f.line[a..b]),
+                Val::Int(v) => write_int(&mut out, v),
+                _ => return Err(()),
+            }
+        }
+        out.push(b'}');
+    }
+    out.push(b'}');
+
+    key(&mut out, "envoygeo");
+    out.push(b'{');
+    key(&mut out, "ip_source");
+    write_str(&mut out, cip.source);
+    key(&mut out, "envelope");
+    write_str(&mut out, env.kind);
+    opt_str(&mut out, "ip_class", cip.class);
+    opt_str(&mut out, "stream", env.stream.as_deref());
+
+    Ok(Doc {
+        head: out,
+        ip: cip.ip,
+        ts,
+        related: cip.related,
+        tags,
+        early_tags,
+        kubernetes,
+    })
+}
+
+pub const RATE_LATE_TAG: &str = "_envoygeo_rate_late";
+
+/// The rest of the document once rates are known.
+pub fn finish(doc: &mut Doc, rate_keys: &[String], counts: Option<&[u64]>, late: bool, ecs: &str) -> Vec<u8> {
+    let mut out = std::mem::take(&mut doc.head);
+    if let Some(c) = counts {
+        key(&mut out, "rate");
+        out.push(b'{');
+        for (k, v) in rate_keys.iter().zip(c) {
+            key(&mut out, k);
+            crate::json::write_uint(&mut out, *v);
+        }
+        out.push(b'}');
+    }
+    out.push(b'}');
+    if !doc.related.is_empty() {
+        key(&mut out, "related");
+        out.extend_from_slice(b"{\"ip\":[");
+        for (i, ip) in doc.related.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(&mut out, ip);
+        }
+        out.extend_from_slice(b"]}");
+    }
+    if late {
+        doc.tags.push(RATE_LATE_TAG.to_owned());
+    }
+    let write_tags = |out: &mut Vec<u8>, tags: &[String]| {
+        key(out, "tags");
+        out.push(b'[');
+        for (i, t) in tags.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(out, t);
+        }
+        out.push(b']');
+    };
+    if doc.early_tags {
+        write_tags(&mut out, &doc.tags);
+    }
+    if let Some(k) = &doc.kubernetes {
+        key(&mut out, "kubernetes");
+        out.extend_from_slice(k);
+    }
+    key(&mut out, "ecs");
+    out.extend_from_slice(b"{\"version\":");
+    write_str(&mut out, ecs);
+    out.push(b'}');
+    if !doc.early_tags && !doc.tags.is_empty() {
+        write_tags(&mut out, &doc.tags);
+    }
+    out.push(b'}');
+    out
+}

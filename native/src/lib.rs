@@ -1,0 +1,454 @@
+//! envoygeo's compiled fast path (`pipeline._native`).
+//!
+//! Python stays the reference implementation of every stage; this crate runs the
+//! common case of each one (Fluent Bit/Fluentd/bare envelopes, text formats whose
+//! strict pattern scans left to right, the client-IP policy, the ECS document, the
+//! memory rate counters) and hands every other record back to Python by index. The
+//! differential tests hold the two paths to byte-identical documents.
+
+mod clientip;
+mod document;
+mod envelope;
+mod json;
+mod rates;
+mod scan;
+mod timefmt;
+
+use std::rc::Rc;
+
+use ahash::AHashMap;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+
+use clientip::{class_name, Policy};
+use document::{Doc, Geo};
+use envelope::Decoded;
+use scan::{Conv, Field, Format, Kind, Outcome, Seg};
+
+type Plan = Vec<(String, Option<String>, Option<usize>, Option<String>, Option<String>)>;
+
+fn build_format(name: String, plan: Plan) -> PyResult<Format> {
+    // plan items: (kind, text/delimiter, slot, extra key, converter)
+    let mut segs = Vec::new();
+    let mut n_fields = 0;
+    for (kind, text, slot, extra_key, conv) in plan {
+        if kind == "lit" {
+            let t = text.ok_or_else(|| PyValueError::new_err("literal without text"))?;
+            if t.is_empty() {
+                return Err(PyValueError::new_err("empty literal"));
+            }
+            segs.push(Seg::Lit(t.into_bytes()));
+            continue;
+        }
+        let delim = || -> PyResult<u8> {
+            match text.as_deref().map(str::as_bytes) {
+                Some([c]) => Ok(*c),
+                _ => Err(PyValueError::new_err(format!("{kind} needs a one-byte delimiter"))),
+            }
+        };
+        let kind = match kind.as_str() {
+            "time" => Kind::Time,
+            "num" => Kind::Num,
+            "token_excl" => Kind::TokenExcl(delim()?),
+            "token_ws" => Kind::TokenWs,
+            "text_excl" => Kind::TextExcl(delim()?),
+            "text_end" => Kind::TextEnd,
+            other => return Err(PyValueError::new_err(format!("unknown field kind {other}"))),
+        };
+        let conv = match conv.as_deref() {
+            None | Some("str") => Conv::Str,
+            Some("int") => Conv::Int,
+            Some("to_int") => Conv::ToInt,
+            Some("time") => Conv::Time,
+            Some(other) => return Err(PyValueError::new_err(format!("unknown converter {other}"))),
+        };
+        segs.push(Seg::Field(Field { kind, conv, slot, extra_key: extra_key.unwrap_or_default() }));
+        n_fields += 1;
+    }
+    Ok(Format { name, segs, n_fields })
+}
+
+fn table(starts: Vec<u128>, classes: Vec<String>) -> (Vec<u128>, Vec<&'static str>) {
+    (starts, classes.iter().map(|c| class_name(c)).collect())
+}
+
+/// One configured fast path: parser formats, client-IP policy, GeoIP cache.
+#[pyclass(unsendable)]
+struct Core {
+    formats: Vec<Format>,
+    last: usize,
+    policy: Policy,
+    geo_lookup: Option<PyObject>,
+    geo_cache: AHashMap<Box<str>, Rc<Geo>>,
+    geo_cache_size: usize,
+    geo_generation: i64,
+    #[pyo3(get)]
+    geo_hits: u64,
+    #[pyo3(get)]
+    geo_misses: u64,
+    #[pyo3(get)]
+    parsed: u64,
+    #[pyo3(get)]
+    handed_back: u64,
+    rate_keys: Vec<String>,
+    ecs_version: String,
+    spans: Vec<(usize, usize)>,
+}
+
+enum Rec {
+    Native(Doc),
+    Python,
+}
+
+/// The records of one `enrich_batch` call between `Core.begin` and `Batch.finish`.
+#[pyclass(unsendable)]
+struct Batch {
+    recs: Vec<Rec>,
+    /// Event (ip, ts) of each record that has one, in record order; Python records
+    /// set theirs with `set_event`.
+    events: Vec<Option<(Rc<str>, f64)>>,
+    counts: Vec<Option<Vec<u64>>>,
+    late: Vec<bool>,
+    #[pyo3(get)]
+    fallback: Vec<usize>,
+    rate_keys: Vec<String>,
+    ecs_version: String,
+}
+
+#[pymethods]
+impl Core {
+    #[new]
+    #[pyo3(signature = (formats, trusted, hops, v4_table, v6_table, geo_lookup, geo_cache_size, rate_keys, ecs_version))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        formats: Vec<(String, Plan)>,
+        trusted: Vec<(u8, u128, u128)>,
+        hops: usize,
+        v4_table: (Vec<u128>, Vec<String>),
+        v6_table: (Vec<u128>, Vec<String>),
+        geo_lookup: Option<PyObject>,
+        geo_cache_size: usize,
+        rate_keys: Vec<String>,
+        ecs_version: String,
+    ) -> PyResult<Self> {
+        if formats.is_empty() {
+            return Err(PyValueError::new_err("no formats"));
+        }
+        let formats = formats.into_iter().map(|(n, p)| build_format(n, p)).collect::<PyResult<Vec<_>>>()?;
+        Ok(Core {
+            formats,
+            last: 0,
+            policy: Policy {
+                trusted,
+                hops,
+                v4: table(v4_table.0, v4_table.1),
+                v6: table(v6_table.0, v6_table.1),
+            },
+            geo_lookup,
+            geo_cache: AHashMap::new(),
+            geo_cache_size: geo_cache_size.max(1),
+            geo_generation: 0,
+            geo_hits: 0,
+            geo_misses: 0,
+            parsed: 0,
+            handed_back: 0,
+            rate_keys,
+            ecs_version,
+            spans: Vec::new(),
+        })
+    }
+
+    /// Fields per format (for tests: the plan was understood).
+    fn field_counts(&self) -> Vec<usize> {
+        self.formats.iter().map(|f| f.n_fields).collect()
+    }
+
+    /// Decode, parse, resolve and look up every record it can; the rest are listed in
+    /// `Batch.fallback` for the Python path. None when the batch holds a record that
+    /// may be part of a split line (CRI, Docker): the Python path takes all of it.
+    fn begin(&mut self, py: Python<'_>, values: &Bound<'_, PyList>, ingested: &str,
+             geo_generation: i64) -> PyResult<Option<Batch>> {
+        if geo_generation != self.geo_generation {
+            self.geo_cache.clear(); // the database was replaced: forget old answers
+            self.geo_generation = geo_generation;
+        }
+        let n = values.len();
+        let mut batch = Batch {
+            recs: Vec::with_capacity(n),
+            events: Vec::with_capacity(n),
+            counts: vec![None; n],
+            late: vec![false; n],
+            fallback: Vec::new(),
+            rate_keys: self.rate_keys.clone(),
+            ecs_version: self.ecs_version.clone(),
+        };
+        for (i, item) in values.iter().enumerate() {
+            let rec = match item.downcast::<PyBytes>() {
+                Ok(b) => self.record(py, b.as_bytes(), ingested)?,
+                Err(_) => Some(None),
+            };
+            match rec {
+                None => return Ok(None),
+                Some(Some(doc)) => {
+                    let ev = match (&doc.ip, doc.ts) {
+                        (Some(ip), Some(ts)) => Some((Rc::from(ip.as_str()), ts)),
+                        _ => None,
+                    };
+                    batch.events.push(ev);
+                    batch.recs.push(Rec::Native(doc));
+                    self.parsed += 1;
+                }
+                Some(None) => {
+                    batch.events.push(None);
+                    batch.recs.push(Rec::Python);
+                    batch.fallback.push(i);
+                }
+            }
+        }
+        self.handed_back += batch.fallback.len() as u64;
+        Ok(Some(batch))
+    }
+
+    fn clear_geo_cache(&mut self) {
+        self.geo_cache.clear();
+    }
+}
+
+impl Core {
+    /// None: partial-line risk (whole batch to Python); Some(None): this record to
+    /// Python; Some(Some(doc)): done here.
+    fn record(&mut self, py: Python<'_>, data: &[u8], ingested: &str) -> PyResult<Option<Option<Doc>>> {
+        let mut env = match envelope::decode(data) {
+            Decoded::Ok(env) => env,
+            Decoded::Fallback => return Ok(Some(None)),
+            Decoded::PartialRisk => return Ok(None),
+        };
+        let kubernetes = env.kubernetes.take();
+        let line = env.payload.as_str();
+        if !line.is_ascii() || line.trim_start_matches(|c: char| scan::is_py_space(c as u8)).starts_with('{') {
+            return Ok(Some(None)); // non-ASCII (Unicode \s, \d) or an Envoy JSON line
+        }
+        let mut spans = std::mem::take(&mut self.spans);
+        let mut found = None;
+        let order = std::iter::once(self.last).chain((0..self.formats.len()).filter(|&k| k != self.last));
+        for k in order {
+            match self.formats[k].parse(line, &mut spans) {
+                Outcome::NoMatch => continue,
+                Outcome::Fallback => break,
+                Outcome::Ok(p) => {
+                    found = Some((k, p));
+                    break;
+                }
+            }
+        }
+        self.spans = spans;
+        let Some((k, parsed)) = found else { return Ok(Some(None)) };
+        self.last = k;
+        let fields = Fields::new(line, &parsed);
+        use document::*;
+        let Ok(cip) = self.policy.resolve(
+            fields.s(DOWNSTREAM_REMOTE_ADDRESS),
+            fields.s(DOWNSTREAM_DIRECT_REMOTE_ADDRESS),
+            fields.s(X_FORWARDED_FOR),
+            fields.s(UPSTREAM_HOST),
+            fields.s(UPSTREAM_LOCAL_ADDRESS),
+        ) else {
+            return Ok(Some(None));
+        };
+        let geo = match (&cip.ip, &self.geo_lookup) {
+            (Some(ip), Some(lookup)) => Some(self.geo(py, lookup.clone_ref(py), ip)?),
+            _ => None,
+        };
+        Ok(Some(build(&env, kubernetes, &self.formats[k], &fields, cip, geo.as_deref(), ingested).ok()))
+    }
+
+    fn geo(&mut self, py: Python<'_>, lookup: PyObject, ip: &str) -> PyResult<Rc<Geo>> {
+        if let Some(g) = self.geo_cache.get(ip) {
+            self.geo_hits += 1;
+            return Ok(g.clone());
+        }
+        self.geo_misses += 1;
+        let (tag, fragment): (Option<String>, Option<Vec<u8>>) = lookup.call1(py, (ip,))?.extract(py)?;
+        let g = Rc::new(Geo { tag, fragment });
+        if self.geo_cache.len() >= self.geo_cache_size {
+            self.geo_cache.clear(); // bounded; the hot IPs come back within a batch
+        }
+        self.geo_cache.insert(ip.into(), g.clone());
+        Ok(g)
+    }
+}
+
+fn counts_tuple<'py>(py: Python<'py>, c: &[u64]) -> PyResult<Bound<'py, PyTuple>> {
+    PyTuple::new(py, c)
+}
+
+#[pymethods]
+impl Batch {
+    /// The client IP and event time of a record the Python path processed.
+    fn set_event(&mut self, index: usize, ip: &str, ts: f64) {
+        self.events[index] = Some((Rc::from(ip), ts));
+    }
+
+    /// Every (ip, ts) event in record order, for a rate backend outside this crate.
+    fn events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for (ip, ts) in self.events.iter().flatten() {
+            out.append((ip.as_ref(), *ts))?;
+        }
+        Ok(out)
+    }
+
+    /// Counts from an outside backend, one per event of `events()`.
+    fn set_counts(&mut self, counts: Vec<Vec<u64>>, late: Vec<usize>) -> PyResult<()> {
+        let idx: Vec<usize> = (0..self.events.len()).filter(|&i| self.events[i].is_some()).collect();
+        if counts.len() != idx.len() {
+            return Err(PyValueError::new_err("one count per event expected"));
+        }
+        for (&i, c) in idx.iter().zip(counts) {
+            self.counts[i] = Some(c);
+        }
+        for l in late {
+            let i = *idx.get(l).ok_or_else(|| PyValueError::new_err("late index out of range"))?;
+            self.late[i] = true;
+        }
+        Ok(())
+    }
+
+    /// Count every event with the native memory backend.
+    fn count(&mut self, rates: &mut NativeRates) {
+        let mut buf = Vec::new();
+        let (mut n, mut late) = (0, 0);
+        for (i, ev) in self.events.iter().enumerate() {
+            if let Some((ip, ts)) = ev {
+                let is_late = rates.inner.count(ip, *ts, &mut buf);
+                self.counts[i] = Some(buf.clone());
+                self.late[i] = is_late;
+                n += 1;
+                late += usize::from(is_late);
+            }
+        }
+        rates.inner.end_batch(n, late);
+    }
+
+    /// (index, counts, late) of the Python-path records that have counts.
+    fn python_counts<'py>(&self, py: Python<'py>) -> PyResult<Vec<(usize, Bound<'py, PyTuple>, bool)>> {
+        let mut out = Vec::new();
+        for &i in &self.fallback {
+            if let Some(c) = &self.counts[i] {
+                out.push((i, counts_tuple(py, c)?, self.late[i]));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events and counts of the records where some (window index, threshold) rule is
+    /// reached: all `AlertEngine.evaluate` needs to see, in record order.
+    fn alert_candidates<'py>(&self, py: Python<'py>, rules: Vec<(usize, u64)>)
+                             -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let (events, counts) = (PyList::empty(py), PyList::empty(py));
+        for (ev, c) in self.events.iter().zip(&self.counts) {
+            if let (Some((ip, ts)), Some(c)) = (ev, c) {
+                if rules.iter().any(|&(wi, thr)| c.get(wi).is_some_and(|&n| n >= thr)) {
+                    events.append((ip.as_ref(), *ts))?;
+                    counts.append(counts_tuple(py, c)?)?;
+                }
+            }
+        }
+        Ok((events, counts))
+    }
+
+    /// Serialised documents in record order; None where the Python path owns the record.
+    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for (i, rec) in self.recs.iter_mut().enumerate() {
+            match rec {
+                Rec::Native(doc) => {
+                    let bytes = document::finish(doc, &self.rate_keys, self.counts[i].as_deref(),
+                                                 self.late[i], &self.ecs_version);
+                    out.append(PyBytes::new(py, &bytes))?;
+                }
+                Rec::Python => out.append(py.None())?,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The memory rate counters (see rates.rs), usable alone or through `Batch.count`.
+#[pyclass(unsendable)]
+struct NativeRates {
+    inner: rates::Rates,
+}
+
+#[pymethods]
+impl NativeRates {
+    #[new]
+    #[pyo3(signature = (windows, lateness_s, max_ips, evict_idle=true))]
+    fn new(windows: Vec<i64>, lateness_s: i64, max_ips: usize, evict_idle: bool) -> Self {
+        NativeRates { inner: rates::Rates::new(&windows, lateness_s, max_ips, evict_idle) }
+    }
+
+    fn count_batch_detailed<'py>(&mut self, py: Python<'py>, events: Vec<(String, f64)>)
+                                 -> PyResult<(Bound<'py, PyList>, Vec<usize>)> {
+        let out = PyList::empty(py);
+        let mut late = Vec::new();
+        let mut buf = Vec::new();
+        for (i, (ip, ts)) in events.iter().enumerate() {
+            if self.inner.count(ip, *ts, &mut buf) {
+                late.push(i);
+            }
+            out.append(counts_tuple(py, &buf)?)?;
+        }
+        self.inner.end_batch(events.len(), late.len());
+        Ok((out, late))
+    }
+
+    #[getter]
+    fn windows(&self) -> Vec<i64> {
+        self.inner.windows.clone()
+    }
+    #[getter]
+    fn lateness_s(&self) -> i64 {
+        self.inner.lateness
+    }
+    #[getter]
+    fn retention_s(&self) -> i64 {
+        self.inner.retention
+    }
+    #[getter]
+    fn max_ips(&self) -> usize {
+        self.inner.max_ips
+    }
+    #[getter]
+    fn events(&self) -> u64 {
+        self.inner.events
+    }
+    #[getter]
+    fn late_events(&self) -> u64 {
+        self.inner.late_events
+    }
+    #[getter]
+    fn evicted_idle(&self) -> u64 {
+        self.inner.evicted_idle
+    }
+    #[getter]
+    fn evicted_capacity(&self) -> u64 {
+        self.inner.evicted_capacity
+    }
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+    fn clear(&mut self) {
+        self.inner.clear();
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Core>()?;
+    m.add_class::<Batch>()?;
+    m.add_class::<NativeRates>()?;
+    m.add("EPOCH_BASE", rates::EPOCH_BASE)?;
+    Ok(())
+}

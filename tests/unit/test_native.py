@@ -1,0 +1,267 @@
+"""The compiled fast path against the Python reference: byte-identical documents,
+identical alerts and rate counts, whatever the input.
+
+Every comparison runs the same records through two enrichers built alike, one with
+the native core and one without, and asserts equal output. Tests also check that the
+native path really ran (its parsed/handed-back counters), so a core that silently
+declined everything could not pass.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pipeline.enricher as enricher_mod
+from pipeline import native
+from pipeline.bench.core import corpus
+from pipeline.clientip import ClientIpPolicy, ClientIpResolver
+from pipeline.decode.parser import make_parser
+from pipeline.decode.presets import TEXT_PRESETS
+from pipeline.enrich.alerts import AlertRule
+from pipeline.enrich.geoip import GeoIP
+from pipeline.enrich.rates import RatesConfig
+from pipeline.enrich.rates.memory import MemoryRates
+from pipeline.enricher import Enricher
+from pipeline.process import RecordProcessor
+from tests.mmdb_fixtures import PLACES, write_asn, write_city
+from tests.unit.decode_samples import sample_lines
+from tests.unit.test_samples_in_envelopes import WRAPPERS
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _need_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not native.available():
+        if os.environ.get("ENVOYGEO_REQUIRE_NATIVE") == "1":
+            pytest.fail("the native core is required here but was not built")
+        pytest.skip("native core not built (no Rust toolchain at install)")
+    # `event.ingested` is "now": pin it so two runs can be compared byte for byte.
+    monkeypatch.setattr(enricher_mod, "_ingested_now", lambda: "2026-11-29T05:00:00.000Z")
+
+
+def make_enricher(*, use_native: bool, log_format: str = "auto",
+                  policy: ClientIpPolicy | None = None, geo: GeoIP | None = None,
+                  rates: RatesConfig | None = RatesConfig(windows=(1, 10, 60), lateness_s=5),
+                  rules: Sequence[AlertRule] = ()) -> Enricher:
+    proc = RecordProcessor(make_parser(log_format), ClientIpResolver(policy or ClientIpPolicy()))
+    e = Enricher.build(proc, geo, rates, rules)
+    if not use_native:
+        e._fast = None
+    return e
+
+
+def run_both(records: Sequence[bytes], batch: int = 64, **kw: Any
+             ) -> tuple[list[Any], list[Any], Enricher]:
+    """Documents+errors and alerts from both paths; asserts they are identical."""
+    outs = []
+    native_enricher = None
+    for use_native in (True, False):
+        e = make_enricher(use_native=use_native, **kw)
+        docs: list[Any] = []
+        alerts: list[Any] = []
+        for i in range(0, len(records), batch):
+            d, a = e.enrich_batch(list(records[i:i + batch]))
+            docs += d
+            alerts += a
+        outs.append((docs, alerts))
+        if use_native:
+            native_enricher = e
+    (nd, na), (pd, pa) = outs
+    for i, (x, y) in enumerate(zip(nd, pd, strict=True)):
+        assert x == y, f"record {i}: {records[i]!r}\nnative: {x}\npython: {y}"
+    assert na == pa
+    assert native_enricher is not None
+    return nd, na, native_enricher
+
+
+def test_core_accepts_the_presets_and_declines_json() -> None:
+    for name in ("auto", *TEXT_PRESETS):
+        assert make_enricher(use_native=True, log_format=name)._fast is not None, name
+    e = make_enricher(use_native=True, log_format="json")
+    assert e._fast is None and "not a text format" in e.native_status
+
+
+def test_bench_corpus_identical_and_native() -> None:
+    records, _ = corpus(3000, 400)
+    rules = [AlertRule(name="burst", window_s=10, threshold=20),
+             AlertRule(name="slow", window_s=60, threshold=40)]
+    docs, alerts, e = run_both(records, batch=500, rules=rules)
+    assert alerts, "the thresholds are low enough that some alerts must fire"
+    assert e._fast.parsed == 3000 and e._fast.handed_back == 0
+    doc = orjson.loads(docs[0].document)
+    assert doc["envoygeo"]["rate"] and doc["source"]["ip"]
+
+
+@pytest.fixture(scope="module")
+def geo_paths(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("mmdb")
+    return write_city(d / "city.mmdb"), write_asn(d / "asn.mmdb")
+
+
+def _geo(paths: tuple[Path, Path]) -> GeoIP:
+    return GeoIP.open(city=paths[0], asn=paths[1], cache_size=1000)
+
+
+def _istio_line(client: str, xff: str = "-", ts: str = "2026-11-29T01:13:00.665Z") -> str:
+    return (f'[{ts}] "GET /a?b=1 HTTP/1.1" 200 - via_upstream - "-" 0 20 3 2 "{xff}" '
+            f'"curl/8" "id-1" "shop.example.com" "10.0.7.2:8080" outbound|8080||shop '
+            f"10.0.7.1:40000 10.0.0.5:8080 {client} - default")
+
+
+def test_geo_fields_and_tags_identical(geo_paths: tuple[Path, Path]) -> None:
+    clients = [*(f"{ip}:1234" if ":" not in ip else f"[{ip}]:1234" for ip in PLACES),
+               "10.1.2.3:5", "192.0.2.1:5", "[2001:db8::1]:5", "8.8.4.4:80", "garbage"]
+    records = [orjson.dumps({"@timestamp": 1795914780.5 + i, "log": _istio_line(c)})
+               for i, c in enumerate(clients * 3)]
+    geo = _geo(geo_paths)
+    docs, _, e = run_both(records, batch=7, geo=geo)
+    assert e._fast.handed_back == 0
+    first = orjson.loads(docs[0].document)
+    assert first["source"]["geo"]["city_name"], first
+    tagged = [orjson.loads(d.document).get("tags") for d in docs]
+    assert any(t and "clientip_invalid_remote" in t for t in tagged)
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_shared_samples_in_every_envelope_identical(wrapper: str) -> None:
+    records = [r for _, line in sample_lines() for r in WRAPPERS[wrapper](line)]
+    _, _, e = run_both(records, batch=5)
+    if wrapper in ("bare", "fluent-bit", "fluentd"):
+        assert e._fast.parsed > 0
+
+
+def test_trusted_proxies_and_xff_identical() -> None:
+    policy = ClientIpPolicy(("10.0.0.0/8", "2001:db8::/32"), trusted_hops=2)
+    cases = [("10.0.0.9:1", "203.0.113.7"), ("10.0.0.9:1", "10.1.1.1, 198.51.100.4"),
+             ("10.0.0.9:1", "10.1.1.1,10.2.2.2"), ("10.0.0.9:1", "bogus, 10.2.2.2"),
+             ("[2001:db8::5]:1", "2001:db8::7, 2a00:1450::1"), ("8.8.8.8:1", "1.1.1.1"),
+             ("10.0.0.9:1", "-"), ("10.0.0.9:1", "1.1.1.1,,2.2.2.2"),
+             ("[::ffff:10.0.0.1]:9", "[2a00::1]:80"), ("10.0.0.9:1", " 9.9.9.9 ")]
+    records = [orjson.dumps({"@timestamp": 1795914780.5, "log": _istio_line(c, x)})
+               for c, x in cases]
+    _, _, e = run_both(records, batch=3, policy=policy)
+    assert e._fast.parsed == len(cases)
+
+
+def test_ipv6_forms_identical() -> None:
+    hosts = ["2001:db8::1", "2001:0db8:0000:0000:0000:0000:0000:0001", "::1", "::",
+             "fe80::1", "::ffff:8.8.8.8", "::8.8.8.8", "2001:db8:0:0:1:0:0:1",
+             "2001:DB8::AB", "1:0:0:0:0:0:0:0", "0:0:0:0:0:0:0:1", "ff02::1",
+             "2002::1", "64:ff9b::1.2.3.4", "2001:db8::1:0:0:1", "2001::", "1::1:0:0:0:1"]
+    records = [orjson.dumps({"@timestamp": 1.7959e9, "log": _istio_line(f"[{h}]:443")})
+               for h in hosts]
+    _, _, e = run_both(records, batch=4)
+    assert e._fast.handed_back == 0
+
+
+# Characters that exercise delimiters, quoting, numbers, addresses and encodings.
+_NOISE = st.sampled_from(list(' "-[]:.,?%0123456789abcfxTZ+\t\\/{}') + ["é", "\x00", "\u2028",
+                                                                        "\x1c", "\n", "\r"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 5000), st.lists(_NOISE, min_size=1, max_size=3),
+                          st.integers(0, 3)), min_size=1, max_size=6),
+       st.sampled_from(["fluent-bit", "bare", "fluentd", "fluent-bit-message"]),
+       st.booleans())
+def test_mutated_lines_identical(edits: list[tuple[int, list[str], int]], wrapper: str,
+                                 trusted: bool) -> None:
+    base = [_istio_line("198.51.100.7:5000", "203.0.113.1, 10.0.0.3"),
+            *(line for _, line in sample_lines())]
+    records = []
+    for pos, chars, drop in edits:
+        line = base[pos % len(base)]
+        at = pos % (len(line) + 1)
+        line = line[:at] + "".join(chars) + line[at + drop:]
+        records += WRAPPERS[wrapper](line)
+    policy = ClientIpPolicy(("10.0.0.0/8",), 1) if trusted else None
+    run_both(records, batch=3, policy=policy)
+
+
+_SCALARS = (st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
+            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40))
+_COLLECTOR_KEYS = st.sampled_from(["log", "message", "@timestamp", "time", "timestamp",
+                                   "stream", "kubernetes", "attrs", "tag", "log_processed"])
+_COLLECTOR_RECORD = st.dictionaries(
+    _COLLECTOR_KEYS, _SCALARS | st.dictionaries(st.text(max_size=5), _SCALARS, max_size=3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.binary(max_size=300) | _COLLECTOR_RECORD.map(orjson.dumps),
+                min_size=1, max_size=8))
+def test_arbitrary_records_identical(records: list[bytes]) -> None:
+    run_both(records, batch=3)
+
+
+def test_geo_reload_reaches_the_native_cache(tmp_path: Path) -> None:
+    city = write_city(tmp_path / "city.mmdb")
+    ip = next(p for p in PLACES if ":" not in p)
+    records = [orjson.dumps({"@timestamp": 1795914780.5, "log": _istio_line(f"{ip}:1")})]
+    geo = GeoIP.open(city=city, cache_size=100, check_interval_s=0)
+    e = make_enricher(use_native=True, geo=geo, rates=None)
+    before = orjson.loads(e.enrich_batch(records)[0][0].document)["source"]["geo"]
+    replacement = write_city(tmp_path / "new.mmdb", city_suffix=" (new)")
+    shutil.move(replacement, city)
+    os.utime(city, (1e9 + 5, 2e9))
+    after = orjson.loads(e.enrich_batch(records)[0][0].document)["source"]["geo"]
+    assert after["city_name"] == before["city_name"] + " (new)"
+    assert e._fast.parsed == 2
+
+
+def _rate_runs(events: list[tuple[str, float]], batches: list[int], **kw: Any
+               ) -> list[tuple[Any, Any, dict[str, Any]]]:
+    from pipeline.enrich.rates.native import NativeMemoryRates
+
+    results = []
+    for impl in (MemoryRates, NativeMemoryRates):
+        r = impl(**kw)
+        out, i = [], 0
+        for size in batches:
+            counts, late = r.count_batch_detailed(events[i:i + size])
+            out.append(([tuple(c) for c in counts], list(late)))
+            i += size
+        stats = r.stats()
+        stats.pop("native", None)
+        results.append((out, len(r), stats))
+    return results
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.floats(0, 2000, allow_nan=False)),
+                min_size=1, max_size=400),
+       st.lists(st.integers(1, 10_000), min_size=1, max_size=4, unique=True),
+       st.integers(0, 100), st.integers(1, 40), st.booleans(), st.integers(1, 50))
+def test_native_rates_match_the_reference(raw: list[tuple[int, float]], windows: list[int],
+                                          lateness: int, max_ips: int, evict_idle: bool,
+                                          batch: int) -> None:
+    base = 1_790_000_000.0
+    events = [(f"198.51.100.{ip}" if ip % 3 else f"2001:db8::{ip}", base + t)
+              for ip, t in raw]
+    sizes = [batch] * (len(events) // batch + 1)
+    py, nat = _rate_runs(events, sizes, windows=windows, lateness_s=lateness,
+                         max_ips=max_ips, evict_idle=evict_idle)
+    assert py == nat
+
+
+def test_native_rates_long_stream_with_eviction() -> None:
+    rng = random.Random(7)
+    t, events = 1_790_000_000.0, []
+    for _ in range(60_000):
+        t += rng.expovariate(50)
+        ip = f"203.0.113.{int(rng.paretovariate(1.2)) % 250}"
+        events.append((ip, t - rng.uniform(0, 20) if rng.random() < 0.2 else t))
+    py, nat = _rate_runs(events, [1000] * 60, windows=(10, 60, 300), lateness_s=15,
+                         max_ips=100)
+    assert py == nat
+    assert py[2]["evicted_capacity"] > 0 and py[2]["late_events"] > 0
