@@ -7,9 +7,10 @@
 
 use crate::clientip::{split_host_port, ClientIp};
 use crate::envelope::Env;
-use crate::json::{key, write_int, write_str};
+use crate::json::{key_escaped, key_quoted, write_int, write_str};
+use crate::key;
 use crate::scan::{Format, Parsed, Val};
-use crate::timefmt::iso_timestamp;
+use crate::timefmt::IsoClock;
 
 pub struct Doc {
     pub head: Vec<u8>,
@@ -18,7 +19,7 @@ pub struct Doc {
     pub related: Vec<String>,
     pub tags: Vec<String>,
     pub early_tags: bool,
-    pub kubernetes: Option<Vec<u8>>,
+    pub kubernetes: Option<std::rc::Rc<Vec<u8>>>,
 }
 
 /// `document._endpoint`: (host, port), IPv4-mapped hosts in their IPv4 form.
@@ -91,18 +92,26 @@ pub const DOWNSTREAM_DIRECT_REMOTE_ADDRESS: usize = 22;
 const REQUESTED_SERVER_NAME: usize = 23;
 const ROUTE_NAME: usize = 24;
 
-fn opt_str(out: &mut Vec<u8>, k: &str, v: Option<&str>) {
+#[inline(always)]
+fn opt_str(out: &mut Vec<u8>, quoted_key: &[u8], v: Option<&str>) {
     if let Some(v) = v {
-        key(out, k);
+        key_quoted(out, quoted_key);
         write_str(out, v);
     }
 }
 
-fn opt_int(out: &mut Vec<u8>, k: &str, v: Option<i64>) {
+#[inline(always)]
+fn opt_int(out: &mut Vec<u8>, quoted_key: &[u8], v: Option<i64>) {
     if let Some(v) = v {
-        key(out, k);
+        key_quoted(out, quoted_key);
         write_int(out, v);
     }
+}
+
+macro_rules! q {
+    ($name:literal) => {
+        concat!("\"", $name, "\":").as_bytes()
+    };
 }
 
 pub struct Geo {
@@ -114,30 +123,35 @@ pub struct Geo {
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     env: &Env,
-    kubernetes: Option<Vec<u8>>,
+    kubernetes: Option<std::rc::Rc<Vec<u8>>>,
     fmt: &Format,
     f: &Fields,
     cip: ClientIp,
     geo: Option<&Geo>,
     ingested: &str,
+    clock: &mut IsoClock,
 ) -> Result<Doc, ()> {
-    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let mut out: Vec<u8> = Vec::with_capacity(2048);
     out.push(b'{');
     let ts = f.t(START_TIME).or(env.ts);
     if let Some(ts) = ts {
-        key(&mut out, "@timestamp");
-        write_str(&mut out, &iso_timestamp(ts).ok_or(())?);
+        key!(&mut out, "@timestamp");
+        out.push(b'"');
+        if !clock.write(&mut out, ts) {
+            return Err(());
+        }
+        out.push(b'"');
     }
     let mut tags: Vec<String> = cip.tags.iter().map(|t| (*t).to_owned()).collect();
     let early_tags = !tags.is_empty();
     if let Some(ip) = &cip.ip {
-        key(&mut out, "source");
+        key!(&mut out, "source");
         out.push(b'{');
-        key(&mut out, "ip");
+        key!(&mut out, "ip");
         write_str(&mut out, ip);
-        key(&mut out, "address");
+        key!(&mut out, "address");
         write_str(&mut out, ip);
-        opt_int(&mut out, "port", cip.port);
+        opt_int(&mut out, q!("port"), cip.port);
         if let Some(g) = geo {
             if let Some(tag) = &g.tag {
                 if !tags.iter().any(|t| t == tag) {
@@ -154,27 +168,27 @@ pub fn build(
         Some(t) => endpoint(t)?,
         None => None,
     } {
-        key(&mut out, "destination");
+        key!(&mut out, "destination");
         out.push(b'{');
-        key(&mut out, "ip");
+        key!(&mut out, "ip");
         write_str(&mut out, host);
-        opt_int(&mut out, "port", port);
+        opt_int(&mut out, q!("port"), port);
         out.push(b'}');
     }
 
-    key(&mut out, "http");
+    key!(&mut out, "http");
     out.extend_from_slice(b"{\"request\":{");
-    opt_str(&mut out, "method", f.s(METHOD));
-    opt_str(&mut out, "id", f.s(REQUEST_ID));
-    opt_int(&mut out, "bytes", f.i(BYTES_RECEIVED));
+    opt_str(&mut out, q!("method"), f.s(METHOD));
+    opt_str(&mut out, q!("id"), f.s(REQUEST_ID));
+    opt_int(&mut out, q!("bytes"), f.i(BYTES_RECEIVED));
     out.extend_from_slice(b"},\"response\":{");
     let status = f.i(RESPONSE_CODE).filter(|&s| s != 0);
-    opt_int(&mut out, "status_code", status);
-    opt_int(&mut out, "bytes", f.i(BYTES_SENT));
+    opt_int(&mut out, q!("status_code"), status);
+    opt_int(&mut out, q!("bytes"), f.i(BYTES_SENT));
     out.push(b'}');
     let protocol = f.s(PROTOCOL);
     if let Some(v) = protocol.and_then(|p| p.strip_prefix("HTTP/")) {
-        key(&mut out, "version");
+        key!(&mut out, "version");
         write_str(&mut out, v);
     }
     out.push(b'}');
@@ -182,70 +196,70 @@ pub fn build(
     let original = f.s(PATH);
     let authority = f.s(AUTHORITY);
     if original.is_some() || authority.is_some() {
-        key(&mut out, "url");
+        key!(&mut out, "url");
         out.push(b'{');
         if let Some(o) = original {
-            key(&mut out, "original");
+            key!(&mut out, "original");
             write_str(&mut out, o);
             let (path, query) = match o.find('?') {
                 Some(i) => (&o[..i], Some(&o[i + 1..])),
                 None => (o, None),
             };
-            key(&mut out, "path");
+            key!(&mut out, "path");
             write_str(&mut out, path);
-            opt_str(&mut out, "query", query);
+            opt_str(&mut out, q!("query"), query);
         }
         if let Some(a) = authority {
-            key(&mut out, "domain");
+            key!(&mut out, "domain");
             write_str(&mut out, endpoint(a)?.map_or(a, |(h, _)| h));
         }
         out.push(b'}');
     }
     if let Some(ua) = f.s(USER_AGENT) {
-        key(&mut out, "user_agent");
+        key!(&mut out, "user_agent");
         out.push(b'{');
-        key(&mut out, "original");
+        key!(&mut out, "original");
         write_str(&mut out, ua);
         out.push(b'}');
     }
 
-    key(&mut out, "event");
+    key!(&mut out, "event");
     out.extend_from_slice(b"{\"kind\":\"event\",\"category\":[\"web\"]");
     if let Some(d) = f.i(DURATION_MS) {
-        key(&mut out, "duration");
+        key!(&mut out, "duration");
         write_int(&mut out, d.checked_mul(1_000_000).ok_or(())?);
     }
     if let Some(s) = status {
-        key(&mut out, "outcome");
+        key!(&mut out, "outcome");
         write_str(&mut out, if s >= 500 { "failure" } else { "success" });
     }
-    key(&mut out, "ingested");
+    key!(&mut out, "ingested");
     write_str(&mut out, ingested);
     out.extend_from_slice(
         b",\"module\":\"envoygeo\",\"type\":[\"access\"],\"dataset\":\"envoygeo.access\"}",
     );
     if let Some(sni) = f.s(REQUESTED_SERVER_NAME) {
-        key(&mut out, "tls");
+        key!(&mut out, "tls");
         out.extend_from_slice(b"{\"client\":{");
-        key(&mut out, "server_name");
+        key!(&mut out, "server_name");
         write_str(&mut out, sni);
         out.extend_from_slice(b"}}");
     }
 
-    key(&mut out, "envoy");
+    key!(&mut out, "envoy");
     out.push(b'{');
-    key(&mut out, "log_format");
+    key!(&mut out, "log_format");
     write_str(&mut out, &fmt.name);
-    opt_str(&mut out, "response_flags", f.s(RESPONSE_FLAGS));
-    opt_str(&mut out, "response_code_details", f.s(RESPONSE_CODE_DETAILS));
-    opt_str(&mut out, "connection_termination_details", f.s(CONNECTION_TERMINATION_DETAILS));
-    opt_str(&mut out, "upstream_transport_failure_reason", f.s(UPSTREAM_TRANSPORT_FAILURE_REASON));
-    opt_str(&mut out, "route_name", f.s(ROUTE_NAME));
-    opt_str(&mut out, "x_forwarded_for", f.s(X_FORWARDED_FOR));
-    opt_str(&mut out, "downstream_remote_address", f.s(DOWNSTREAM_REMOTE_ADDRESS));
-    opt_str(&mut out, "downstream_direct_remote_address", f.s(DOWNSTREAM_DIRECT_REMOTE_ADDRESS));
-    opt_str(&mut out, "downstream_local_address", f.s(DOWNSTREAM_LOCAL_ADDRESS));
-    opt_str(&mut out, "protocol", protocol);
+    opt_str(&mut out, q!("response_flags"), f.s(RESPONSE_FLAGS));
+    opt_str(&mut out, q!("response_code_details"), f.s(RESPONSE_CODE_DETAILS));
+    opt_str(&mut out, q!("connection_termination_details"), f.s(CONNECTION_TERMINATION_DETAILS));
+    opt_str(&mut out, q!("upstream_transport_failure_reason"), f.s(UPSTREAM_TRANSPORT_FAILURE_REASON));
+    opt_str(&mut out, q!("route_name"), f.s(ROUTE_NAME));
+    opt_str(&mut out, q!("x_forwarded_for"), f.s(X_FORWARDED_FOR));
+    opt_str(&mut out, q!("downstream_remote_address"), f.s(DOWNSTREAM_REMOTE_ADDRESS));
+    opt_str(&mut out, q!("downstream_direct_remote_address"), f.s(DOWNSTREAM_DIRECT_REMOTE_ADDRESS));
+    opt_str(&mut out, q!("downstream_local_address"), f.s(DOWNSTREAM_LOCAL_ADDRESS));
+    opt_str(&mut out, q!("protocol"), protocol);
     let (uh, uc, ul, ust) = (
         f.s(UPSTREAM_HOST),
         f.s(UPSTREAM_CLUSTER),
@@ -253,19 +267,19 @@ pub fn build(
         f.i(UPSTREAM_SERVICE_TIME),
     );
     if uh.is_some() || uc.is_some() || ul.is_some() || ust.is_some() {
-        key(&mut out, "upstream");
+        key!(&mut out, "upstream");
         out.push(b'{');
-        opt_str(&mut out, "host", uh);
-        opt_str(&mut out, "cluster", uc);
-        opt_str(&mut out, "local_address", ul);
-        opt_int(&mut out, "service_time_ms", ust);
+        opt_str(&mut out, q!("host"), uh);
+        opt_str(&mut out, q!("cluster"), uc);
+        opt_str(&mut out, q!("local_address"), ul);
+        opt_int(&mut out, q!("service_time_ms"), ust);
         out.push(b'}');
     }
     if !f.parsed.extras.is_empty() {
-        key(&mut out, "extra");
+        key!(&mut out, "extra");
         out.push(b'{');
         for &(fi, val) in &f.parsed.extras {
-            key(&mut out, &fmt.field(fi).extra_key);
+            key_escaped(&mut out, &fmt.field(fi).extra_key);
             match val {
                 Val::Str(a, b) => write_str(&mut out, &f.line[a..b]),
                 Val::Int(v) => write_int(&mut out, v),
@@ -276,14 +290,14 @@ pub fn build(
     }
     out.push(b'}');
 
-    key(&mut out, "envoygeo");
+    key!(&mut out, "envoygeo");
     out.push(b'{');
-    key(&mut out, "ip_source");
+    key!(&mut out, "ip_source");
     write_str(&mut out, cip.source);
-    key(&mut out, "envelope");
+    key!(&mut out, "envelope");
     write_str(&mut out, env.kind);
-    opt_str(&mut out, "ip_class", cip.class);
-    opt_str(&mut out, "stream", env.stream.as_deref());
+    opt_str(&mut out, q!("ip_class"), cip.class);
+    opt_str(&mut out, q!("stream"), env.stream.as_deref());
 
     Ok(Doc {
         head: out,
@@ -302,17 +316,17 @@ pub const RATE_LATE_TAG: &str = "_envoygeo_rate_late";
 pub fn finish(doc: &mut Doc, rate_keys: &[String], counts: Option<&[u64]>, late: bool, ecs: &str) -> Vec<u8> {
     let mut out = std::mem::take(&mut doc.head);
     if let Some(c) = counts {
-        key(&mut out, "rate");
+        key!(&mut out, "rate");
         out.push(b'{');
         for (k, v) in rate_keys.iter().zip(c) {
-            key(&mut out, k);
+            key_escaped(&mut out, k);
             crate::json::write_uint(&mut out, *v);
         }
         out.push(b'}');
     }
     out.push(b'}');
     if !doc.related.is_empty() {
-        key(&mut out, "related");
+        key!(&mut out, "related");
         out.extend_from_slice(b"{\"ip\":[");
         for (i, ip) in doc.related.iter().enumerate() {
             if i > 0 {
@@ -326,7 +340,7 @@ pub fn finish(doc: &mut Doc, rate_keys: &[String], counts: Option<&[u64]>, late:
         doc.tags.push(RATE_LATE_TAG.to_owned());
     }
     let write_tags = |out: &mut Vec<u8>, tags: &[String]| {
-        key(out, "tags");
+        key!(out, "tags");
         out.push(b'[');
         for (i, t) in tags.iter().enumerate() {
             if i > 0 {
@@ -340,10 +354,10 @@ pub fn finish(doc: &mut Doc, rate_keys: &[String], counts: Option<&[u64]>, late:
         write_tags(&mut out, &doc.tags);
     }
     if let Some(k) = &doc.kubernetes {
-        key(&mut out, "kubernetes");
+        key!(&mut out, "kubernetes");
         out.extend_from_slice(k);
     }
-    key(&mut out, "ecs");
+    key!(&mut out, "ecs");
     out.extend_from_slice(b"{\"version\":");
     write_str(&mut out, ecs);
     out.push(b'}');

@@ -31,7 +31,6 @@ type Plan = Vec<(String, Option<String>, Option<usize>, Option<String>, Option<S
 fn build_format(name: String, plan: Plan) -> PyResult<Format> {
     // plan items: (kind, text/delimiter, slot, extra key, converter)
     let mut segs = Vec::new();
-    let mut n_fields = 0;
     for (kind, text, slot, extra_key, conv) in plan {
         if kind == "lit" {
             let t = text.ok_or_else(|| PyValueError::new_err("literal without text"))?;
@@ -63,10 +62,10 @@ fn build_format(name: String, plan: Plan) -> PyResult<Format> {
             Some("time") => Conv::Time,
             Some(other) => return Err(PyValueError::new_err(format!("unknown converter {other}"))),
         };
-        segs.push(Seg::Field(Field { kind, conv, slot, extra_key: extra_key.unwrap_or_default() }));
-        n_fields += 1;
+        segs.push(Seg::Field(Field { kind, next: None, conv, slot,
+                                    extra_key: extra_key.unwrap_or_default() }));
     }
-    Ok(Format { name, segs, n_fields })
+    Ok(Format::new(name, segs))
 }
 
 fn table(starts: Vec<u128>, classes: Vec<String>) -> (Vec<u128>, Vec<&'static str>) {
@@ -94,6 +93,8 @@ struct Core {
     rate_keys: Vec<String>,
     ecs_version: String,
     spans: Vec<(usize, usize)>,
+    kube_cache: envelope::KubeCache,
+    clock: timefmt::IsoClock,
 }
 
 enum Rec {
@@ -156,6 +157,8 @@ impl Core {
             rate_keys,
             ecs_version,
             spans: Vec::new(),
+            kube_cache: envelope::KubeCache::default(),
+            clock: timefmt::IsoClock::default(),
         })
     }
 
@@ -219,7 +222,7 @@ impl Core {
     /// None: partial-line risk (whole batch to Python); Some(None): this record to
     /// Python; Some(Some(doc)): done here.
     fn record(&mut self, py: Python<'_>, data: &[u8], ingested: &str) -> PyResult<Option<Option<Doc>>> {
-        let mut env = match envelope::decode(data) {
+        let mut env = match envelope::decode(data, &mut self.kube_cache) {
             Decoded::Ok(env) => env,
             Decoded::Fallback => return Ok(Some(None)),
             Decoded::PartialRisk => return Ok(None),
@@ -260,7 +263,8 @@ impl Core {
             (Some(ip), Some(lookup)) => Some(self.geo(py, lookup.clone_ref(py), ip)?),
             _ => None,
         };
-        Ok(Some(build(&env, kubernetes, &self.formats[k], &fields, cip, geo.as_deref(), ingested).ok()))
+        Ok(Some(build(&env, kubernetes, &self.formats[k], &fields, cip, geo.as_deref(), ingested,
+                      &mut self.clock).ok()))
     }
 
     fn geo(&mut self, py: Python<'_>, lookup: PyObject, ip: &str) -> PyResult<Rc<Geo>> {

@@ -8,9 +8,33 @@
 
 pub const SLOTS: usize = 25; // AccessLog's canonical fields, in constructor order
 
+const fn space_table() -> [bool; 256] {
+    let mut t = [false; 256];
+    let spaces = [b' ', b'\t', b'\n', b'\r', 0x0b, 0x0c, 0x1c, 0x1d, 0x1e, 0x1f];
+    let mut i = 0;
+    while i < spaces.len() {
+        t[spaces[i] as usize] = true;
+        i += 1;
+    }
+    t
+}
+
+static SPACE: [bool; 256] = space_table();
+
 /// `str.isspace()` / regex `\s` on ASCII, which includes the separators 0x1c-0x1f.
+#[inline(always)]
 pub fn is_py_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | 0x1c..=0x1f)
+    SPACE[b as usize]
+}
+
+/// Length of the run at the start of `s` of bytes that are neither `stop` nor space.
+#[inline(always)]
+fn token_len(s: &[u8], stop: u8) -> usize {
+    let mut i = 0;
+    while i < s.len() && s[i] != stop && !SPACE[s[i] as usize] {
+        i += 1;
+    }
+    i
 }
 
 #[derive(Clone, Copy)]
@@ -33,6 +57,8 @@ pub enum Conv {
 
 pub struct Field {
     pub kind: Kind,
+    /// First byte of the literal that follows, if one does (set by `Format::new`).
+    pub next: Option<u8>,
     pub conv: Conv,
     pub slot: Option<usize>,
     pub extra_key: String,
@@ -100,12 +126,27 @@ fn time_shape(v: &[u8]) -> bool {
 }
 
 impl Format {
+    pub fn new(name: String, mut segs: Vec<Seg>) -> Format {
+        let firsts: Vec<Option<u8>> = segs
+            .iter()
+            .map(|s| if let Seg::Lit(l) = s { Some(l[0]) } else { None })
+            .collect();
+        let mut n_fields = 0;
+        for (i, seg) in segs.iter_mut().enumerate() {
+            if let Seg::Field(f) = seg {
+                f.next = firsts.get(i + 1).copied().flatten();
+                n_fields += 1;
+            }
+        }
+        Format { name, segs, n_fields }
+    }
+
     /// Value spans of every field, or None when the strict pattern does not match.
     fn spans(&self, line: &[u8], out: &mut Vec<(usize, usize)>) -> bool {
         out.clear();
         let n = line.len();
         let mut pos = 0;
-        for (si, seg) in self.segs.iter().enumerate() {
+        for seg in &self.segs {
             match seg {
                 Seg::Lit(l) => {
                     if !line[pos..].starts_with(l) {
@@ -114,14 +155,10 @@ impl Format {
                     pos += l.len();
                 }
                 Seg::Field(f) => {
-                    let next = match self.segs.get(si + 1) {
-                        Some(Seg::Lit(l)) => Some(l[0]),
-                        _ => None,
-                    };
                     let rest = &line[pos..];
-                    let end = match f.kind {
+                    let len = match f.kind {
                         Kind::Time => {
-                            let len = match next {
+                            let len = match f.next {
                                 Some(c) => match rest.iter().position(|&b| b == c) {
                                     Some(p) => p,
                                     None => return false,
@@ -132,37 +169,31 @@ impl Format {
                             if v != b"-" && !time_shape(v) {
                                 return false;
                             }
-                            pos + len
+                            len
                         }
                         Kind::Num => {
                             let len = rest.iter().take_while(|b| b.is_ascii_digit()).count();
                             if len > 0 {
-                                pos + len
+                                len
                             } else if rest.first() == Some(&b'-') {
-                                pos + 1
+                                1
                             } else {
                                 return false;
                             }
                         }
-                        Kind::TokenExcl(c) => {
-                            let len = rest.iter().take_while(|&&b| b != c && !is_py_space(b)).count();
-                            if len == 0 {
-                                return false;
-                            }
-                            pos + len
-                        }
-                        Kind::TokenWs => {
-                            let len = rest.iter().take_while(|&&b| !is_py_space(b)).count();
-                            if len == 0 {
-                                return false;
-                            }
-                            pos + len
-                        }
-                        Kind::TextExcl(c) => pos + rest.iter().take_while(|&&b| b != c).count(),
-                        Kind::TextEnd => n,
+                        Kind::TokenExcl(c) => match token_len(rest, c) {
+                            0 => return false,
+                            len => len,
+                        },
+                        Kind::TokenWs => match token_len(rest, b' ') {
+                            0 => return false,
+                            len => len,
+                        },
+                        Kind::TextExcl(c) => rest.iter().position(|&b| b == c).unwrap_or(rest.len()),
+                        Kind::TextEnd => rest.len(),
                     };
-                    out.push((pos, end));
-                    pos = end;
+                    out.push((pos, pos + len));
+                    pos += len;
                 }
             }
         }

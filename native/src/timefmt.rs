@@ -90,3 +90,41 @@ pub fn iso_timestamp(epoch: f64) -> Option<String> {
         rem % 60
     ))
 }
+
+/// `iso_timestamp` for a stream of nearby instants: the calendar text of the current
+/// second is kept, so most records only format their milliseconds (as the Python
+/// path caches per second).
+#[derive(Default)]
+pub struct IsoClock {
+    second: i64,
+    prefix: Vec<u8>, // "YYYY-MM-DDTHH:MM:SS."; empty until first use
+}
+
+impl IsoClock {
+    /// Appends the text (without quotes); false outside years 1970..9999.
+    pub fn write(&mut self, out: &mut Vec<u8>, epoch: f64) -> bool {
+        if !epoch.is_finite() {
+            return false;
+        }
+        let mut sec = epoch.floor();
+        let mut ms = ((epoch - sec) * 1000.0 + 0.5) as i64;
+        if ms >= 1000 {
+            sec += 1.0;
+            ms = 0;
+        }
+        if !(0.0..253_402_300_800.0).contains(&sec) {
+            return false;
+        }
+        let sec = sec as i64;
+        if self.prefix.is_empty() || sec != self.second {
+            let Some(text) = iso_timestamp(sec as f64) else { return false };
+            self.prefix.clear();
+            self.prefix.extend_from_slice(&text.as_bytes()[..20]);
+            self.second = sec;
+        }
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(&[b'0' + (ms / 100) as u8, b'0' + (ms / 10 % 10) as u8,
+                                b'0' + (ms % 10) as u8, b'Z']);
+        true
+    }
+}

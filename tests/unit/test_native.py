@@ -265,3 +265,38 @@ def test_native_rates_long_stream_with_eviction() -> None:
                          max_ips=100)
     assert py == nat
     assert py[2]["evicted_capacity"] > 0 and py[2]["late_events"] > 0
+
+
+def test_collector_json_edge_cases_identical() -> None:
+    line = orjson.dumps(_istio_line("198.51.100.7:5")).decode()
+    records = [s.encode() if isinstance(s, str) else s for s in [
+        '{"@timestamp":1.7959e9,"log":%s,"tag":"\\ud800"}' % line,  # lone surrogate: orjson refuses
+        '{"@timestamp":1.7959e9,"log":%s,"k":{"a":["\\udc00"]}}' % line,
+        '{"@timestamp":1.7959e9,"log":%s,"x":"\\ud83d\\ude00"}' % line,  # a valid pair
+        '{"@timestamp":1.7959e9,"log":%s,"log":5}' % line,  # the later duplicate wins
+        '{"@timestamp":1.7959e9,"log":5,"message":%s}' % line,
+        '{"l\\u006fg":%s,"@timestamp":1.7959e9}' % line,  # escaped key
+        '{"@timestamp":null,"time":1795914780123,"log":%s}' % line,  # milliseconds
+        '{"@timestamp":null,"time":null,"timestamp":5,"log":%s}' % line,
+        '{"@timestamp":"2026-11-29T01:13:00Z","log":%s}' % line,  # ISO: Python parses it
+        '{"@timestamp":1e300,"log":%s}' % line,  # out of range: unknown time
+        '{"@timestamp":-5.5,"log":%s}' % line,
+        '{"@timestamp":true,"log":%s}' % line,
+        '{"@timestamp":1.7959e9,"log":%s,"kubernetes":{"n":1.5}}' % line,  # float metadata
+        '{"@timestamp":1.7959e9,"log":%s,"kubernetes":{"n":18446744073709551615,"m":-1}}' % line,
+        '{"@timestamp":1.7959e9,"log":%s,"kubernetes":[1]}' % line,
+        '{"@timestamp":1.7959e9,"log":%s,"kubernetes":{"a":"\\u00e9\\n\\"","b":[null,true]}}' % line,
+        '{"@timestamp":1.7959e9,"log":%s,"stream":7}' % line,
+        ' {"@timestamp":1.7959e9,"log":%s}' % line,  # leading space: not JSON to `_decode`
+        '{"@timestamp":1.7959e9,"log":%s}\r\n' % line,
+        '{"@timestamp":1.7959e9,"log":%s} x' % line,  # trailing garbage
+        '{"@timestamp":1.7959e9,"log":"{\\"a\\":1}"}',  # an Envoy JSON line inside
+        '{"@timestamp":1.7959e9,"log":" \\t{\\"a\\":1}"}',
+        '{"@timestamp":1.7959e9,"log":"\\u00e9 %s"}' % "x",
+        "\ufeff" + '{"@timestamp":1.7959e9,"log":%s}' % line,
+        b'{"@timestamp":1.7959e9,"log":"\xff"}',
+        '{"@timestamp":1.7959e9,"log":%s,"attrs":{}}' % line,
+        '{"log":%s,"stream":"stdout","time":"2026-11-29T01:13:00.665123456Z"}' % line[:-1] + '\\n"',
+    ]]
+    for record in records:  # one at a time: a Docker record sends its whole batch to Python
+        run_both([record], batch=1)
