@@ -2,6 +2,7 @@
 //! splitting, the same address normal form, the same class table (handed over from
 //! Python, where it is derived from `ipaddress`), the same XFF walk and tags.
 
+use std::borrow::Cow;
 use std::net::Ipv6Addr;
 
 use crate::scan::is_py_space;
@@ -13,19 +14,21 @@ pub struct Policy {
     pub v6: (Vec<u128>, Vec<&'static str>),
 }
 
+/// Addresses borrow the line when it already holds their normal form (dotted quads),
+/// so resolving a typical record allocates nothing.
 #[derive(Clone)]
-pub struct Addr {
-    pub ip: String,
+pub struct Addr<'a> {
+    pub ip: Cow<'a, str>,
     pub class: &'static str,
     pub trusted: bool,
 }
 
-pub struct ClientIp {
-    pub ip: Option<String>,
+pub struct ClientIp<'a> {
+    pub ip: Option<Cow<'a, str>>,
     pub port: Option<i64>,
     pub source: &'static str,
     pub class: Option<&'static str>,
-    pub related: Vec<String>,
+    pub related: Vec<Cow<'a, str>>,
     pub tags: Vec<&'static str>,
 }
 
@@ -140,18 +143,18 @@ impl Policy {
         classes[i - 1]
     }
 
-    fn make(&self, ip: String, version: u8, value: u128) -> Addr {
+    fn make<'a>(&self, ip: Cow<'a, str>, version: u8, value: u128) -> Addr<'a> {
         let trusted = self.trusted.iter().any(|&(v, lo, hi)| v == version && lo <= value && value <= hi);
         Addr { ip, class: self.classify(version, value), trusted }
     }
 
     /// `ClientIpResolver._parse`: Ok(None) when not an IP address.
-    pub fn address(&self, host: &str) -> Result<Option<Addr>, ()> {
+    pub fn address<'a>(&self, host: &'a str) -> Result<Option<Addr<'a>>, ()> {
         if host.contains('%') {
             return Err(()); // scoped IPv6: rare, Python strips the zone
         }
         if host.contains('.') && !host.contains(':') {
-            return Ok(parse_v4(host).map(|v| self.make(host.to_owned(), 4, u128::from(v))));
+            return Ok(parse_v4(host).map(|v| self.make(Cow::Borrowed(host), 4, u128::from(v))));
         }
         let Ok(v6) = host.parse::<Ipv6Addr>() else {
             // `ipaddress.ip_address`: dotless, colonless text is never an address.
@@ -159,14 +162,15 @@ impl Policy {
         };
         if let Some(v4) = v6.to_ipv4_mapped() {
             let v = u32::from(v4);
-            return Ok(Some(self.make(v4.to_string(), 4, u128::from(v))));
+            return Ok(Some(self.make(Cow::Owned(v4.to_string()), 4, u128::from(v))));
         }
         let v = u128::from(v6);
-        Ok(Some(self.make(format_v6(v), 6, v)))
+        Ok(Some(self.make(Cow::Owned(format_v6(v)), 6, v)))
     }
 
     /// `_endpoint`: (address, port, malformed).
-    fn endpoint(&self, text: Option<&str>) -> Result<(Option<Addr>, Option<i64>, bool), ()> {
+    #[allow(clippy::type_complexity)]
+    fn endpoint<'a>(&self, text: Option<&'a str>) -> Result<(Option<Addr<'a>>, Option<i64>, bool), ()> {
         let Some(text) = text else { return Ok((None, None, false)) };
         if text == "-" {
             return Ok((None, None, false));
@@ -182,15 +186,15 @@ impl Policy {
     }
 
     /// `ClientIpResolver.resolve`; Err when the record must take the Python path.
-    pub fn resolve(
+    pub fn resolve<'a>(
         &self,
-        remote_text: Option<&str>,
-        direct_text: Option<&str>,
-        xff: Option<&str>,
-        upstream_host: Option<&str>,
-        upstream_local: Option<&str>,
-    ) -> Result<ClientIp, ()> {
-        let mut related: Vec<String> = Vec::with_capacity(4);
+        remote_text: Option<&'a str>,
+        direct_text: Option<&'a str>,
+        xff: Option<&'a str>,
+        upstream_host: Option<&'a str>,
+        upstream_local: Option<&'a str>,
+    ) -> Result<ClientIp<'a>, ()> {
+        let mut related: Vec<Cow<'a, str>> = Vec::with_capacity(4);
         let mut tags: Vec<&'static str> = Vec::new();
         let (remote, port, bad) = self.endpoint(remote_text)?;
         if bad {
@@ -200,9 +204,9 @@ impl Policy {
         if bad_direct {
             tags.push("clientip_invalid_direct_remote");
         }
-        let add = |related: &mut Vec<String>, ip: &str| {
+        let add = |related: &mut Vec<Cow<'a, str>>, ip: &Cow<'a, str>| {
             if !related.iter().any(|r| r == ip) {
-                related.push(ip.to_owned());
+                related.push(ip.clone());
             }
         };
         if let Some(r) = &remote {
@@ -211,7 +215,7 @@ impl Policy {
         if let Some(d) = &direct {
             add(&mut related, &d.ip);
         }
-        let mut entries: Vec<Option<Addr>> = Vec::new();
+        let mut entries: Vec<Option<Addr<'a>>> = Vec::new();
         if let Some(x) = xff.filter(|x| !x.is_empty()) {
             for part in x.split(',') {
                 let a = self.endpoint(Some(part))?.0;
@@ -268,12 +272,13 @@ impl Policy {
         })
     }
 
-    fn walk_xff(&self, entries: &[Option<Addr>], tags: &mut Vec<&'static str>) -> Option<Addr> {
+    fn walk_xff<'a>(&self, entries: &[Option<Addr<'a>>], tags: &mut Vec<&'static str>)
+                    -> Option<Addr<'a>> {
         if self.hops == 0 {
             return None;
         }
         let start = entries.len().saturating_sub(self.hops);
-        let mut last: Option<&Addr> = None;
+        let mut last: Option<&Addr<'a>> = None;
         for a in entries[start..].iter().rev() {
             match a {
                 None => return None,

@@ -14,9 +14,10 @@ use crate::timefmt::IsoClock;
 
 pub struct Doc {
     pub head: Vec<u8>,
-    pub ip: Option<String>,
+    pub ip: Option<std::rc::Rc<str>>,
     pub ts: Option<f64>,
-    pub related: Vec<String>,
+    /// `,"related":{"ip":[...]}` already rendered (empty when there are none).
+    pub related: Vec<u8>,
     pub tags: Vec<String>,
     pub early_tags: bool,
     pub kubernetes: Option<std::rc::Rc<Vec<u8>>>,
@@ -126,7 +127,7 @@ pub fn build(
     kubernetes: Option<std::rc::Rc<Vec<u8>>>,
     fmt: &Format,
     f: &Fields,
-    cip: ClientIp,
+    cip: ClientIp<'_>,
     geo: Option<&Geo>,
     ingested: &str,
     clock: &mut IsoClock,
@@ -299,11 +300,22 @@ pub fn build(
     opt_str(&mut out, q!("ip_class"), cip.class);
     opt_str(&mut out, q!("stream"), env.stream.as_deref());
 
+    let mut related = Vec::new();
+    if !cip.related.is_empty() {
+        related.extend_from_slice(b",\"related\":{\"ip\":[");
+        for (i, ip) in cip.related.iter().enumerate() {
+            if i > 0 {
+                related.push(b',');
+            }
+            write_str(&mut related, ip);
+        }
+        related.extend_from_slice(b"]}");
+    }
     Ok(Doc {
         head: out,
-        ip: cip.ip,
+        ip: cip.ip.as_deref().map(std::rc::Rc::from),
         ts,
-        related: cip.related,
+        related,
         tags,
         early_tags,
         kubernetes,
@@ -313,29 +325,19 @@ pub fn build(
 pub const RATE_LATE_TAG: &str = "_envoygeo_rate_late";
 
 /// The rest of the document once rates are known.
-pub fn finish(doc: &mut Doc, rate_keys: &[String], counts: Option<&[u64]>, late: bool, ecs: &str) -> Vec<u8> {
+pub fn finish(doc: &mut Doc, rate_keys: &[Vec<u8>], counts: Option<&[u64]>, late: bool, ecs: &str) -> Vec<u8> {
     let mut out = std::mem::take(&mut doc.head);
     if let Some(c) = counts {
         key!(&mut out, "rate");
         out.push(b'{');
         for (k, v) in rate_keys.iter().zip(c) {
-            key_escaped(&mut out, k);
+            key_quoted(&mut out, k);
             crate::json::write_uint(&mut out, *v);
         }
         out.push(b'}');
     }
     out.push(b'}');
-    if !doc.related.is_empty() {
-        key!(&mut out, "related");
-        out.extend_from_slice(b"{\"ip\":[");
-        for (i, ip) in doc.related.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(&mut out, ip);
-        }
-        out.extend_from_slice(b"]}");
-    }
+    out.extend_from_slice(&doc.related);
     if late {
         doc.tags.push(RATE_LATE_TAG.to_owned());
     }

@@ -161,11 +161,22 @@ impl<'de> Visitor<'de> for TopVisitor {
 /// Python. Over-approximate on purpose (paired surrogates, an escaped backslash
 /// before `u`): a false positive only costs the slower path.
 fn has_surrogate_escape(line: &str) -> bool {
-    line.match_indices("\\u").any(|(i, _)| {
-        let b = line.as_bytes();
-        matches!(b.get(i + 2), Some(b'd' | b'D'))
-            && matches!(b.get(i + 3), Some(b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F'))
-    })
+    let b = line.as_bytes();
+    let mut i = 0;
+    while let Some(p) = b[i..].iter().position(|&c| c == b'\\') {
+        let at = i + p;
+        if b.get(at + 1) == Some(&b'u')
+            && matches!(b.get(at + 2), Some(b'd' | b'D'))
+            && matches!(b.get(at + 3), Some(b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F'))
+        {
+            return true;
+        }
+        i = at + 2; // skip the escaped character (an escaped backslash included)
+        if i >= b.len() {
+            return false;
+        }
+    }
+    false
 }
 
 fn parse_top(line: &str) -> Option<Top<'_>> {

@@ -90,7 +90,7 @@ struct Core {
     parsed: u64,
     #[pyo3(get)]
     handed_back: u64,
-    rate_keys: Vec<String>,
+    rate_keys: Vec<Vec<u8>>,
     ecs_version: String,
     spans: Vec<(usize, usize)>,
     kube_cache: envelope::KubeCache,
@@ -109,11 +109,13 @@ struct Batch {
     /// Event (ip, ts) of each record that has one, in record order; Python records
     /// set theirs with `set_event`.
     events: Vec<Option<(Rc<str>, f64)>>,
-    counts: Vec<Option<Vec<u64>>>,
+    /// One count per window per record, flat (stride = windows); `counted` says which.
+    counts: Vec<u64>,
+    counted: Vec<bool>,
     late: Vec<bool>,
     #[pyo3(get)]
     fallback: Vec<usize>,
-    rate_keys: Vec<String>,
+    rate_keys: Vec<Vec<u8>>,
     ecs_version: String,
 }
 
@@ -136,6 +138,16 @@ impl Core {
         if formats.is_empty() {
             return Err(PyValueError::new_err("no formats"));
         }
+        // Rendered once as `"10s":`: they are keys of every document's `envoygeo.rate`.
+        let rate_keys = rate_keys
+            .iter()
+            .map(|k| {
+                let mut q = Vec::new();
+                json::write_str(&mut q, k);
+                q.push(b':');
+                q
+            })
+            .collect();
         let formats = formats.into_iter().map(|(n, p)| build_format(n, p)).collect::<PyResult<Vec<_>>>()?;
         Ok(Core {
             formats,
@@ -180,7 +192,8 @@ impl Core {
         let mut batch = Batch {
             recs: Vec::with_capacity(n),
             events: Vec::with_capacity(n),
-            counts: vec![None; n],
+            counts: vec![0; n * self.rate_keys.len()],
+            counted: vec![false; n],
             late: vec![false; n],
             fallback: Vec::new(),
             rate_keys: self.rate_keys.clone(),
@@ -195,7 +208,7 @@ impl Core {
                 None => return Ok(None),
                 Some(Some(doc)) => {
                     let ev = match (&doc.ip, doc.ts) {
-                        (Some(ip), Some(ts)) => Some((Rc::from(ip.as_str()), ts)),
+                        (Some(ip), Some(ts)) => Some((ip.clone(), ts)),
                         _ => None,
                     };
                     batch.events.push(ev);
@@ -283,6 +296,13 @@ impl Core {
     }
 }
 
+impl Batch {
+    fn counts_of(&self, i: usize) -> Option<&[u64]> {
+        let w = self.rate_keys.len();
+        self.counted[i].then(|| &self.counts[i * w..(i + 1) * w])
+    }
+}
+
 fn counts_tuple<'py>(py: Python<'py>, c: &[u64]) -> PyResult<Bound<'py, PyTuple>> {
     PyTuple::new(py, c)
 }
@@ -309,8 +329,13 @@ impl Batch {
         if counts.len() != idx.len() {
             return Err(PyValueError::new_err("one count per event expected"));
         }
+        let w = self.rate_keys.len();
         for (&i, c) in idx.iter().zip(counts) {
-            self.counts[i] = Some(c);
+            if c.len() != w {
+                return Err(PyValueError::new_err("one count per window expected"));
+            }
+            self.counts[i * w..(i + 1) * w].copy_from_slice(&c);
+            self.counted[i] = true;
         }
         for l in late {
             let i = *idx.get(l).ok_or_else(|| PyValueError::new_err("late index out of range"))?;
@@ -320,26 +345,32 @@ impl Batch {
     }
 
     /// Count every event with the native memory backend.
-    fn count(&mut self, rates: &mut NativeRates) {
+    fn count(&mut self, rates: &mut NativeRates) -> PyResult<()> {
+        if rates.inner.windows.len() != self.rate_keys.len() {
+            return Err(PyValueError::new_err("the rate backend's windows differ from the core's"));
+        }
         let mut buf = Vec::new();
         let (mut n, mut late) = (0, 0);
         for (i, ev) in self.events.iter().enumerate() {
             if let Some((ip, ts)) = ev {
                 let is_late = rates.inner.count(ip, *ts, &mut buf);
-                self.counts[i] = Some(buf.clone());
+                let w = buf.len();
+                self.counts[i * w..(i + 1) * w].copy_from_slice(&buf);
+                self.counted[i] = true;
                 self.late[i] = is_late;
                 n += 1;
                 late += usize::from(is_late);
             }
         }
         rates.inner.end_batch(n, late);
+        Ok(())
     }
 
     /// (index, counts, late) of the Python-path records that have counts.
     fn python_counts<'py>(&self, py: Python<'py>) -> PyResult<Vec<(usize, Bound<'py, PyTuple>, bool)>> {
         let mut out = Vec::new();
         for &i in &self.fallback {
-            if let Some(c) = &self.counts[i] {
+            if let Some(c) = self.counts_of(i) {
                 out.push((i, counts_tuple(py, c)?, self.late[i]));
             }
         }
@@ -351,8 +382,8 @@ impl Batch {
     fn alert_candidates<'py>(&self, py: Python<'py>, rules: Vec<(usize, u64)>)
                              -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
         let (events, counts) = (PyList::empty(py), PyList::empty(py));
-        for (ev, c) in self.events.iter().zip(&self.counts) {
-            if let (Some((ip, ts)), Some(c)) = (ev, c) {
+        for (i, ev) in self.events.iter().enumerate() {
+            if let (Some((ip, ts)), Some(c)) = (ev, self.counts_of(i)) {
                 if rules.iter().any(|&(wi, thr)| c.get(wi).is_some_and(|&n| n >= thr)) {
                     events.append((ip.as_ref(), *ts))?;
                     counts.append(counts_tuple(py, c)?)?;
@@ -365,11 +396,13 @@ impl Batch {
     /// Serialised documents in record order; None where the Python path owns the record.
     fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
+        let w = self.rate_keys.len();
         for (i, rec) in self.recs.iter_mut().enumerate() {
             match rec {
                 Rec::Native(doc) => {
-                    let bytes = document::finish(doc, &self.rate_keys, self.counts[i].as_deref(),
-                                                 self.late[i], &self.ecs_version);
+                    let counts = self.counted[i].then(|| &self.counts[i * w..(i + 1) * w]);
+                    let bytes = document::finish(doc, &self.rate_keys, counts, self.late[i],
+                                                 &self.ecs_version);
                     out.append(PyBytes::new(py, &bytes))?;
                 }
                 Rec::Python => out.append(py.None())?,
