@@ -108,12 +108,15 @@ class Enricher:
 
     @classmethod
     def build(cls, processor: RecordProcessor, geoip: GeoIP | None,
-              rates_cfg: RatesConfig | None, rules: Sequence[AlertRule] = ()) -> Enricher:
-        """For the CLI and benchmarks, which assemble stages from options."""
-        rates = open_backend(rates_cfg) if rates_cfg is not None else None
+              rates_cfg: RatesConfig | None, rules: Sequence[AlertRule] = (),
+              native: bool = True) -> Enricher:
+        """For the CLI and benchmarks, which assemble stages from options.
+
+        `native=False` runs the Python reference of every stage (tests, benchmarks)."""
+        rates = open_backend(rates_cfg, native=native) if rates_cfg is not None else None
         alerts = (AlertEngine(rules, rates, lateness_s=rates_cfg.lateness_s)
                   if rates is not None and rates_cfg is not None and rules else None)
-        return cls(processor, geoip, rates, alerts)
+        return cls(processor, geoip, rates, alerts, native=native)
 
     # -- batches --
 

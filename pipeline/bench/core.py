@@ -6,8 +6,11 @@ clients, a long tail of rare ones). Each run measures:
 
 * the full pipeline through `Enricher.enrich_batch` in batches, as the worker runs it:
   decode -> parse -> client IP -> GeoIP (DB-IP City Lite) -> rates (memory) -> alerts ->
-  orjson serialisation;
-* each stage alone over the same corpus, for a per-stage cost in microseconds;
+  serialisation, with the compiled fast path (`pipeline.native`) when it is built;
+* the native path's stages, by running it again without rates and without GeoIP too
+  (the differences are the stages' costs);
+* the same pipeline on the Python reference path alone, and each of its stages alone
+  over the same corpus, for a per-stage cost in microseconds;
 * the baseline: the same client IPs through a plain `geoip2.database.Reader.city()`,
   no cache, as a naive enricher would do.
 
@@ -28,6 +31,7 @@ from typing import Any
 import click
 import orjson
 
+from pipeline import native as native_mod
 from pipeline.bench.enrich_micro import default_geoip_path, zipf_public_ips
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver
 from pipeline.decode.envelope import decode_envelope
@@ -131,18 +135,35 @@ def run_once(
     rates_cfg = RatesConfig(backend="memory")
     rules = [AlertRule(name="burst", window_s=10, threshold=500)]
 
-    # Full pipeline, as the worker runs it (fresh state each run: cold cache, no rates).
-    geo = GeoIP.open(city=geoip_path, cache_size=cache_size)
-    enricher = Enricher.build(
-        RecordProcessor(make_parser("auto"), ClientIpResolver(policy)), geo, rates_cfg, rules
-    )
+    def pipeline(native: bool, with_geo: bool = True, with_rates: bool = True,
+                 ) -> tuple[float, GeoIP | None]:
+        """Seconds for the corpus; fresh state each time (cold cache, no counts)."""
+        geo = GeoIP.open(city=geoip_path, cache_size=cache_size) if with_geo else None
+        enricher = Enricher.build(
+            RecordProcessor(make_parser("auto"), ClientIpResolver(policy)), geo,
+            rates_cfg if with_rates else None, rules if with_rates else (), native=native)
 
-    def full() -> None:
-        for i in range(0, n, batch):
-            enricher.enrich_batch(records[i : i + batch])
+        def run() -> None:
+            for i in range(0, n, batch):
+                enricher.enrich_batch(records[i : i + batch])
 
-    t_full = _time(full)
-    hits, misses = geo.hits, geo.misses
+        return _time(run), geo
+
+    out: dict[str, float] = {}
+    us = 1e6 / n
+    if native_mod.available():
+        t_native, geo = pipeline(True)
+        assert geo is not None
+        hits, misses = geo.hits, geo.misses
+        t_core = pipeline(True, with_geo=False, with_rates=False)[0]
+        t_geo = pipeline(True, with_rates=False)[0]
+        out.update(native_per_s=n / t_native, native_core_us=t_core * us,
+                   native_geoip_us=(t_geo - t_core) * us,
+                   native_rates_us=(t_native - t_geo) * us)
+    t_full, geo = pipeline(False)
+    assert geo is not None
+    if not native_mod.available():
+        hits, misses = geo.hits, geo.misses
 
     # Stage by stage over the same corpus.
     envs: list[Any] = []
@@ -158,7 +179,7 @@ def run_once(
     t_geoip = _time(lambda: results.extend(geo2.lookup(c.ip) for c in cips))
     from pipeline.enrich.rates import open_backend
 
-    rates = open_backend(rates_cfg)
+    rates = open_backend(rates_cfg, native=False)
     events = [(c.ip, log.start_time) for c, log in zip(cips, logs, strict=True)]
     t_rates = _time(lambda: [rates.count_batch(events[i : i + batch]) for i in range(0, n, batch)])
 
@@ -184,8 +205,7 @@ def run_once(
                     pass
 
     t_base = _time(baseline)
-    us = 1e6 / n
-    return {
+    return out | {
         "events_per_s": n / t_full,
         "decode_us": t_decode * us,
         "parse_us": t_parse * us,
@@ -231,15 +251,25 @@ def command(
     for i in range(runs):
         r = run_once(records, ips, geoip_path, batch, cache_size)
         rows.append(r)
-        click.echo(f"run {i + 1}/{runs}: {r['events_per_s']:,.0f} events/s", err=True)
+        native = f"{r['native_per_s']:,.0f} events/s native, " if "native_per_s" in r else ""
+        click.echo(f"run {i + 1}/{runs}: {native}{r['events_per_s']:,.0f} events/s python",
+                   err=True)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    click.echo(f"core pipeline      {med['events_per_s']:>12,.0f} events/s  (median of {runs})")
+    fastest = med["events_per_s"]
+    if "native_per_s" in med:
+        fastest = med["native_per_s"]
+        click.echo(f"core pipeline      {fastest:>12,.0f} events/s  (median of {runs}; "
+                   "compiled fast path)")
+        click.echo(f"  decode+parse+client IP+document {med['native_core_us']:>6.2f} µs/event")
+        click.echo(f"  GeoIP (cache + misses)          {med['native_geoip_us']:>6.2f} µs/event")
+        click.echo(f"  rates (memory) + alerts         {med['native_rates_us']:>6.2f} µs/event")
+    click.echo(f"python reference   {med['events_per_s']:>12,.0f} events/s  (median of {runs})")
     for stage in ("decode", "parse", "clientip", "geoip", "rates", "document"):
         click.echo(f"  {stage:<16} {med[stage + '_us']:>10.2f} µs/event")
     click.echo(f"geoip cache hit rate {med['cache_hit_rate']:.1%}")
     click.echo(
         f"baseline: plain geoip2 City lookups, no cache {med['baseline_geoip_per_s']:>10,.0f}/s"
-        f"  (pipeline / baseline = {med['events_per_s'] / med['baseline_geoip_per_s']:.2f}x)"
+        f"  (pipeline / baseline = {fastest / med['baseline_geoip_per_s']:.2f}x)"
     )
     click.echo(f"peak RSS           {peak_mb:,.0f} MB")

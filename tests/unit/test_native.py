@@ -55,9 +55,8 @@ def make_enricher(*, use_native: bool, log_format: str = "auto",
                   rates: RatesConfig | None = RatesConfig(windows=(1, 10, 60), lateness_s=5),
                   rules: Sequence[AlertRule] = ()) -> Enricher:
     proc = RecordProcessor(make_parser(log_format), ClientIpResolver(policy or ClientIpPolicy()))
-    e = Enricher.build(proc, geo, rates, rules)
-    if not use_native:
-        e._fast = None
+    e = Enricher.build(proc, geo, rates, rules, native=use_native)
+    assert (e._fast is not None) == use_native or log_format == "json"
     return e
 
 

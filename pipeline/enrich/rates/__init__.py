@@ -98,12 +98,14 @@ def rate_fields(windows: Sequence[int], counts: Counts) -> dict[str, int]:
     return {f"{w}s": c for w, c in zip(windows, counts, strict=True)}
 
 
-def open_backend(cfg: RatesConfig) -> RateBackend:
-    """Build the configured backend (imports lazily: redis-py is only needed for redis)."""
-    if cfg.backend == "memory":
-        from pipeline import native
+def open_backend(cfg: RatesConfig, native: bool = True) -> RateBackend:
+    """Build the configured backend (imports lazily: redis-py is only needed for redis).
 
-        if native.available():
+    The memory backend is the compiled one when it is built, unless `native=False`."""
+    if cfg.backend == "memory":
+        from pipeline import native as native_mod
+
+        if native and native_mod.available():
             from pipeline.enrich.rates.native import NativeMemoryRates
 
             return NativeMemoryRates.from_config(cfg)
