@@ -23,7 +23,14 @@ from pipeline.decode.parser import make_parser
 from pipeline.enrich import geoip as geoip_mod
 from pipeline.enrich.alerts import AlertEngine, AlertRule
 from pipeline.enrich.geoip import GeoIP
-from pipeline.enrich.rates import Event, RateBackend, RatesConfig, open_backend
+from pipeline.enrich.rates import (
+    MAX_EVENT_TS,
+    MIN_EVENT_TS,
+    Event,
+    RateBackend,
+    RatesConfig,
+    open_backend,
+)
 from pipeline.process import Processed, RecordProcessor
 from pipeline.schema import ECS_VERSION
 
@@ -78,6 +85,8 @@ class Enricher:
         self.rate_seconds = 0.0
         self._native_rates = getattr(rates, "native", None)
         self._fast: Any = None
+        self._native_geo_generation: int | None = None
+        self.native_geo_status = "off"
         self.native_status = "off"
         if native:
             self._fast, why = native_mod.build_core(
@@ -162,7 +171,7 @@ class Enricher:
                 continue
             if lookup is not None:
                 apply_geo(doc, lookup(ip))
-            if ts is not None:
+            if ts is not None and MIN_EVENT_TS <= ts < MAX_EVENT_TS:
                 events.append((ip, ts))
                 event_docs.append(doc)
 
@@ -203,12 +212,18 @@ class Enricher:
         documents are what the Python path alone would produce.
         """
         geo = self.geoip
+        core = self._fast
         generation = 0
         if geo is not None:
             geo.batch_lookup()  # the reload check, once per batch
             generation = geo.generation
-        core = self._fast
-        hits = core.geo_hits
+            if generation != self._native_geo_generation:
+                # (Re)read the databases Python has just validated; if that fails the
+                # native cache asks Python's lookup instead, so nothing is lost.
+                why = core.open_geo(*geoip_mod.native_spec(geo))
+                self.native_geo_status = "on" if why is None else f"off: {why}"
+                self._native_geo_generation = generation
+        hits, native_lookups = core.geo_hits, core.geo_native_lookups
         batch = core.begin(values if isinstance(values, list) else list(values),
                            _ingested_now(), generation)
         if batch is None:
@@ -217,12 +232,14 @@ class Enricher:
         self.processor.parsed += len(values) - len(fallback)
         if geo is not None:
             geo.external_hits += core.geo_hits - hits
+            geo.external_misses += core.geo_native_lookups - native_lookups
         records: dict[int, Processed | None] = {}
         if fallback:
             process = self.processor.process_record
             for i in fallback:
                 records[i] = rec = process(values[i])
-                if rec is not None and rec.ip is not None and rec.ts is not None:
+                if rec is not None and rec.ip is not None and rec.ts is not None \
+                        and MIN_EVENT_TS <= rec.ts < MAX_EVENT_TS:
                     batch.set_event(i, rec.ip, rec.ts)
             self._enrich(list(records.values()), count=False)
         alerts: list[dict[str, Any]] = []
@@ -290,6 +307,7 @@ class Enricher:
                                "native": self.native_status}
         if self._fast is not None:
             out["native_handed_back"] = self._fast.handed_back
+            out["native_geoip"] = self.native_geo_status
         if self.geoip is not None:
             out["geoip"] = self.geoip.stats()
         if self.rates is not None:

@@ -9,6 +9,7 @@
 mod clientip;
 mod document;
 mod envelope;
+mod geo;
 mod json;
 mod rates;
 mod scan;
@@ -82,8 +83,12 @@ struct Core {
     geo_cache: AHashMap<Box<str>, Rc<Geo>>,
     geo_cache_size: usize,
     geo_generation: i64,
+    geo_dbs: Option<geo::Databases>,
     #[pyo3(get)]
     geo_hits: u64,
+    /// Misses answered here (the rest went to Python's lookup).
+    #[pyo3(get)]
+    geo_native_lookups: u64,
     #[pyo3(get)]
     geo_misses: u64,
     #[pyo3(get)]
@@ -162,7 +167,9 @@ impl Core {
             geo_cache: AHashMap::new(),
             geo_cache_size: geo_cache_size.max(1),
             geo_generation: 0,
+            geo_dbs: None,
             geo_hits: 0,
+            geo_native_lookups: 0,
             geo_misses: 0,
             parsed: 0,
             handed_back: 0,
@@ -207,8 +214,11 @@ impl Core {
             match rec {
                 None => return Ok(None),
                 Some(Some(doc)) => {
+                    // rates.countable(): the range the memory counters can represent
                     let ev = match (&doc.ip, doc.ts) {
-                        (Some(ip), Some(ts)) => Some((ip.clone(), ts)),
+                        (Some(ip), Some(ts)) if (0.0..rates::MAX_EVENT_TS).contains(&ts) => {
+                            Some((ip.clone(), ts))
+                        }
                         _ => None,
                     };
                     batch.events.push(ev);
@@ -228,6 +238,29 @@ impl Core {
 
     fn clear_geo_cache(&mut self) {
         self.geo_cache.clear();
+    }
+
+    /// Read the GeoIP databases here too: [(role, path, (inode, mtime_ns, size))] as
+    /// Python validated them. Returns None, or why the Python lookup stays in use.
+    fn open_geo(&mut self, dbs: Vec<(String, String, (u64, i64, u64))>, locale: String,
+                v4: (Vec<u128>, Vec<u128>), v6: (Vec<u128>, Vec<u128>)) -> Option<String> {
+        self.geo_dbs = None;
+        self.geo_cache.clear();
+        let mut out = geo::Databases { city: None, country: None, asn: None, locale, v4, v6 };
+        for (role, path, sig) in dbs {
+            let db = match geo::Db::open(&path, sig) {
+                Ok(db) => db,
+                Err(why) => return Some(why),
+            };
+            match role.as_str() {
+                "city" => out.city = Some(db),
+                "country" => out.country = Some(db),
+                "asn" => out.asn = Some(db),
+                other => return Some(format!("unknown database role {other}")),
+            }
+        }
+        self.geo_dbs = Some(out);
+        None
     }
 }
 
@@ -286,8 +319,19 @@ impl Core {
             return Ok(g.clone());
         }
         self.geo_misses += 1;
-        let (tag, fragment): (Option<String>, Option<Vec<u8>>) = lookup.call1(py, (ip,))?.extract(py)?;
-        let g = Rc::new(Geo { tag, fragment });
+        let native = self.geo_dbs.as_ref().map(|dbs| dbs.lookup(ip));
+        if native.as_ref().is_some_and(|r| r.is_ok()) {
+            self.geo_native_lookups += 1;
+        }
+        let g = Rc::new(match native {
+            Some(Ok(geo::Answer::Tag(t))) => Geo { tag: Some(t.to_owned()), fragment: None },
+            Some(Ok(geo::Answer::Fragment(fragment))) => Geo { tag: None, fragment },
+            _ => {
+                let (tag, fragment): (Option<String>, Option<Vec<u8>>) =
+                    lookup.call1(py, (ip,))?.extract(py)?;
+                Geo { tag, fragment }
+            }
+        });
         if self.geo_cache.len() >= self.geo_cache_size {
             self.geo_cache.clear(); // bounded; the hot IPs come back within a batch
         }
@@ -487,5 +531,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Batch>()?;
     m.add_class::<NativeRates>()?;
     m.add("EPOCH_BASE", rates::EPOCH_BASE)?;
+    m.add("MAX_EVENT_TS", rates::MAX_EVENT_TS)?;
     Ok(())
 }

@@ -10,6 +10,8 @@
 use ahash::AHashMap;
 
 pub const EPOCH_BASE: i64 = 1_700_000_000;
+/// `pipeline.enrich.rates.MAX_EVENT_TS` (a test holds the two equal).
+pub const MAX_EVENT_TS: f64 = (EPOCH_BASE + (1 << 31) - 2) as f64;
 const NIL: u32 = u32::MAX;
 
 struct Entry {

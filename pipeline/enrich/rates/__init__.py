@@ -26,8 +26,9 @@ Semantics (both backends implement exactly this; tests recompute it by brute for
   seconds after their last update. Events within ``lateness_s`` of the stream's newest
   event are therefore exact; counts are capped below 2**32 per bucket.
 
-Timestamps must lie between 1902 and 2091 (buckets are stored relative to
-``EPOCH_BASE`` in 32 bits by the memory backend).
+Timestamps must lie between 1970 and 2091 (buckets are stored relative to
+``EPOCH_BASE`` in 32 bits by the memory backend): MIN_EVENT_TS..MAX_EVENT_TS. The
+enricher counts no event outside it (its document carries no rates).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, Field, field_validator
 
 EPOCH_BASE = 1_700_000_000
+MIN_EVENT_TS = 0.0
+MAX_EVENT_TS = float(EPOCH_BASE + (1 << 31) - 2)
 
 Event = tuple[str, float]
 Counts = tuple[int, ...]
