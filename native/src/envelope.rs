@@ -2,17 +2,14 @@
 //! `pipeline.decode.envelope` as the reference: every decision mirrors `_decode` and
 //! `_from_json`, and anything outside the common case is handed back to it.
 //!
-//! Hot path: the record is scanned once into borrowed raw values of the few keys that
-//! matter (no map, no tree); only those are parsed. Kubernetes metadata repeats per pod,
+//! Hot path: the record is scanned once by a small strict reader (`Scan`) that keeps
+//! only the few members that matter, borrowed where possible (no map, no tree). Kubernetes metadata repeats per pod,
 //! so its rendering is cached by its raw text.
 
 use std::borrow::Cow;
-use std::fmt;
 use std::rc::Rc;
 
 use ahash::AHashMap;
-use serde::de::{self, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::json;
@@ -58,157 +55,257 @@ impl KubeCache {
     }
 }
 
-/// A value read as a string when it is one, skipped otherwise: the access-log line is
-/// read once, not scanned as raw JSON and then parsed again.
-enum Text<'a> {
-    Str(Cow<'a, str>),
-    Other,
+/// A strict, allocation-light reader for the top level of a collector record.
+///
+/// It accepts a subset of JSON (no `\u` escapes of surrogates, nesting up to 64
+/// levels, no raw control characters) and says None for anything else, which sends
+/// the record to the Python path; so whatever it accepts, orjson accepts and reads the
+/// same way. Values of keys that are not needed are only skipped, never built.
+struct Scan<'a> {
+    s: &'a str,
+    b: &'a [u8],
+    i: usize,
 }
 
-impl<'de> serde::Deserialize<'de> for Text<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
-                Ok(Text::Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
-                Ok(Text::Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
-                Ok(Text::Str(Cow::Owned(v)))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Text<'de>, E> {
-                Ok(Text::Other)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Text<'de>, E> {
-                Ok(Text::Other)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Text<'de>, E> {
-                Ok(Text::Other)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Text<'de>, E> {
-                Ok(Text::Other)
-            }
-            fn visit_unit<E>(self) -> Result<Text<'de>, E> {
-                Ok(Text::Other)
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Text<'de>, A::Error> {
-                while a.next_element::<de::IgnoredAny>()?.is_some() {}
-                Ok(Text::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Text<'de>, A::Error> {
-                while a.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
-                Ok(Text::Other)
+impl<'a> Scan<'a> {
+    fn ws(&mut self) {
+        while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\t' | b'\n' | b'\r') {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        self.ws();
+        (self.b.get(self.i) == Some(&c)).then(|| self.i += 1)
+    }
+
+    /// The string at the cursor, decoded (borrowed when it has no escapes).
+    fn string(&mut self) -> Option<Cow<'a, str>> {
+        if self.b.get(self.i) != Some(&b'"') {
+            return None;
+        }
+        self.i += 1;
+        let start = self.i;
+        // Fast path: up to the closing quote with nothing to decode.
+        while self.i < self.b.len() {
+            match self.b[self.i] {
+                b'"' => {
+                    self.i += 1;
+                    return Some(Cow::Borrowed(&self.s[start..self.i - 1]));
+                }
+                b'\\' => break,
+                c if c < 0x20 => return None, // raw control characters are not JSON
+                _ => self.i += 1,
             }
         }
-        d.deserialize_any(V)
+        let mut out = String::with_capacity(self.i - start + 64);
+        out.push_str(&self.s[start..self.i]);
+        let mut run = self.i;
+        while self.i < self.b.len() {
+            match self.b[self.i] {
+                b'"' => {
+                    out.push_str(&self.s[run..self.i]);
+                    self.i += 1;
+                    return Some(Cow::Owned(out));
+                }
+                b'\\' => {
+                    out.push_str(&self.s[run..self.i]);
+                    let e = *self.b.get(self.i + 1)?;
+                    self.i += 2;
+                    out.push(match e {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        b'u' => {
+                            let hex = self.s.get(self.i..self.i + 4)?;
+                            if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
+                                return None;
+                            }
+                            self.i += 4;
+                            // None for surrogates (paired or lone): Python decides.
+                            char::from_u32(u32::from_str_radix(hex, 16).ok()?)?
+                        }
+                        _ => return None,
+                    });
+                    run = self.i;
+                }
+                c if c < 0x20 => return None,
+                _ => self.i += 1,
+            }
+        }
+        None
+    }
+
+    fn digits(&mut self) -> bool {
+        let start = self.i;
+        while self.i < self.b.len() && self.b[self.i].is_ascii_digit() {
+            self.i += 1;
+        }
+        self.i > start
+    }
+
+    fn number(&mut self) -> Option<()> {
+        let start = self.i;
+        if self.b.get(self.i) == Some(&b'-') {
+            self.i += 1;
+        }
+        match self.b.get(self.i) {
+            Some(b'0') => self.i += 1,
+            Some(b'1'..=b'9') => {
+                self.digits();
+            }
+            _ => return None,
+        }
+        if self.b.get(self.i) == Some(&b'.') {
+            self.i += 1;
+            if !self.digits() {
+                return None;
+            }
+        }
+        if matches!(self.b.get(self.i), Some(b'e' | b'E')) {
+            self.i += 1;
+            if matches!(self.b.get(self.i), Some(b'+' | b'-')) {
+                self.i += 1;
+            }
+            if !self.digits() {
+                return None;
+            }
+        }
+        // orjson refuses numbers that overflow a double ("1e400"); so does this, and
+        // very long ones are left to it altogether.
+        let text = &self.s[start..self.i];
+        if text.len() > 64 || !text.parse::<f64>().ok()?.is_finite() {
+            return None;
+        }
+        Some(())
+    }
+
+    fn literal(&mut self, word: &str) -> Option<()> {
+        self.b[self.i..].starts_with(word.as_bytes()).then(|| self.i += word.len())
+    }
+
+    /// Reads past one value; returns its text.
+    fn value(&mut self, depth: usize) -> Option<&'a str> {
+        self.ws();
+        let start = self.i;
+        match *self.b.get(self.i)? {
+            b'"' => {
+                self.string()?;
+            }
+            b'{' => {
+                if depth > 64 {
+                    return None;
+                }
+                self.i += 1;
+                if self.eat(b'}').is_none() {
+                    loop {
+                        self.ws();
+                        self.string()?;
+                        self.eat(b':')?;
+                        self.value(depth + 1)?;
+                        if self.eat(b',').is_none() {
+                            self.eat(b'}')?;
+                            break;
+                        }
+                    }
+                }
+            }
+            b'[' => {
+                if depth > 64 {
+                    return None;
+                }
+                self.i += 1;
+                if self.eat(b']').is_none() {
+                    loop {
+                        self.value(depth + 1)?;
+                        if self.eat(b',').is_none() {
+                            self.eat(b']')?;
+                            break;
+                        }
+                    }
+                }
+            }
+            b't' => self.literal("true")?,
+            b'f' => self.literal("false")?,
+            b'n' => self.literal("null")?,
+            _ => self.number()?,
+        }
+        Some(&self.s[start..self.i])
+    }
+
+    /// A string value as text, or None inside Some for any other value.
+    fn text(&mut self) -> Option<Option<Cow<'a, str>>> {
+        self.ws();
+        if self.b.get(self.i) == Some(&b'"') {
+            Some(Some(self.string()?))
+        } else {
+            self.value(1)?;
+            Some(None)
+        }
     }
 }
 
+/// The members of a collector record that decide its envelope.
 #[derive(Default)]
 struct Top<'a> {
-    log: Option<Text<'a>>,
-    message: Option<Text<'a>>,
-    at_timestamp: Option<&'a RawValue>,
-    time: Option<&'a RawValue>,
-    timestamp: Option<&'a RawValue>,
-    stream: Option<&'a RawValue>,
-    kubernetes: Option<&'a RawValue>,
+    log: Option<Option<Cow<'a, str>>>, // Some(None): present but not a string
+    message: Option<Option<Cow<'a, str>>>,
+    stream: Option<Option<Cow<'a, str>>>,
+    at_timestamp: Option<&'a str>, // raw JSON text of the value
+    time: Option<&'a str>,
+    timestamp: Option<&'a str>,
+    kubernetes: Option<&'a str>,
     /// A key Docker's json-file driver never writes.
     not_docker: bool,
 }
 
-struct TopVisitor;
-
-impl<'de> Visitor<'de> for TopVisitor {
-    type Value = Top<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
-        let mut top = Top::default();
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+fn parse_top(line: &str) -> Option<Top<'_>> {
+    let mut sc = Scan { s: line, b: line.as_bytes(), i: 0 };
+    let mut top = Top::default();
+    sc.eat(b'{')?;
+    if sc.eat(b'}').is_none() {
+        loop {
+            sc.ws();
+            let key = sc.string()?;
+            sc.eat(b':')?;
             // Later duplicates win, as in a Python dict built from the same text.
             match key.as_ref() {
-                "log" => top.log = Some(map.next_value()?),
-                "message" => top.message = Some(map.next_value()?),
-                "@timestamp" => top.at_timestamp = Some(map.next_value()?),
-                "time" => top.time = Some(map.next_value()?),
-                "timestamp" => top.timestamp = Some(map.next_value()?),
-                "stream" => top.stream = Some(map.next_value()?),
-                "kubernetes" => top.kubernetes = Some(map.next_value()?),
+                "log" => top.log = Some(sc.text()?),
+                "message" => top.message = Some(sc.text()?),
+                "stream" => top.stream = Some(sc.text()?),
+                "@timestamp" => top.at_timestamp = Some(sc.value(1)?),
+                "time" => top.time = Some(sc.value(1)?),
+                "timestamp" => top.timestamp = Some(sc.value(1)?),
+                "kubernetes" => top.kubernetes = Some(sc.value(1)?),
                 _ => {
-                    map.next_value::<&RawValue>()?; // validated, not kept
+                    sc.value(1)?;
                 }
             }
             if !matches!(key.as_ref(), "log" | "stream" | "time" | "attrs") {
                 top.not_docker = true;
             }
-        }
-        Ok(top)
-    }
-}
-
-/// A `\uD800`-`\uDFFF` escape anywhere: orjson refuses lone surrogates even in values
-/// this scan only skips (serde_json does not check those), so such records go to
-/// Python. Over-approximate on purpose (paired surrogates, an escaped backslash
-/// before `u`): a false positive only costs the slower path.
-fn has_surrogate_escape(line: &str) -> bool {
-    let b = line.as_bytes();
-    let mut i = 0;
-    while let Some(p) = b[i..].iter().position(|&c| c == b'\\') {
-        let at = i + p;
-        if b.get(at + 1) == Some(&b'u')
-            && matches!(b.get(at + 2), Some(b'd' | b'D'))
-            && matches!(b.get(at + 3), Some(b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F'))
-        {
-            return true;
-        }
-        i = at + 2; // skip the escaped character (an escaped backslash included)
-        if i >= b.len() {
-            return false;
+            if sc.eat(b',').is_none() {
+                sc.eat(b'}')?;
+                break;
+            }
         }
     }
-    false
-}
-
-fn parse_top(line: &str) -> Option<Top<'_>> {
-    if has_surrogate_escape(line) {
-        return None;
-    }
-    let mut de = serde_json::Deserializer::from_str(line);
-    let top = (&mut de).deserialize_map(TopVisitor).ok()?;
-    de.end().ok()?;
-    Some(top)
-}
-
-fn as_str(v: Option<&RawValue>) -> Option<Cow<'_, str>> {
-    let raw = v?.get();
-    if !raw.starts_with('"') {
-        return None;
-    }
-    serde_json::from_str::<Cow<str>>(raw).ok()
-}
-
-fn is_null(v: &RawValue) -> bool {
-    v.get() == "null"
+    sc.ws();
+    (sc.i == sc.b.len()).then_some(top)
 }
 
 /// parse_epoch_or_iso for what JSON can hold; Err: only Python can say (strings).
-fn epoch(v: Option<&RawValue>) -> Result<Option<f64>, ()> {
-    let Some(v) = v else { return Ok(None) };
-    let raw = v.get();
+fn epoch(v: Option<&str>) -> Result<Option<f64>, ()> {
+    let Some(raw) = v else { return Ok(None) };
     match raw.as_bytes()[0] {
         b'"' => Err(()),
         b'-' | b'0'..=b'9' => {
-            let f: f64 = serde_json::from_str(raw).map_err(|_| ())?;
+            let f: f64 = raw.parse().map_err(|_| ())?;
             let f = if f > 1e11 { f / 1000.0 } else { f };
             // timeparse.MIN_EPOCH..MAX_EPOCH; outside it the time is unknown
             Ok((0.0..253_402_300_800.0).contains(&f).then_some(f))
@@ -237,18 +334,18 @@ pub fn decode(data: &[u8], kube_cache: &mut KubeCache) -> Decoded {
     }
     let Some(top) = parse_top(line) else { return Decoded::Fallback };
     let (payload, from_log) = match (top.log, top.message) {
-        (Some(Text::Str(p)), _) => (p, true),
-        (_, Some(Text::Str(p))) => (p, false),
+        (Some(Some(p)), _) => (p, true),
+        (_, Some(Some(p))) => (p, false),
         _ => return Decoded::Fallback, // Merge_Log, or an Envoy JSON line itself
     };
-    let kube_raw = top.kubernetes.map(RawValue::get).filter(|k| k.starts_with('{'));
+    let kube_raw = top.kubernetes.filter(|k| k.starts_with('{'));
     let has_stamp = top.at_timestamp.is_some();
     if from_log && !has_stamp && kube_raw.is_none() && !top.not_docker {
         return Decoded::PartialRisk; // Docker json-file: lines may be split
     }
     let kind = if has_stamp { "fluent-bit" } else { "fluentd" };
     let stamp = match top.at_timestamp {
-        Some(v) if !is_null(v) => Some(v),
+        Some(v) if v != "null" => Some(v),
         _ => top.time.or(top.timestamp),
     };
     let Ok(ts) = epoch(stamp) else { return Decoded::Fallback };
@@ -259,7 +356,7 @@ pub fn decode(data: &[u8], kube_cache: &mut KubeCache) -> Decoded {
         },
         None => None,
     };
-    let stream = as_str(top.stream).map(Cow::into_owned);
+    let stream = top.stream.flatten().map(Cow::into_owned);
     let inner = strip_line_end(&payload);
     match inner.as_bytes().first() {
         Some(c) if c.is_ascii_digit() => return Decoded::PartialRisk, // CRI inside

@@ -336,6 +336,16 @@ def test_collector_json_edge_cases_identical() -> None:
         "\ufeff" + '{"@timestamp":1.7959e9,"log":LOG}',
         b'{"@timestamp":1.7959e9,"log":"\xff"}',
         '{"@timestamp":1.7959e9,"log":LOG,"attrs":{}}',
+        '{"@timestamp":1.7959e9,"log":LOG,"n":1e400}',  # orjson: infinity, not JSON
+        '{"@timestamp":1.7959e9,"log":LOG,"n":1E+2,"m":-0.5e-3,"z":-0,"e":[],"o":{}}',
+        '{"@timestamp":1.7959e9,"log":LOG,"n":01}',
+        '{"@timestamp":1.7959e9,"log":LOG,"n":1.}',
+        '{"@timestamp":1.7959e9,"log":LOG,"n":truex}',
+        r'{"@timestamp":1.7959e9,"log":LOG,"t":"a\tb","u":"\u0041\/"}',
+        '{"@timestamp":1.7959e9,"log":LOG,"t":"raw\x01control"}'.replace("\\x01", "\x01"),
+        '{"@timestamp":1.7959e9,"log":LOG,"d":' + "[" * 70 + "]" * 70 + "}",
+        '{"@timestamp" : 1.7959e9 , "log" : LOG } ',
+        '{"@timestamp":1.7959e9,"log":LOG,}',
         '{"log":DOCKER,"stream":"stdout","time":"2026-11-29T01:13:00.665123456Z"}',
     ]]
     for record in records:  # one at a time: a Docker record sends its whole batch to Python
