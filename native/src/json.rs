@@ -7,12 +7,29 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Whether any of the 8 bytes is `"`, `\\` or below 0x20 (SWAR: exact for "any").
 #[inline]
-fn needs_escape(w: u64) -> bool {
+pub fn needs_escape(w: u64) -> bool {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     let zero_byte = |x: u64| x.wrapping_sub(LO) & !x & HI;
     (w.wrapping_sub(LO * 0x20) & !w & HI) | zero_byte(w ^ (LO * b'"' as u64))
         | zero_byte(w ^ (LO * b'\\' as u64)) != 0
+}
+
+/// Index of the first byte at or after `i` that is `"`, `\\` or a control character
+/// (the bytes a JSON string reader or writer must stop at), or `b.len()`.
+#[inline]
+pub fn find_special(b: &[u8], mut i: usize) -> usize {
+    while i + 8 <= b.len() {
+        let w = u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        if needs_escape(w) {
+            break;
+        }
+        i += 8;
+    }
+    while i < b.len() && b[i] >= 0x20 && b[i] != b'"' && b[i] != b'\\' {
+        i += 1;
+    }
+    i
 }
 
 /// A JSON string: orjson escapes `"`, `\` and the C0 controls (short forms where JSON
