@@ -159,6 +159,10 @@ class MetricsSettings(_Section):
 class WorkerSettings(_Section):
     shutdown_grace_s: float = Field(30.0, gt=0)
     max_inflight_batches: int = Field(4, ge=1, description="Bounds memory while the sink is slow.")
+    backpressure_wait_s: float = Field(
+        1.0, gt=0, le=30,
+        description="At max_inflight_batches, how long to wait for the oldest bulk "
+                    "before pausing the partitions (a sink that is down).")
 
 
 class Settings(BaseSettings):

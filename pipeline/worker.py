@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -142,6 +142,7 @@ class Worker:
                     "group": cfg.kafka.group_id,
                     "index": cfg.elasticsearch.index,
                     "metrics_port": self.status.port if self.status else None,
+                    "native": getattr(self.enricher, "native_status", "n/a"),
                 }
             },
         )
@@ -154,9 +155,14 @@ class Worker:
                 if self._fatal is not None:
                     break
                 if len(self._inflight) >= cfg.worker.max_inflight_batches:
-                    self.source.pause()
-                    self.metrics.paused.set(1)
-                    self.source.serve(0.2)
+                    # Usually the oldest bulk is about to finish: wait for it first.
+                    # Pausing costs a refetch on resume (librdkafka drops the paused
+                    # partitions' prefetched records), so it is kept for a sink that
+                    # really stalls; group heartbeats go on in librdkafka's thread.
+                    if not wait([self._inflight[0][0]], cfg.worker.backpressure_wait_s).done:
+                        self.source.pause()
+                        self.metrics.paused.set(1)
+                        self.source.serve(0.2)
                     continue
                 if self.source.paused:
                     self.source.resume()
