@@ -14,13 +14,13 @@ use crate::timefmt::IsoClock;
 
 pub struct Doc {
     pub head: Vec<u8>,
-    pub ip: Option<std::rc::Rc<str>>,
+    pub ip: Option<std::sync::Arc<str>>,
     pub ts: Option<f64>,
     /// `,"related":{"ip":[...]}` already rendered (empty when there are none).
     pub related: Vec<u8>,
     pub tags: Vec<String>,
     pub early_tags: bool,
-    pub kubernetes: Option<std::rc::Rc<Vec<u8>>>,
+    pub kubernetes: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 /// `document._endpoint`: (host, port), IPv4-mapped hosts in their IPv4 form.
@@ -124,7 +124,7 @@ pub struct Geo {
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     env: &Env,
-    kubernetes: Option<std::rc::Rc<Vec<u8>>>,
+    kubernetes: Option<std::sync::Arc<Vec<u8>>>,
     fmt: &Format,
     f: &Fields,
     cip: ClientIp<'_>,
@@ -313,7 +313,7 @@ pub fn build(
     }
     Ok(Doc {
         head: out,
-        ip: cip.ip.as_deref().map(std::rc::Rc::from),
+        ip: cip.ip.as_deref().map(std::sync::Arc::from),
         ts,
         related,
         tags,

@@ -7,7 +7,7 @@
 //! so its rendering is cached by its raw text.
 
 use std::borrow::Cow;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use ahash::AHashMap;
 use serde_json::Value;
@@ -20,7 +20,7 @@ pub struct Env {
     pub payload: String,
     pub stream: Option<String>,
     pub ts: Option<f64>,
-    pub kubernetes: Option<Rc<Vec<u8>>>,
+    pub kubernetes: Option<Arc<Vec<u8>>>,
 }
 
 pub enum Decoded {
@@ -35,17 +35,17 @@ pub enum Decoded {
 /// Rendered Kubernetes metadata by raw JSON text; None: not renderable here (floats).
 #[derive(Default)]
 pub struct KubeCache {
-    map: AHashMap<Box<str>, Option<Rc<Vec<u8>>>>,
+    map: AHashMap<Box<str>, Option<Arc<Vec<u8>>>>,
 }
 
 impl KubeCache {
-    fn render(&mut self, raw: &str) -> Option<Rc<Vec<u8>>> {
+    fn render(&mut self, raw: &str) -> Option<Arc<Vec<u8>>> {
         if let Some(hit) = self.map.get(raw) {
             return hit.clone();
         }
         let rendered = serde_json::from_str::<Value>(raw).ok().and_then(|v| {
             let mut buf = Vec::with_capacity(raw.len());
-            json::write_value(&mut buf, &v).ok().map(|()| Rc::new(buf))
+            json::write_value(&mut buf, &v).ok().map(|()| Arc::new(buf))
         });
         if self.map.len() >= 1024 {
             self.map.clear(); // bounded: one entry per pod in practice

@@ -15,7 +15,7 @@ mod rates;
 mod scan;
 mod timefmt;
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use ahash::AHashMap;
 use pyo3::exceptions::PyValueError;
@@ -80,7 +80,7 @@ struct Core {
     last: usize,
     policy: Policy,
     geo_lookup: Option<PyObject>,
-    geo_cache: AHashMap<Box<str>, Rc<Geo>>,
+    geo_cache: AHashMap<Box<str>, Arc<Geo>>,
     geo_cache_size: usize,
     geo_generation: i64,
     geo_dbs: Option<geo::Databases>,
@@ -113,7 +113,7 @@ struct Batch {
     recs: Vec<Rec>,
     /// Event (ip, ts) of each record that has one, in record order; Python records
     /// set theirs with `set_event`.
-    events: Vec<Option<(Rc<str>, f64)>>,
+    events: Vec<Option<(Arc<str>, f64)>>,
     /// One count per window per record, flat (stride = windows); `counted` says which.
     counts: Vec<u64>,
     counted: Vec<bool>,
@@ -189,51 +189,30 @@ impl Core {
     /// Decode, parse, resolve and look up every record it can; the rest are listed in
     /// `Batch.fallback` for the Python path. None when the batch holds a record that
     /// may be part of a split line (CRI, Docker): the Python path takes all of it.
+    ///
+    /// The work runs without the GIL (the inputs are copied out first), so the
+    /// worker's bulk threads keep Elasticsearch fed while a batch is enriched; only a
+    /// GeoIP lookup that Python must answer takes it back.
     fn begin(&mut self, py: Python<'_>, values: &Bound<'_, PyList>, ingested: &str,
              geo_generation: i64) -> PyResult<Option<Batch>> {
         if geo_generation != self.geo_generation {
             self.geo_cache.clear(); // the database was replaced: forget old answers
             self.geo_generation = geo_generation;
         }
-        let n = values.len();
-        let mut batch = Batch {
-            recs: Vec::with_capacity(n),
-            events: Vec::with_capacity(n),
-            counts: vec![0; n * self.rate_keys.len()],
-            counted: vec![false; n],
-            late: vec![false; n],
-            fallback: Vec::new(),
-            rate_keys: self.rate_keys.clone(),
-            ecs_version: self.ecs_version.clone(),
-        };
-        for (i, item) in values.iter().enumerate() {
-            let rec = match item.downcast::<PyBytes>() {
-                Ok(b) => self.record(py, b.as_bytes(), ingested)?,
-                Err(_) => Some(None),
-            };
-            match rec {
-                None => return Ok(None),
-                Some(Some(doc)) => {
-                    // rates.countable(): the range the memory counters can represent
-                    let ev = match (&doc.ip, doc.ts) {
-                        (Some(ip), Some(ts)) if (0.0..rates::MAX_EVENT_TS).contains(&ts) => {
-                            Some((ip.clone(), ts))
-                        }
-                        _ => None,
-                    };
-                    batch.events.push(ev);
-                    batch.recs.push(Rec::Native(doc));
-                    self.parsed += 1;
+        let mut data: Vec<u8> = Vec::with_capacity(values.len() * 1024);
+        let mut spans: Vec<Option<(usize, usize)>> = Vec::with_capacity(values.len());
+        for item in values.iter() {
+            spans.push(match item.downcast::<PyBytes>() {
+                Ok(b) => {
+                    let start = data.len();
+                    data.extend_from_slice(b.as_bytes());
+                    Some((start, data.len()))
                 }
-                Some(None) => {
-                    batch.events.push(None);
-                    batch.recs.push(Rec::Python);
-                    batch.fallback.push(i);
-                }
-            }
+                Err(_) => None, // str and others: the Python path
+            });
         }
-        self.handed_back += batch.fallback.len() as u64;
-        Ok(Some(batch))
+        let ingested = ingested.to_owned();
+        py.allow_threads(|| self.run(&data, &spans, &ingested))
     }
 
     fn clear_geo_cache(&mut self) {
@@ -265,9 +244,52 @@ impl Core {
 }
 
 impl Core {
+    fn run(&mut self, data: &[u8], spans: &[Option<(usize, usize)>], ingested: &str)
+           -> PyResult<Option<Batch>> {
+        let n = spans.len();
+        let mut batch = Batch {
+            recs: Vec::with_capacity(n),
+            events: Vec::with_capacity(n),
+            counts: vec![0; n * self.rate_keys.len()],
+            counted: vec![false; n],
+            late: vec![false; n],
+            fallback: Vec::new(),
+            rate_keys: self.rate_keys.clone(),
+            ecs_version: self.ecs_version.clone(),
+        };
+        for (i, span) in spans.iter().enumerate() {
+            let rec = match span {
+                Some((a, b)) => self.record(&data[*a..*b], ingested)?,
+                None => Some(None),
+            };
+            match rec {
+                None => return Ok(None),
+                Some(Some(doc)) => {
+                    // rates.countable(): the range the memory counters can represent
+                    let ev = match (&doc.ip, doc.ts) {
+                        (Some(ip), Some(ts)) if (0.0..rates::MAX_EVENT_TS).contains(&ts) => {
+                            Some((ip.clone(), ts))
+                        }
+                        _ => None,
+                    };
+                    batch.events.push(ev);
+                    batch.recs.push(Rec::Native(doc));
+                    self.parsed += 1;
+                }
+                Some(None) => {
+                    batch.events.push(None);
+                    batch.recs.push(Rec::Python);
+                    batch.fallback.push(i);
+                }
+            }
+        }
+        self.handed_back += batch.fallback.len() as u64;
+        Ok(Some(batch))
+    }
+
     /// None: partial-line risk (whole batch to Python); Some(None): this record to
     /// Python; Some(Some(doc)): done here.
-    fn record(&mut self, py: Python<'_>, data: &[u8], ingested: &str) -> PyResult<Option<Option<Doc>>> {
+    fn record(&mut self, data: &[u8], ingested: &str) -> PyResult<Option<Option<Doc>>> {
         let mut env = match envelope::decode(data, &mut self.kube_cache) {
             Decoded::Ok(env) => env,
             Decoded::Fallback => return Ok(Some(None)),
@@ -305,15 +327,15 @@ impl Core {
         ) else {
             return Ok(Some(None));
         };
-        let geo = match (&cip.ip, &self.geo_lookup) {
-            (Some(ip), Some(lookup)) => Some(self.geo(py, lookup.clone_ref(py), ip)?),
+        let geo = match (&cip.ip, self.geo_lookup.is_some()) {
+            (Some(ip), true) => Some(self.geo(ip)?),
             _ => None,
         };
         Ok(Some(build(&env, kubernetes, &self.formats[k], &fields, cip, geo.as_deref(), ingested,
                       &mut self.clock).ok()))
     }
 
-    fn geo(&mut self, py: Python<'_>, lookup: PyObject, ip: &str) -> PyResult<Rc<Geo>> {
+    fn geo(&mut self, ip: &str) -> PyResult<Arc<Geo>> {
         if let Some(g) = self.geo_cache.get(ip) {
             self.geo_hits += 1;
             return Ok(g.clone());
@@ -323,12 +345,13 @@ impl Core {
         if native.as_ref().is_some_and(|r| r.is_ok()) {
             self.geo_native_lookups += 1;
         }
-        let g = Rc::new(match native {
+        let g = Arc::new(match native {
             Some(Ok(geo::Answer::Tag(t))) => Geo { tag: Some(t.to_owned()), fragment: None },
             Some(Ok(geo::Answer::Fragment(fragment))) => Geo { tag: None, fragment },
             _ => {
+                let lookup = self.geo_lookup.as_ref().expect("checked by the caller");
                 let (tag, fragment): (Option<String>, Option<Vec<u8>>) =
-                    lookup.call1(py, (ip,))?.extract(py)?;
+                    Python::with_gil(|py| lookup.call1(py, (ip,))?.extract(py))?;
                 Geo { tag, fragment }
             }
         });
@@ -355,7 +378,7 @@ fn counts_tuple<'py>(py: Python<'py>, c: &[u64]) -> PyResult<Bound<'py, PyTuple>
 impl Batch {
     /// The client IP and event time of a record the Python path processed.
     fn set_event(&mut self, index: usize, ip: &str, ts: f64) {
-        self.events[index] = Some((Rc::from(ip), ts));
+        self.events[index] = Some((Arc::from(ip), ts));
     }
 
     /// Every (ip, ts) event in record order, for a rate backend outside this crate.
