@@ -65,9 +65,9 @@ pub fn envoy_time(v: &str) -> Option<f64> {
     Some(base as f64 + ms as f64 / 1000.0)
 }
 
-/// `iso_timestamp`: epoch seconds -> `YYYY-MM-DDTHH:MM:SS.mmmZ`, milliseconds rounded
-/// half up exactly as the Python expression does. None outside years 1970..9999.
-pub fn iso_timestamp(epoch: f64) -> Option<String> {
+/// (whole seconds, milliseconds) of an epoch time, the milliseconds rounded half up
+/// exactly as `document.iso_timestamp` computes them; None outside years 1970..9999.
+fn seconds_millis(epoch: f64) -> Option<(i64, i64)> {
     if !epoch.is_finite() {
         return None;
     }
@@ -77,10 +77,12 @@ pub fn iso_timestamp(epoch: f64) -> Option<String> {
         sec += 1.0;
         ms = 0;
     }
-    if !(0.0..253_402_300_800.0).contains(&sec) {
-        return None;
-    }
-    let sec = sec as i64;
+    (0.0..253_402_300_800.0).contains(&sec).then_some((sec as i64, ms))
+}
+
+/// `iso_timestamp`: epoch seconds -> `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn iso_timestamp(epoch: f64) -> Option<String> {
+    let (sec, ms) = seconds_millis(epoch)?;
     let (y, m, d) = civil_from_days(sec.div_euclid(86400));
     let rem = sec.rem_euclid(86400);
     Some(format!(
@@ -103,19 +105,7 @@ pub struct IsoClock {
 impl IsoClock {
     /// Appends the text (without quotes); false outside years 1970..9999.
     pub fn write(&mut self, out: &mut Vec<u8>, epoch: f64) -> bool {
-        if !epoch.is_finite() {
-            return false;
-        }
-        let mut sec = epoch.floor();
-        let mut ms = ((epoch - sec) * 1000.0 + 0.5) as i64;
-        if ms >= 1000 {
-            sec += 1.0;
-            ms = 0;
-        }
-        if !(0.0..253_402_300_800.0).contains(&sec) {
-            return false;
-        }
-        let sec = sec as i64;
+        let Some((sec, ms)) = seconds_millis(epoch) else { return false };
         if self.prefix.is_empty() || sec != self.second {
             let Some(text) = iso_timestamp(sec as f64) else { return false };
             self.prefix.clear();
