@@ -357,3 +357,14 @@ def test_countable_range_is_one_definition() -> None:
     from pipeline.enrich.rates import EPOCH_BASE, MAX_EVENT_TS
 
     assert (_native.EPOCH_BASE, _native.MAX_EVENT_TS) == (EPOCH_BASE, MAX_EVENT_TS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-1e12, 1e13, allow_nan=False) | st.integers(0, 10**13),
+                min_size=1, max_size=20))
+def test_collector_times_render_identically(stamps: list[float]) -> None:
+    """`@timestamp` from the collector's epoch (the line's own time is `-`)."""
+    line = _istio_line("198.51.100.7:5", ts="-")
+    records = [orjson.dumps({"@timestamp": t, "log": line}) for t in stamps]
+    _, _, e = run_both(records, batch=7)
+    assert e._fast.parsed == len(records)
