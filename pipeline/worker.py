@@ -114,19 +114,19 @@ class Worker:
 
     def install_signal_handlers(self) -> None:
         def handle(signum: int, frame: Any) -> None:
-            log.info(
-                "signal %s: stopping (grace %.0fs)",
-                signal.Signals(signum).name,
-                self.settings.worker.shutdown_grace_s,
-            )
-            self.stopping.set()
-            # The grace period starts now, not when the loop gets to _shutdown(): the
-            # main thread may be blocked in a revoke callback draining batches that a
-            # dead Elasticsearch will not take, and only `abort` can release it.
-            self._start_grace_timer()
+            self.stop(f"signal {signal.Signals(signum).name}")
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
+
+    def stop(self, why: str) -> None:
+        """Stop fetching, flush, commit and exit within the grace period."""
+        log.info("%s: stopping (grace %.0fs)", why, self.settings.worker.shutdown_grace_s)
+        self.stopping.set()
+        # The grace period starts now, not when the loop gets to _shutdown(): the main
+        # thread may be blocked in a revoke callback draining batches that a dead
+        # Elasticsearch will not take, and only `abort` can release it.
+        self._start_grace_timer()
 
     def run(self) -> int:
         """Run until stopped; returns the process exit status."""

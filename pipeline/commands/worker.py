@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -86,6 +87,12 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
     Metrics: http://<metrics.host>:<metrics.port>/metrics, /healthz, /readyz.
     Refuses to start if `envoygeo setup` has not installed the index templates.
     """
+    # A stop requested while starting up (imports, template check, GeoIP open) is
+    # honoured once the worker exists, instead of killing the process half-started.
+    early_stop: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: early_stop.append(signum))
+
     from pipeline.enricher import Enricher
     from pipeline.logs import setup_logging
     from pipeline.metrics import Metrics
@@ -114,4 +121,6 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
         sys.exit(2)
     worker = Worker(settings, enricher, metrics=metrics)
     worker.install_signal_handlers()
+    if early_stop:
+        worker.stop(f"signal {signal.Signals(early_stop[0]).name} during start-up")
     sys.exit(worker.run())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,14 @@ def test_data_stream_mode_replays_without_duplicates(tmp_path: Path, kafka_boots
     assert backing and all(name.startswith(".ds-") for name in backing)
     assert_exactly_once(es_client, stream, 200)
     assert "409" not in (tmp_path / "replay.log").read_text()  # not an error: already there
+
+
+@pytest.mark.parametrize("delay_s", [0.4, 1.0, 2.0])
+def test_sigterm_during_start_up_exits_cleanly(env: dict[str, Any], delay_s: float) -> None:
+    """A stop requested while the worker is still starting (imports, template check,
+    GeoIP, joining the group) is honoured once it can be, not by dying half-started.
+    (Only the interpreter's own first ~0.1 s is out of reach, as for any Python
+    program; nothing has been consumed by then.)"""
+    proc = start_worker(env["cfg"], env["tmp"] / f"early-{delay_s}.log")
+    time.sleep(delay_s)
+    assert stop_worker(proc) == 0
