@@ -11,7 +11,8 @@ A drain is timed by the consumer group's committed offsets (the worker commits o
 is indexed): from the first commit to the commit of the last record, so process
 start-up and group joining are not counted against the worker, and the measurement
 adds no refresh/count load on Elasticsearch. The node is warmed up (one untimed
-ceiling pass) before anything is timed.
+ceiling pass) before anything is timed, and each phase's index is deleted as soon as it
+is measured, so no phase pays for the previous one's background segment merges.
 All rates are medians of `--runs`.
 """
 
@@ -133,12 +134,21 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
     _produce(bootstrap, topic, records)
     results: dict[str, list[float]] = {"ceiling": [], "1 worker": [], "2 workers": []}
     created: list[str] = [f"{prefix}-warmup"]
+
+    def drop(index: str) -> None:
+        # Each phase's index goes as soon as it is measured: its segment merges would
+        # otherwise run in the background of the next phase and tax whichever it is.
+        es.options(ignore_status=404).indices.delete(index=index)
+
     try:
         _ceiling(settings, docs, f"{prefix}-warmup", batch, concurrency)  # JIT, caches
+        drop(f"{prefix}-warmup")
         for r in range(runs):
             index = f"{prefix}-ceil-{r}"
             created.append(index)
             results["ceiling"].append(_ceiling(settings, docs, index, batch, concurrency))
+            if not keep:
+                drop(index)
             for workers in (1, 2):
                 index, group = f"{prefix}-w{workers}-{r}", f"{prefix}-g{workers}-{r}"
                 created.append(index)
@@ -156,12 +166,14 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                         p.terminate()
                     for p in procs:
                         p.wait(60)
+                if not keep:
+                    drop(index)
             line = ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in results.items())
             click.echo(f"run {r + 1}/{runs}: {line}", err=True)
     finally:
         if not keep:
             for index in created:
-                es.options(ignore_status=404).indices.delete(index=index)
+                drop(index)
     med = {k: statistics.median(v) for k, v in results.items()}
     click.echo(f"elasticsearch bulk ceiling   {med['ceiling']:>10,.0f} docs/s  (pre-built, "
                f"median of {runs})")
