@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,18 @@ def make_enricher(*, use_native: bool, log_format: str = "auto",
     return e
 
 
-def run_both(records: Sequence[bytes], batch: int = 64, **kw: Any
+def run_both(records: Sequence[bytes], batch: int = 64,
+             rates_for: Callable[[bool], RatesConfig] | None = None, **kw: Any
              ) -> tuple[list[Any], list[Any], Enricher]:
-    """Documents+errors and alerts from both paths; asserts they are identical."""
+    """Documents+errors and alerts from both paths; asserts they are identical.
+
+    `rates_for(use_native)`: a rate configuration per path (e.g. separate Redis keys).
+    """
     outs = []
     native_enricher = None
     for use_native in (True, False):
+        if rates_for is not None:
+            kw["rates"] = rates_for(use_native)
         e = make_enricher(use_native=use_native, **kw)
         docs: list[Any] = []
         alerts: list[Any] = []
