@@ -4,16 +4,18 @@ In one run, against the same Elasticsearch and with the same bulk settings:
 
 * **ceiling**: the corpus enriched beforehand, then only indexed (`_bulk`, same
   batch size and concurrency as the worker), no Kafka, no enrichment on the clock;
+  measured before and after each run's workers, and the run's ceiling is their mean;
 * **1 worker** and **2 workers** (`envoygeo run` processes, one consumer group)
   draining the corpus, already in a 6-partition topic, into a fresh index.
 
 A drain is timed by the consumer group's committed offsets (the worker commits only what
 is indexed): from the first commit to the commit of the last record, so process
 start-up and group joining are not counted against the worker, and the measurement
-adds no refresh/count load on Elasticsearch. The node is warmed up (one untimed
-ceiling pass) before anything is timed, and each phase's index is deleted as soon as it
-is measured, so no phase pays for the previous one's background segment merges.
-All rates are medians of `--runs`.
+adds no refresh/count load on Elasticsearch (one long-lived client reads the offsets).
+The node is warmed up (untimed ceiling passes until two agree within 10%) before
+anything is timed, and each phase's index is deleted as soon as it is measured, so no
+phase pays for the previous one's background segment merges.
+Rates are medians of `--runs`; each ratio is the median of the per-run ratios.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pipeline.enricher import Enricher
 from pipeline.setup import ensure_topics, install_templates
 from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, make_client
 from pipeline.sinks.kafka import produce_waiting
-from pipeline.sources.kafka import committed_total
+from pipeline.sources.kafka import CommittedOffsets
 
 
 def _config(path: Path, bootstrap: str, es_url: str, topic: str, index: str, group: str,
@@ -72,17 +74,21 @@ def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
     """Records per second from the first committed offset to the n-th."""
     first_t, first_c = None, 0
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise click.ClickException(f"worker exited with {p.returncode}")
-        c = committed_total(bootstrap, group, topic, timeout_s=10)
-        now = time.monotonic()
-        if c and first_t is None:
-            first_t, first_c = now, c
-        if c >= n and first_t is not None:
-            return (c - first_c) / max(now - first_t, 1e-6)
-        time.sleep(0.2)
+    offsets = CommittedOffsets(bootstrap, group, topic)
+    try:
+        while time.monotonic() < deadline:
+            for p in procs:
+                if p.poll() is not None:
+                    raise click.ClickException(f"worker exited with {p.returncode}")
+            c = offsets.total(timeout_s=10)
+            now = time.monotonic()
+            if c and first_t is None:
+                first_t, first_c = now, c
+            if c >= n and first_t is not None:
+                return (c - first_c) / max(now - first_t, 1e-6)
+            time.sleep(0.2)
+    finally:
+        offsets.close()
     raise click.ClickException(f"{group}: not drained within {timeout_s:.0f}s")
 
 
@@ -133,7 +139,8 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
     ensure_topics(settings)
     _produce(bootstrap, topic, records)
     results: dict[str, list[float]] = {"ceiling": [], "1 worker": [], "2 workers": []}
-    created: list[str] = [f"{prefix}-warmup"]
+    ratios: dict[str, list[float]] = {"1 worker": [], "2 workers": []}
+    created: list[str] = []
 
     def drop(index: str) -> None:
         # Each phase's index goes as soon as it is measured: its segment merges would
@@ -141,14 +148,29 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
         es.options(ignore_status=404).indices.delete(index=index)
 
     try:
-        _ceiling(settings, docs, f"{prefix}-warmup", batch, concurrency)  # JIT, caches
-        drop(f"{prefix}-warmup")
-        for r in range(runs):
-            index = f"{prefix}-ceil-{r}"
-            created.append(index)
-            results["ceiling"].append(_ceiling(settings, docs, index, batch, concurrency))
+        # A freshly started node keeps speeding up for several passes (JIT, caches);
+        # warm it until two passes agree within 10%, so that later phases are not
+        # measured against a node that is still getting faster.
+        warm: list[float] = []
+        for w in range(6):
+            created.append(f"{prefix}-warmup-{w}")
+            warm.append(_ceiling(settings, docs, created[-1], batch, concurrency))
+            drop(created[-1])
+            if len(warm) >= 2 and abs(warm[-1] - warm[-2]) <= 0.1 * warm[-2]:
+                break
+        click.echo("warm-up ceilings: " + ", ".join(f"{r:,.0f}/s" for r in warm), err=True)
+        def ceiling_pass(label: str) -> float:
+            created.append(f"{prefix}-ceil-{label}")
+            rate = _ceiling(settings, docs, created[-1], batch, concurrency)
             if not keep:
-                drop(index)
+                drop(created[-1])
+            return rate
+
+        # The node still drifts (usually faster) from run to run, so each run's workers
+        # are held against the mean of the ceilings measured just before and just after.
+        before = ceiling_pass("0")
+        for r in range(runs):
+            worker_rates: dict[str, float] = {}
             for workers in (1, 2):
                 index, group = f"{prefix}-w{workers}-{r}", f"{prefix}-g{workers}-{r}"
                 created.append(index)
@@ -159,7 +181,7 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                     stdout=subprocess.DEVNULL, stderr=open(work / f"{index}-{i}.log", "wb"))
                     for i in range(workers)]
                 try:
-                    results[f"{workers} worker{'s' if workers > 1 else ''}"].append(
+                    worker_rates[f"{workers} worker{'s' if workers > 1 else ''}"] = (
                         _drain_rate(bootstrap, group, topic, len(records), procs, 600))
                 finally:
                     for p in procs:
@@ -168,6 +190,13 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                         p.wait(60)
                 if not keep:
                     drop(index)
+            after = ceiling_pass(str(r + 1))
+            ceiling = (before + after) / 2
+            before = after
+            results["ceiling"].append(ceiling)
+            for k, v in worker_rates.items():
+                results[k].append(v)
+                ratios[k].append(v / ceiling)
             line = ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in results.items())
             click.echo(f"run {r + 1}/{runs}: {line}", err=True)
     finally:
@@ -179,4 +208,5 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                f"median of {runs})")
     for k in ("1 worker", "2 workers"):
         click.echo(f"{k:<28} {med[k]:>10,.0f} docs/s  ratio to ceiling "
-                   f"{med[k] / med['ceiling']:.2f}")
+                   f"{statistics.median(ratios[k]):.2f}  (median of the per-run ratios: "
+                   + ", ".join(f"{x:.2f}" for x in ratios[k]) + ")")

@@ -196,17 +196,32 @@ class KafkaSource:
         self.consumer.close()
 
 
+class CommittedOffsets:
+    """A group's committed offsets on a topic, read as often as needed over one client
+    (for tests and benchmarks: building a client per reading is what costs, on both
+    sides of the connection, and a benchmark's own load is measured with the rest)."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int = 6) -> None:
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+        self._tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+    def total(self, timeout_s: float = 30) -> int:
+        """How many records the group has finished (the topic started at offset 0)."""
+        tps = self._consumer.committed(self._tps, timeout=timeout_s)
+        return sum(tp.offset for tp in tps if tp.offset >= 0)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 def committed_total(bootstrap: str, group: str, topic: str, partitions: int = 6,
                     timeout_s: float = 30) -> int:
-    """Sum of a group's committed offsets on a topic: how many records it has finished
-    (for tests and benchmarks; assumes the topic started at offset 0)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    """One reading of `CommittedOffsets.total`."""
+    offsets = CommittedOffsets(bootstrap, group, topic, partitions)
     try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)],
-                                 timeout=timeout_s)
+        return offsets.total(timeout_s)
     finally:
-        consumer.close()
-    return sum(tp.offset for tp in tps if tp.offset >= 0)
+        offsets.close()
 
 
 def _names(partitions: Iterable[TopicPartition]) -> str:
