@@ -143,12 +143,15 @@ class Enricher:
         out = self.processor.flush_records()
         return out, self._enrich(out)  # type: ignore[arg-type]
 
-    def _enrich(self, out: Sequence[Processed | None], count: bool = True) -> list[dict[str, Any]]:
+    def _enrich(self, out: Sequence[Processed | None], count: bool = True,
+                ingested: str | None = None) -> list[dict[str, Any]]:
         """GeoIP, rates and ECS bookkeeping on processed records, in place; returns alerts.
 
-        `count=False`: the caller counts rates itself (the native path, whole batch).
+        `count=False`, `ingested`: the native path counts the whole batch itself and
+        stamps every record of the batch with one `event.ingested`.
         """
-        ingested = _ingested_now()
+        if ingested is None:
+            ingested = _ingested_now()
         lookup = self.geoip.batch_lookup() if self.geoip is not None else None
         apply_geo = geoip_mod.apply
         events: list[Event] = []
@@ -224,8 +227,9 @@ class Enricher:
                 self.native_geo_status = "on" if why is None else f"off: {why}"
                 self._native_geo_generation = generation
         hits, native_lookups = core.geo_hits, core.geo_native_lookups
+        ingested = _ingested_now()
         batch = core.begin(values if isinstance(values, list) else list(values),
-                           _ingested_now(), generation)
+                           ingested, generation)
         if batch is None:
             return None
         fallback = batch.fallback
@@ -241,7 +245,7 @@ class Enricher:
                 if rec is not None and rec.ip is not None and rec.ts is not None \
                         and MIN_EVENT_TS <= rec.ts < MAX_EVENT_TS:
                     batch.set_event(i, rec.ip, rec.ts)
-            self._enrich(list(records.values()), count=False)
+            self._enrich(list(records.values()), count=False, ingested=ingested)
         alerts: list[dict[str, Any]] = []
         if self.rates is not None:
             started = time.perf_counter()

@@ -374,3 +374,16 @@ def test_collector_times_render_identically(stamps: list[float]) -> None:
     records = [orjson.dumps({"@timestamp": t, "log": line}) for t in stamps]
     _, _, e = run_both(records, batch=7)
     assert e._fast.parsed == len(records)
+
+
+def test_one_ingested_time_per_batch_across_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    ticks = iter(f"2026-11-29T05:00:00.{i:03d}Z" for i in range(1000))
+    monkeypatch.setattr(enricher_mod, "_ingested_now", lambda: next(ticks))
+    line = _istio_line("198.51.100.7:5")
+    records = [orjson.dumps({"@timestamp": 1.7959e9, "log": line}),
+               orjson.dumps({"@timestamp": "2026-11-29T01:13:00Z", "log": line}),  # Python
+               orjson.dumps({"@timestamp": 1.7959e9, "log": "no format"})]  # Python
+    e = make_enricher(use_native=True)
+    docs, _ = e.enrich_batch(records)
+    assert e._fast.handed_back == 2
+    assert len({orjson.loads(d.document)["event"]["ingested"] for d in docs}) == 1
