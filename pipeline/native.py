@@ -116,7 +116,12 @@ def format_plan(fmt: CompiledFormat) -> Plan | None:
 
 
 def parser_formats(parser: LineParser) -> list[CompiledFormat] | None:
-    """The text formats a parser tries, in its order; None for parsers it can't take."""
+    """The text formats a parser tries, in its order; None for parsers it can't take.
+
+    `auto` tries the format that matched last first; each path keeps its own "last",
+    so a line that strictly matched two formats could be read by a different one on
+    each path (no preset line does; both readings are valid parses of that line).
+    """
     if isinstance(parser, AutoParser):
         return list(parser._text)
     if isinstance(parser, CompiledFormat):
