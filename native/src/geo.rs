@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 
 use maxminddb::Reader;
 use memmap2::Mmap;
-use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::json::{write_str, write_uint};
 
@@ -203,7 +203,7 @@ impl<'de> Deserialize<'de> for Rec<'de> {
                         "registered_country" => r.registered_country = Some(m.next_value()?),
                         "continent" => r.continent = Some(m.next_value()?),
                         "subdivisions" => r.subdivisions = Some(m.next_value()?),
-                        "city" if !r.flat => r.city = Some(m.next_value()?),
+                        "city" => r.city = Some(m.next_value()?),
                         "postal" => r.postal = Some(m.next_value()?),
                         "location" => r.location = Some(m.next_value()?),
                         _ => {
@@ -218,9 +218,6 @@ impl<'de> Deserialize<'de> for Rec<'de> {
                     return Err(de::Error::custom("flat layout"));
                 }
                 Ok(r)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Rec<'de>, A::Error> {
-                Err(de::Error::custom("not a map"))
             }
         }
         d.deserialize_map(V)

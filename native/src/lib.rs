@@ -181,11 +181,6 @@ impl Core {
         })
     }
 
-    /// Fields per format (for tests: the plan was understood).
-    fn field_counts(&self) -> Vec<usize> {
-        self.formats.iter().map(|f| f.n_fields).collect()
-    }
-
     /// Decode, parse, resolve and look up every record it can; the rest are listed in
     /// `Batch.fallback` for the Python path. None when the batch holds a record that
     /// may be part of a split line (CRI, Docker): the Python path takes all of it.
@@ -215,9 +210,6 @@ impl Core {
         py.allow_threads(|| self.run(&data, &spans, &ingested))
     }
 
-    fn clear_geo_cache(&mut self) {
-        self.geo_cache.clear();
-    }
 
     /// Read the GeoIP databases here too: [(role, path, (inode, mtime_ns, size))] as
     /// Python validated them. Returns None, or why the Python lookup stays in use.
@@ -513,16 +505,8 @@ impl NativeRates {
         self.inner.windows.clone()
     }
     #[getter]
-    fn lateness_s(&self) -> i64 {
-        self.inner.lateness
-    }
-    #[getter]
     fn retention_s(&self) -> i64 {
         self.inner.retention
-    }
-    #[getter]
-    fn max_ips(&self) -> usize {
-        self.inner.max_ips
     }
     #[getter]
     fn events(&self) -> u64 {

@@ -72,7 +72,6 @@ pub enum Seg {
 pub struct Format {
     pub name: String,
     pub segs: Vec<Seg>,
-    pub n_fields: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -131,14 +130,12 @@ impl Format {
             .iter()
             .map(|s| if let Seg::Lit(l) = s { Some(l[0]) } else { None })
             .collect();
-        let mut n_fields = 0;
         for (i, seg) in segs.iter_mut().enumerate() {
             if let Seg::Field(f) = seg {
                 f.next = firsts.get(i + 1).copied().flatten();
-                n_fields += 1;
             }
         }
-        Format { name, segs, n_fields }
+        Format { name, segs }
     }
 
     /// Value spans of every field, or None when the strict pattern does not match.
