@@ -8,7 +8,8 @@ Shape, and why:
   batch is enriched while the previous one is being indexed: the worker's rate then
   approaches the Elasticsearch bulk ceiling instead of ceiling + enrichment time.
 * Batches are committed strictly in the order they were read: a batch's offsets are
-  committed only when it and every batch before it are done (indexed or dead-lettered).
+  committed only when it and every batch before it are done (indexed or dead-lettered),
+  at most every `kafka.commit_interval_ms` (and at once before a rebalance or exit).
 * Backpressure: with `max_inflight_batches` batches unfinished (Elasticsearch slow or
   down), fetching pauses but polling continues, so the group membership stays alive and
   memory stays bounded by the in-flight batches plus librdkafka's bounded queue.
@@ -341,7 +342,7 @@ class Worker:
             return
         if done:
             self.source.mark_done(done)
-        if done or wait or self.source.commit_due():
+        if wait or self.source.commit_due():
             self.source.commit_pending(asynchronous=not wait)
 
     def _drain(self) -> None:
