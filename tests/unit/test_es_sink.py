@@ -56,6 +56,17 @@ def test_encode_bulk_is_ndjson_with_ids() -> None:
     assert lines[1] == b'{"a":0}'
 
 
+@pytest.mark.parametrize("doc_id", [
+    "topic.a_b-3-17", "say \"hi\"", "back\\slash", "tab\there", "caf\u00e9 \u2603", "\x7f", "",
+])
+def test_encode_bulk_quotes_any_id_and_index_exactly(doc_id: str) -> None:
+    items = [BulkItem("idx", doc_id, b'{"a":1}'), BulkItem('odd"index', "x", b"{}")]
+    lines = encode_bulk(items, op=b"create").split(b"\n")
+    assert orjson.loads(lines[0]) == {"create": {"_index": "idx", "_id": doc_id}}
+    assert orjson.loads(lines[2]) == {"create": {"_index": 'odd"index', "_id": "x"}}
+    assert lines[1] == b'{"a":1}' and lines[3] == b"{}"
+
+
 def test_only_failed_items_are_retried_and_4xx_rejected() -> None:
     client = ScriptedClient([{"id1": 429, "id2": 503, "id3": 400}, {"id2": 429}, {}])
     sink = _sink(client)
