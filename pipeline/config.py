@@ -66,9 +66,10 @@ class KafkaSettings(_Section):
     session_timeout_ms: int = Field(45000, ge=1000)
     commit_interval_ms: int = Field(
         1000, ge=0, le=60000,
-        description="Commit finished offsets at most this often (0: after every batch). "
-                    "Each commit costs the group coordinator a write; a crash replays at "
-                    "most this much, which overwrites by document id.")
+        description="While records keep flowing, commit finished offsets at most this "
+                    "often (0: after every batch; a caught-up worker commits at once). "
+                    "Each commit is a group-coordinator write; a crash replays at most "
+                    "this much more, which overwrites by document id.")
     statistics_interval_ms: int = Field(5000, ge=0, description="0 disables lag metrics.")
     librdkafka: dict[str, str | int | float | bool] = Field(
         default_factory=dict,

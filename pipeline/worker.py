@@ -9,7 +9,8 @@ Shape, and why:
   approaches the Elasticsearch bulk ceiling instead of ceiling + enrichment time.
 * Batches are committed strictly in the order they were read: a batch's offsets are
   committed only when it and every batch before it are done (indexed or dead-lettered),
-  at most every `kafka.commit_interval_ms` (and at once before a rebalance or exit).
+  at most every `kafka.commit_interval_ms` while busy (at once when caught up, before
+  a rebalance and at exit).
 * Backpressure: with `max_inflight_batches` batches unfinished (Elasticsearch slow or
   down), fetching pauses but polling continues, so the group membership stays alive and
   memory stays bounded by the in-flight batches plus librdkafka's bounded queue.
@@ -342,7 +343,9 @@ class Worker:
             return
         if done:
             self.source.mark_done(done)
-        if wait or self.source.commit_due():
+        # While batches keep coming, commits are paced (each one is a coordinator write);
+        # once nothing is in flight the worker has caught up, and it commits at once.
+        if wait or (done and not self._inflight) or self.source.commit_due():
             self.source.commit_pending(asynchronous=not wait)
 
     def _drain(self) -> None:

@@ -1,12 +1,19 @@
-"""Commit pacing of the Kafka source (no broker: only the decision is under test)."""
+"""Commit pacing: the source's interval and the worker's commit step (no broker: only
+the decisions are under test; the integration suite commits against a real one)."""
 
 from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
 
 import pytest
 
 from pipeline.config import KafkaSettings
+from pipeline.metrics import Metrics
 from pipeline.sources import kafka as kafka_mod
 from pipeline.sources.kafka import KafkaSource
+from pipeline.worker import Batch, Worker
 
 
 def _source(interval_ms: int, now: list[float], monkeypatch: pytest.MonkeyPatch) -> KafkaSource:
@@ -42,3 +49,53 @@ def test_interval_zero_commits_every_time(monkeypatch: pytest.MonkeyPatch) -> No
 def test_interval_is_validated() -> None:
     with pytest.raises(ValueError, match="commit_interval_ms"):
         KafkaSettings(commit_interval_ms=-1)
+
+
+class _RecordingSource:
+    """What the worker's commit step sees of the source."""
+
+    def __init__(self, due: bool) -> None:
+        self.due = due
+        self.done: list[dict[tuple[str, int], int]] = []
+        self.commits: list[bool] = []  # asynchronous flag of each commit
+
+    def mark_done(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.done.append(offsets)
+
+    def commit_due(self) -> bool:
+        return self.due
+
+    def commit_pending(self, asynchronous: bool) -> None:
+        self.commits.append(asynchronous)
+
+
+def _worker_with(source: _RecordingSource, batches: int, finished: int) -> Worker:
+    worker = object.__new__(Worker)  # only the commit step is exercised
+    worker.metrics = Metrics()
+    worker.source = source  # type: ignore[assignment]
+    worker._fatal = None
+    worker.stopping = threading.Event()
+    worker._inflight = deque()
+    for i in range(batches):
+        future: Future[None] = Future()
+        if i < finished:
+            future.set_result(None)
+        worker._inflight.append((future, Batch([], [], [], {("t", 0): 10 * (i + 1)}, 10)))
+    return worker
+
+
+def test_busy_worker_paces_commits_and_caught_up_worker_commits_at_once() -> None:
+    busy = _RecordingSource(due=False)
+    _worker_with(busy, batches=3, finished=2)._reap()
+    assert busy.done == [{("t", 0): 20}] and busy.commits == []  # paced: not yet
+    busy.due = True
+    _worker_with(busy, batches=3, finished=2)._reap()
+    assert busy.commits == [True]
+
+    idle = _RecordingSource(due=False)
+    _worker_with(idle, batches=2, finished=2)._reap()  # nothing left in flight
+    assert idle.done == [{("t", 0): 20}] and idle.commits == [True]
+
+    draining = _RecordingSource(due=False)
+    _worker_with(draining, batches=1, finished=1)._reap(wait=True)  # revoke / shutdown
+    assert draining.commits == [False]  # synchronous
