@@ -122,6 +122,8 @@ struct Batch {
     fallback: Vec<usize>,
     rate_keys: Vec<Vec<u8>>,
     ecs_version: String,
+    /// The documents' first parts, one after another (`Doc.head`, `Doc.related`).
+    arena: Vec<u8>,
 }
 
 #[pymethods]
@@ -248,10 +250,11 @@ impl Core {
             fallback: Vec::new(),
             rate_keys: self.rate_keys.clone(),
             ecs_version: self.ecs_version.clone(),
+            arena: Vec::with_capacity(data.len() * 3),
         };
         for (i, span) in spans.iter().enumerate() {
             let rec = match span {
-                Some((a, b)) => self.record(&data[*a..*b], ingested)?,
+                Some((a, b)) => self.record(&mut batch.arena, &data[*a..*b], ingested)?,
                 None => Some(None),
             };
             match rec {
@@ -281,7 +284,8 @@ impl Core {
 
     /// None: partial-line risk (whole batch to Python); Some(None): this record to
     /// Python; Some(Some(doc)): done here.
-    fn record(&mut self, data: &[u8], ingested: &str) -> PyResult<Option<Option<Doc>>> {
+    fn record(&mut self, arena: &mut Vec<u8>, data: &[u8], ingested: &str)
+              -> PyResult<Option<Option<Doc>>> {
         let mut env = match envelope::decode(data, &mut self.kube_cache) {
             Decoded::Ok(env) => env,
             Decoded::Fallback => return Ok(Some(None)),
@@ -323,7 +327,7 @@ impl Core {
             (Some(ip), true) => Some(self.geo(ip)?),
             _ => None,
         };
-        Ok(Some(build(&env, kubernetes, &self.formats[k], &fields, cip, geo.as_deref(), ingested,
+        Ok(Some(build(arena, &env, kubernetes, &self.formats[k], &fields, cip, geo.as_deref(), ingested,
                       &mut self.clock).ok()))
     }
 
@@ -456,13 +460,20 @@ impl Batch {
     fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         let w = self.rate_keys.len();
+        let mut tail = Vec::with_capacity(512);
         for (i, rec) in self.recs.iter_mut().enumerate() {
             match rec {
                 Rec::Native(doc) => {
                     let counts = self.counted[i].then(|| &self.counts[i * w..(i + 1) * w]);
-                    let bytes = document::finish(doc, &self.rate_keys, counts, self.late[i],
-                                                 &self.ecs_version);
-                    out.append(PyBytes::new(py, &bytes))?;
+                    document::finish(&mut tail, &self.arena, doc, &self.rate_keys, counts,
+                                     self.late[i], &self.ecs_version);
+                    // Head and tail straight into the Python bytes: one copy.
+                    let head = &self.arena[doc.head.clone()];
+                    out.append(PyBytes::new_with(py, head.len() + tail.len(), |b| {
+                        b[..head.len()].copy_from_slice(head);
+                        b[head.len()..].copy_from_slice(&tail);
+                        Ok(())
+                    })?)?;
                 }
                 Rec::Python => out.append(py.None())?,
             }
