@@ -8,7 +8,8 @@ In one run, against the same Elasticsearch and with the same bulk settings:
 * **1 worker** and **2 workers** (`envoygeo run` processes, one consumer group)
   draining the corpus, already in a 6-partition topic, into a fresh index.
 
-A drain is timed by the consumer group's committed offsets (the worker commits only what
+A ceiling pass is timed once its index exists. A drain is timed by the consumer
+group's committed offsets (the worker commits only what
 is indexed): from the first commit to the commit of the last record, so process
 start-up and group joining are not counted against the worker, and the measurement
 adds no refresh/count load on Elasticsearch (one long-lived client reads the offsets).
@@ -69,6 +70,18 @@ def _produce(bootstrap: str, topic: str, records: list[bytes]) -> None:
         raise click.ClickException("could not load the corpus into Kafka")
 
 
+def _delete_topics(bootstrap: str, topics: list[str]) -> None:
+    """The run's topics go too: a broker's per-request costs grow with its partitions."""
+    from confluent_kafka.admin import AdminClient
+
+    for future in AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
+            topics, operation_timeout=30).values():
+        try:
+            future.result()
+        except Exception as exc:  # best effort: say so, do not fail the figures
+            click.echo(f"could not delete a benchmark topic: {exc}", err=True)
+
+
 def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
                 procs: list[subprocess.Popen[bytes]], timeout_s: float) -> float:
     """Records per second from the first committed offset to the n-th."""
@@ -92,10 +105,18 @@ def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
     raise click.ClickException(f"{group}: not drained within {timeout_s:.0f}s")
 
 
-def _ceiling(settings: Any, docs: list[bytes], index: str, batch: int, concurrency: int) -> float:
-    """Pre-built documents through the worker's own sink: bulk only."""
+def _ceiling(settings: Any, docs: list[bytes], index: str, batch: int, concurrency: int,
+             topic: str) -> float:
+    """Pre-built documents through the worker's own sink: bulk only.
+
+    The index is created before the clock starts: creating it (template, shard start)
+    takes a noticeable part of a few-second pass, and the worker's drain is timed from
+    its first commit, after its own index exists. Ids have the worker's form (`topic-
+    partition-offset`), so Elasticsearch stores and looks up the same kind of ids.
+    """
     sink = ElasticsearchSink(settings.elasticsearch.model_copy(update={"index": index}))
-    items = [BulkItem(index, f"c-{i}", d) for i, d in enumerate(docs)]
+    sink.client.indices.create(index=index)
+    items = [BulkItem(index, f"{topic}-{i % 6}-{i // 6}", d) for i, d in enumerate(docs)]
     chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
     stop = threading.Event()
     t0 = time.perf_counter()
@@ -154,14 +175,14 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
         warm: list[float] = []
         for w in range(6):
             created.append(f"{prefix}-warmup-{w}")
-            warm.append(_ceiling(settings, docs, created[-1], batch, concurrency))
+            warm.append(_ceiling(settings, docs, created[-1], batch, concurrency, topic))
             drop(created[-1])
             if len(warm) >= 2 and abs(warm[-1] - warm[-2]) <= 0.1 * warm[-2]:
                 break
         click.echo("warm-up ceilings: " + ", ".join(f"{r:,.0f}/s" for r in warm), err=True)
         def ceiling_pass(label: str) -> float:
             created.append(f"{prefix}-ceil-{label}")
-            rate = _ceiling(settings, docs, created[-1], batch, concurrency)
+            rate = _ceiling(settings, docs, created[-1], batch, concurrency, topic)
             if not keep:
                 drop(created[-1])
             return rate
@@ -203,6 +224,7 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
         if not keep:
             for index in created:
                 drop(index)
+            _delete_topics(bootstrap, [topic, f"{topic}-dlq", f"{topic}-alerts"])
     med = {k: statistics.median(v) for k, v in results.items()}
     click.echo(f"elasticsearch bulk ceiling   {med['ceiling']:>10,.0f} docs/s  (pre-built, "
                f"median of {runs})")
