@@ -74,8 +74,8 @@ def _delete_topics(bootstrap: str, topics: list[str]) -> None:
     """The run's topics go too: a broker's per-request costs grow with its partitions."""
     from confluent_kafka.admin import AdminClient
 
-    for future in AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
-            topics, operation_timeout=30).values():
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # alive until the futures end
+    for future in admin.delete_topics(topics, operation_timeout=30).values():
         try:
             future.result()
         except Exception as exc:  # best effort: say so, do not fail the figures
