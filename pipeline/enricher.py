@@ -65,6 +65,22 @@ class Enriched(NamedTuple):
     error: str | None  # why the access-log line could not be parsed, if it could not
 
 
+class BulkReady(NamedTuple):
+    """A batch as a `_bulk` body (`Enricher.enrich_bulk`)."""
+
+    body: bytes
+    ends: list[int]  # where each item's two lines end in body
+    kept: list[int]  # the record index of each item in body
+    errors: list[tuple[int, str]]  # (record index, why) of lines that could not be parsed
+    alerts: list[dict[str, Any]]
+
+
+class _NativeRun(NamedTuple):
+    batch: Any  # pipeline._native.Batch, rates counted, not yet serialised
+    records: dict[int, Processed | None]  # the Python path's records, by index
+    alerts: list[dict[str, Any]]
+
+
 class Enricher:
     def __init__(
         self,
@@ -205,14 +221,14 @@ class Enricher:
             for r in records
         ], alerts
 
-    def _enrich_batch_native(self, values: Sequence[bytes],
-                             ) -> tuple[list[Enriched], list[dict[str, Any]]] | None:
-        """`enrich_batch` through the compiled core; None when it declines the batch.
+    def _native_batch(self, values: Sequence[bytes]) -> _NativeRun | None:
+        """A batch through the compiled core, up to (not including) serialisation.
 
-        The core writes the documents it can; the records it hands back run through
-        the same Python stages as always (`RecordProcessor`, `_enrich`'s bookkeeping)
-        and join the batch's rate counting in record order, so counts, alerts and
-        documents are what the Python path alone would produce.
+        None when the core declines the batch. The core writes the documents it can;
+        the records it hands back run through the same Python stages as always
+        (`RecordProcessor`, `_enrich`'s bookkeeping) and join the batch's rate counting
+        in record order, so counts, alerts and documents are what the Python path alone
+        would produce.
         """
         geo = self.geoip
         core = self._fast
@@ -265,6 +281,16 @@ class Enricher:
                 events, counts = batch.alert_candidates(self.alerts.thresholds())
                 if events:
                     alerts = self.alerts.evaluate(events, counts, self._alert_geo)
+        return _NativeRun(batch, records, alerts)
+
+    def _enrich_batch_native(self, values: Sequence[bytes],
+                             ) -> tuple[list[Enriched], list[dict[str, Any]]] | None:
+        """`enrich_batch` through the compiled core; None when it declines the batch."""
+        run = self._native_batch(values)
+        if run is None:
+            return None
+        batch, records, alerts = run
+        fallback = batch.fallback
         docs = batch.finish()
         if not fallback:
             return [Enriched(d, None) for d in docs], alerts
@@ -278,6 +304,32 @@ class Enricher:
                 out.append(Enriched(None, None) if rec is None
                            else Enriched(dumps(rec.doc), rec.error))
         return out, alerts
+
+    def enrich_bulk(self, values: list[bytes], topics: list[str], partitions: list[int],
+                    offsets: list[int], head: bytes, drop_errors: bool) -> BulkReady | None:
+        """The worker's compiled path: the batch enriched straight into a `_bulk` body.
+
+        Record i's document id is `topics[i]-partitions[i]-offsets[i]` after `head`
+        (the action line up to the id, see `ElasticsearchSink.action_head`). Lines that
+        could not be parsed are reported in `errors` and, with `drop_errors`, left out
+        of the body (the worker dead-letters them). None: use `enrich_batch` (no
+        compiled core, a partial line pending, or the core declined the batch).
+        """
+        if self._fast is None or self.processor.joiner.pending:
+            return None
+        run = self._native_batch(values)
+        if run is None:
+            return None
+        batch, records, alerts = run
+        errors: list[tuple[int, str]] = []
+        python_docs: dict[int, bytes | None] = {}
+        for i, rec in records.items():
+            if rec is not None and rec.error is not None:
+                errors.append((i, rec.error))
+            python_docs[i] = (None if rec is None or (drop_errors and rec.error is not None)
+                              else orjson.dumps(rec.doc))
+        body, ends, kept = batch.finish_bulk(head, topics, partitions, offsets, python_docs)
+        return BulkReady(body, ends, kept, errors, alerts)
 
     def _geo_source_fragment(self, ip: str) -> tuple[str | None, bytes | None]:
         """The native core's GeoIP cache miss: this enricher's lookup, rendered."""

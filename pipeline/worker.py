@@ -34,7 +34,12 @@ from confluent_kafka import Message, TopicPartition
 from pipeline.config import Settings
 from pipeline.enricher import Enriched
 from pipeline.metrics import Metrics, StatusServer
-from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, SinkStopped
+from pipeline.sinks.elasticsearch import (
+    BulkItem,
+    ElasticsearchSink,
+    EncodedBulk,
+    SinkStopped,
+)
 from pipeline.sinks.kafka import KafkaTopicSink, OutRecord
 from pipeline.sources.kafka import KafkaSource
 
@@ -49,7 +54,7 @@ class BatchEnricher(Protocol):
 
 @dataclass(slots=True)
 class Batch:
-    items: list[BulkItem]
+    items: list[BulkItem] | EncodedBulk
     dead_letters: list[OutRecord]
     alerts: list[dict[str, Any]]
     offsets: dict[tuple[str, int], int]  # next offset to read, per partition
@@ -86,6 +91,24 @@ def dead_letter(msg: Message, stage: str, reason: str) -> OutRecord:
     return OutRecord(value=msg.value() or b"", key=msg.key(), headers=headers)
 
 
+@dataclass(slots=True)
+class _Describe:
+    """Item j of a batch's encoded body as a BulkItem (for a rejection's dead letter)."""
+
+    index: str
+    kept: list[int]
+    topics: list[str]
+    partitions: list[int]
+    offsets: list[int]
+    values: list[bytes]
+
+    def __call__(self, j: int) -> BulkItem:
+        i = self.kept[j]
+        topic, partition, offset = self.topics[i], self.partitions[i], self.offsets[i]
+        return BulkItem(self.index, document_id(topic, partition, offset), b"",
+                        self.values[i], f"{topic}/{partition}/{offset}")
+
+
 class Worker:
     def __init__(
         self,
@@ -111,6 +134,7 @@ class Worker:
         self._grace_timer: threading.Timer | None = None
         self.source: KafkaSource | None = None
         self.status: StatusServer | None = None
+        self._bulk_head = self.sink.action_head(settings.elasticsearch.index)
 
     # -- lifecycle --
 
@@ -220,41 +244,70 @@ class Worker:
     def _prepare(self, msgs: list[Message]) -> Batch:
         """Enrich on this thread; what cannot be indexed becomes a dead-letter record.
 
-        Hot path (every record): one plain loop, the document id inlined (it is
-        `document_id`), and the dead-letter position derived from the id only for the
-        rare rejected item; the next offset per partition is read from the batch's end.
+        Hot path (every record). With the compiled core the batch comes back as a
+        ready `_bulk` body (`Enricher.enrich_bulk`): no Python object per document;
+        a rejected item's BulkItem is built only if Elasticsearch refuses it.
+        Otherwise: one plain loop, the document id inlined (it is `document_id`).
+        The next offset per partition is read from the batch's end either way.
         """
-        cfg = self.settings
-        index = cfg.elasticsearch.index
-        dead_letter_unparsed = cfg.parse.unparsed == "dead_letter"
         values = [m.value() or b"" for m in msgs]
-        results, alerts = self.enricher.enrich_batch(values)
-        items: list[BulkItem] = []
-        dead: list[OutRecord] = []
-        append = items.append
-        for msg, value, res in zip(msgs, values, results, strict=True):
-            if res.error is not None:
-                self.progress.unparsed += 1
-                self.metrics.records_failed.labels(_reason_label(res.error)).inc()
-                if dead_letter_unparsed:
-                    dead.append(dead_letter(msg, "parse", res.error))
-                    continue
-            if res.document is not None:
-                append(BulkItem(index, f"{msg.topic()}-{msg.partition()}-{msg.offset()}",
-                                res.document, value))
+        enrich_bulk = getattr(self.enricher, "enrich_bulk", None)
+        ready = None
+        if enrich_bulk is not None:
+            topics = [m.topic() for m in msgs]
+            partitions = [m.partition() for m in msgs]
+            offsets = [m.offset() for m in msgs]
+            ready = enrich_bulk(values, topics, partitions, offsets, self._bulk_head,
+                                self.settings.parse.unparsed == "dead_letter")
+        if ready is not None:
+            dead = self._unparsed(msgs, ready.errors)
+            items: list[BulkItem] | EncodedBulk = EncodedBulk(
+                ready.body, ready.ends,
+                _Describe(self.settings.elasticsearch.index, ready.kept, topics, partitions,
+                          offsets, values))
+            alerts = ready.alerts
+        else:
+            items, dead, alerts = self._prepare_items(msgs, values)
         # Records of a partition arrive in offset order: its last one here is the newest.
-        offsets: dict[tuple[str, int], int] = {}
-        partitions = len(self.source.assigned) if self.source is not None else 0
+        offsets_done: dict[tuple[str, int], int] = {}
+        assigned = len(self.source.assigned) if self.source is not None else 0
         for msg in reversed(msgs):
             key = (msg.topic(), msg.partition())
-            if key not in offsets:
-                offsets[key] = msg.offset() + 1
-                if len(offsets) == partitions:
+            if key not in offsets_done:
+                offsets_done[key] = msg.offset() + 1
+                if len(offsets_done) == assigned:
                     break
         self.progress.records_in += len(msgs)
         self.metrics.records_in.inc(len(msgs))
         self.metrics.batch_size.observe(len(msgs))
-        return Batch(items, dead, alerts, offsets, len(msgs))
+        return Batch(items, dead, alerts, offsets_done, len(msgs))
+
+    def _prepare_items(self, msgs: list[Message], values: list[bytes],
+                       ) -> tuple[list[BulkItem], list[OutRecord], list[dict[str, Any]]]:
+        """The batch as BulkItems, through `enrich_batch` (any BatchEnricher)."""
+        index = self.settings.elasticsearch.index
+        results, alerts = self.enricher.enrich_batch(values)
+        errors = [(i, r.error) for i, r in enumerate(results) if r.error is not None]
+        dead = self._unparsed(msgs, errors)
+        skip = {i for i, _ in errors} if dead else set()
+        items: list[BulkItem] = []
+        append = items.append
+        for i, (msg, value, res) in enumerate(zip(msgs, values, results, strict=True)):
+            if res.document is not None and i not in skip:
+                append(BulkItem(index, f"{msg.topic()}-{msg.partition()}-{msg.offset()}",
+                                res.document, value))
+        return items, dead, alerts
+
+    def _unparsed(self, msgs: list[Message], errors: list[tuple[int, str]]) -> list[OutRecord]:
+        """Count the lines that could not be parsed; dead-letter them if so configured."""
+        dead_letter_unparsed = self.settings.parse.unparsed == "dead_letter"
+        dead: list[OutRecord] = []
+        for i, error in errors:
+            self.progress.unparsed += 1
+            self.metrics.records_failed.labels(_reason_label(error)).inc()
+            if dead_letter_unparsed:
+                dead.append(dead_letter(msgs[i], "parse", error))
+        return dead
 
     def _submit(self, batch: Batch) -> None:
         self._inflight.append((self._pool.submit(self._deliver, batch), batch))

@@ -456,6 +456,60 @@ impl Batch {
         Ok((events, counts))
     }
 
+    /// The batch as one `_bulk` body, for the worker: (body, ends, kept).
+    ///
+    /// Record i's action line is `head` + `"<topics[i]>-<partitions[i]>-<offsets[i]>"}}`
+    /// (the worker's document id), then its document. Records of the Python path take
+    /// `python_docs[i]` (bytes), or are left out when it is None; `kept` lists the
+    /// records in the body, in order, and `ends[j]` is where the j-th one ends. Same
+    /// bytes as `encode_items` over `finish()`'s documents; no Python object per record.
+    fn finish_bulk<'py>(&mut self, py: Python<'py>, head: &[u8], topics: Vec<String>,
+                        partitions: Vec<i64>, offsets: Vec<i64>,
+                        python_docs: std::collections::HashMap<usize, Option<Bound<'py, PyBytes>>>)
+                        -> PyResult<(Bound<'py, PyBytes>, Vec<usize>, Vec<usize>)> {
+        let n = self.recs.len();
+        if topics.len() != n || partitions.len() != n || offsets.len() != n {
+            return Err(PyValueError::new_err("one topic, partition and offset per record"));
+        }
+        let w = self.rate_keys.len();
+        let mut body = Vec::with_capacity(self.arena.len() + n * (head.len() + 600));
+        let (mut ends, mut kept) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut tail = Vec::with_capacity(512);
+        for (i, rec) in self.recs.iter_mut().enumerate() {
+            let python_doc = match rec {
+                Rec::Native(_) => None,
+                Rec::Python => match python_docs.get(&i) {
+                    Some(Some(d)) => Some(d.as_bytes()),
+                    _ => continue, // no document: merged into a later line, or dead-lettered
+                },
+            };
+            body.extend_from_slice(head);
+            // Kafka topic names need no escaping ([a-zA-Z0-9._-]); escaped anyway.
+            json::write_str(&mut body, &topics[i]);
+            body.pop(); // reopen the quoted id
+            body.push(b'-');
+            json::write_int(&mut body, partitions[i]);
+            body.push(b'-');
+            json::write_int(&mut body, offsets[i]);
+            body.extend_from_slice(b"\"}}\n");
+            match (rec, python_doc) {
+                (Rec::Native(doc), _) => {
+                    let counts = self.counted[i].then(|| &self.counts[i * w..(i + 1) * w]);
+                    document::finish(&mut tail, &self.arena, doc, &self.rate_keys, counts,
+                                     self.late[i], &self.ecs_version);
+                    body.extend_from_slice(&self.arena[doc.head.clone()]);
+                    body.extend_from_slice(&tail);
+                }
+                (Rec::Python, Some(d)) => body.extend_from_slice(d),
+                (Rec::Python, None) => unreachable!("skipped above"),
+            }
+            body.push(b'\n');
+            ends.push(body.len());
+            kept.push(i);
+        }
+        Ok((PyBytes::new(py, &body), ends, kept))
+    }
+
     /// Serialised documents in record order; None where the Python path owns the record.
     fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);

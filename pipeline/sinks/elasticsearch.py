@@ -84,8 +84,43 @@ def make_client(settings: ElasticsearchSettings) -> Elasticsearch:
     )
 
 
-def encode_bulk(items: Sequence[BulkItem], op: bytes = b"index") -> bytes:
-    """The NDJSON body. Plain concatenation: the documents are already bytes.
+@dataclass(slots=True)
+class EncodedBulk:
+    """Items already in `_bulk` form: item j's action and source lines are
+    `body[ends[j - 1]:ends[j]]` (from 0 for the first).
+
+    Why: the worker's compiled path writes a batch's body in one go, so no Python object
+    per document exists on the way to Elasticsearch; `describe(j)` builds item j's
+    BulkItem only when Elasticsearch rejects it (for the dead-letter record).
+    """
+
+    body: bytes
+    ends: list[int]
+    describe: Callable[[int], BulkItem]
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def lines(self, items: range | list[int]) -> bytes:
+        """The body of some items, in the order given (a request, or a retry of one)."""
+        body, ends = self.body, self.ends
+        if isinstance(items, range) and items.step == 1:
+            if not items:
+                return b""
+            start = ends[items.start - 1] if items.start else 0
+            if start == 0 and items.stop == len(ends):
+                return body
+            return body[start:ends[items.stop - 1]]
+        return b"".join(body[ends[j - 1] if j else 0:ends[j]] for j in items)
+
+
+def action_head(op: bytes, index: str) -> bytes:
+    """An action line up to its document id: `{"index":{"_index":"...","_id":`."""
+    return b'{"' + op + b'":{"_index":' + orjson.dumps(index) + b',"_id":'
+
+
+def encode_items(items: Sequence[BulkItem], op: bytes = b"index") -> EncodedBulk:
+    """The NDJSON body of BulkItems, and where each item ends in it.
 
     Why not `orjson.dumps` per id: each call's result is a fresh bytes object that
     stays alive until the join, and keeping thousands of them alive measured ~3 us per
@@ -96,21 +131,30 @@ def encode_bulk(items: Sequence[BulkItem], op: bytes = b"index") -> bytes:
     """
     parts: list[bytes] = []
     append = parts.append
+    ends: list[int] = []
+    end = 0
     heads: dict[str, bytes] = {}
     for item in items:
         head = heads.get(item.index)
         if head is None:
-            head = heads[item.index] = (
-                b'{"' + op + b'":{"_index":' + orjson.dumps(item.index) + b',"_id":')
-        append(head)
+            head = heads[item.index] = action_head(op, item.index)
         doc_id = item.doc_id
         if _PLAIN_ID.fullmatch(doc_id):
-            append(b'"' + doc_id.encode() + b'"}}\n')
+            quoted = b'"' + doc_id.encode() + b'"}}\n'
         else:
-            append(orjson.dumps(doc_id) + b"}}\n")
+            quoted = orjson.dumps(doc_id) + b"}}\n"
+        append(head)
+        append(quoted)
         append(item.source)
         append(b"\n")
-    return b"".join(parts)
+        end += len(head) + len(quoted) + len(item.source) + 1
+        ends.append(end)
+    return EncodedBulk(b"".join(parts), ends, items.__getitem__)
+
+
+def encode_bulk(items: Sequence[BulkItem], op: bytes = b"index") -> bytes:
+    """The NDJSON body alone (see `encode_items`)."""
+    return encode_items(items, op).body
 
 
 class ElasticsearchSink:
@@ -134,47 +178,50 @@ class ElasticsearchSink:
         self._op = b"create" if settings.data_stream else b"index"
         self._done_statuses = (409,) if settings.data_stream else ()
 
+    def action_head(self, index: str) -> bytes:
+        """This sink's action line up to the id, for bodies written elsewhere."""
+        return action_head(self._op, index)
+
     def write(
-        self, items: Sequence[BulkItem], stop: threading.Event | None = None
+        self, items: Sequence[BulkItem] | EncodedBulk, stop: threading.Event | None = None
     ) -> list[Rejection]:
         """Index all items; return the permanent rejections. Raises SinkStopped on shutdown.
 
         Items go out in requests of at most `bulk_max_docs` documents and about
         `bulk_max_bytes` bytes, in order; each request is retried on its own.
         """
+        enc = items if isinstance(items, EncodedBulk) else encode_items(items, self._op)
         max_docs, max_bytes = self.settings.bulk_max_docs, self.settings.bulk_max_bytes
+        n, ends = len(enc), enc.ends
+        if n <= max_docs and len(enc.body) <= max_bytes:  # the usual case: one request
+            return self._write_chunk(enc, range(n), stop) if n else []
         rejected: list[Rejection] = []
-        chunk: list[BulkItem] = []
-        size = 0
-        for item in items:
-            item_bytes = len(item.source) + len(item.doc_id) + len(item.index) + 40
-            if chunk and (len(chunk) >= max_docs or size + item_bytes > max_bytes):
-                rejected += self._write_chunk(chunk, stop)
-                chunk, size = [], 0
-            chunk.append(item)
-            size += item_bytes
-        if chunk:
-            rejected += self._write_chunk(chunk, stop)
+        first, chunk_start = 0, 0
+        for j in range(n):
+            if j > first and (j - first >= max_docs or ends[j] - chunk_start > max_bytes):
+                rejected += self._write_chunk(enc, range(first, j), stop)
+                first, chunk_start = j, ends[j - 1]
+        rejected += self._write_chunk(enc, range(first, n), stop)
         return rejected
 
     def _write_chunk(
-        self, items: Sequence[BulkItem], stop: threading.Event | None
+        self, enc: EncodedBulk, items: range, stop: threading.Event | None
     ) -> list[Rejection]:
-        pending = list(items)
+        pending: range | list[int] = items
         rejected: list[Rejection] = []
         attempt = 0
         while pending:
-            retry: list[BulkItem] = []
+            retry: list[int] = []
             started = time.perf_counter()
             try:
                 response = self.client.bulk(
-                    operations=encode_bulk(pending, self._op),
+                    operations=enc.lines(pending),
                     filter_path="errors,items.*.status,items.*.error",
                 )
             except (TransportConnectionError, ConnectionTimeout, TransportError) as exc:
                 self._failed(f"{type(exc).__name__}: {exc}", started, len(pending))
                 _release(exc)
-                retry = pending
+                retry = list(pending)
             except ApiError as exc:
                 # The whole request was refused: overload and server errors are worth
                 # retrying; anything else (e.g. 413 too large) is a bug of ours that
@@ -183,19 +230,20 @@ class ElasticsearchSink:
                     raise
                 self._failed(f"HTTP {exc.meta.status}: {exc.message}", started, len(pending))
                 _release(exc)
-                retry = pending
+                retry = list(pending)
             else:
                 body = response.body
                 if body.get("errors"):
-                    for item, result in zip(pending, body["items"], strict=True):
+                    for j, result in zip(pending, body["items"], strict=True):
                         outcome = next(iter(result.values()))
                         status = outcome.get("status", 200)
                         if status < 300 or status in self._done_statuses:
                             continue
                         if status in RETRYABLE:
-                            retry.append(item)
+                            retry.append(j)
                         else:
-                            rejected.append(Rejection(item, status, _reason(outcome.get("error"))))
+                            rejected.append(Rejection(enc.describe(j), status,
+                                                      _reason(outcome.get("error"))))
                 outcome_label = "partial" if retry else "ok"
                 self._on_bulk(time.perf_counter() - started, len(pending), outcome_label)
                 if not retry:

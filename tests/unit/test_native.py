@@ -26,6 +26,7 @@ from pipeline import native
 from pipeline.bench.core import corpus
 from pipeline.bench.enrich_micro import default_geoip_path
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver
+from pipeline.config import ElasticsearchSettings
 from pipeline.decode.parser import make_parser
 from pipeline.decode.presets import TEXT_PRESETS
 from pipeline.enrich.alerts import AlertRule
@@ -35,6 +36,13 @@ from pipeline.enrich.rates import RatesConfig
 from pipeline.enrich.rates.memory import MemoryRates
 from pipeline.enricher import Enricher
 from pipeline.process import RecordProcessor
+from pipeline.sinks.elasticsearch import (
+    BulkItem,
+    ElasticsearchSink,
+    EncodedBulk,
+    action_head,
+    encode_items,
+)
 from tests.mmdb_fixtures import PLACES, write_asn, write_city, write_flat_city
 from tests.unit.decode_samples import sample_lines
 from tests.unit.test_samples_in_envelopes import WRAPPERS
@@ -387,3 +395,89 @@ def test_one_ingested_time_per_batch_across_both_paths(monkeypatch: pytest.Monke
     docs, _ = e.enrich_batch(records)
     assert e._fast.handed_back == 2
     assert len({orjson.loads(d.document)["event"]["ingested"] for d in docs}) == 1
+
+
+def _bulk_both(records: Sequence[bytes], drop_errors: bool, batch: int = 50
+               ) -> tuple[int, int, int]:
+    """`enrich_bulk` (native) against `encode_items` over the reference's documents:
+    the same body, item ends, kept records and errors.
+
+    Returns (items compared, errors, records the native core handed back)."""
+    native_e = make_enricher(use_native=True)
+    python_e = make_enricher(use_native=False)
+    head = action_head(b"index", "logs")
+    compared = errors_seen = 0
+    for start in range(0, len(records), batch):
+        values = list(records[start:start + batch])
+        n = len(values)
+        topics = ["envoy.logs-a" if i % 3 else "envoy_logs" for i in range(n)]
+        partitions = [i % 4 for i in range(n)]
+        offsets = [start + i * 7 for i in range(n)]
+        ready = native_e.enrich_bulk(values, topics, partitions, offsets, head, drop_errors)
+        assert ready is not None
+        results, alerts = python_e.enrich_batch(values)
+        errors = [(i, r.error) for i, r in enumerate(results) if r.error is not None]
+        kept = [i for i, r in enumerate(results) if r.document is not None
+                and not (drop_errors and r.error is not None)]
+        expected = encode_items([BulkItem("logs", f"{topics[i]}-{partitions[i]}-{offsets[i]}",
+                                          results[i].document or b"") for i in kept])
+        assert ready.errors == errors
+        assert ready.kept == kept
+        assert ready.ends == expected.ends
+        assert ready.body == expected.body
+        assert ready.alerts == alerts
+        compared += len(kept)
+        errors_seen += len(errors)
+    return compared, errors_seen, native_e._fast.handed_back
+
+
+@pytest.mark.parametrize("drop_errors", [False, True])
+def test_bulk_body_identical_to_encoding_the_reference(drop_errors: bool) -> None:
+    records, _ = corpus(300, 40)
+    rng = random.Random(5)
+    mixed = list(records)
+    json_log = orjson.loads(records[0])
+    json_log["log"] = '{"method":"GET","path":"/","downstream_remote_address":"1.2.3.4:5"}'
+    for k in range(0, 300, 17):  # unparsable lines, garbage, JSON access logs: Python path
+        mixed[k] = rng.choice([b"not an access log", b"\xff\xfe", b"{}",
+                               orjson.dumps(json_log)])
+    compared, errors, handed_back = _bulk_both(mixed, drop_errors)
+    assert compared > 250 and errors >= 5 and handed_back >= 18
+
+
+def test_encoded_bulk_lines_and_sink_retries_by_slices() -> None:
+    items = [BulkItem("idx", f"id{i}", b'{"a":%d}' % i, b"raw%d" % i, f"t/0/{i}")
+             for i in range(5)]
+    enc = encode_items(items)
+    assert enc.lines(range(5)) is enc.body
+    assert enc.lines(range(1, 3)) == encode_items(items[1:3]).body
+    assert enc.lines([4, 0]) == encode_items([items[4], items[0]]).body
+    assert enc.lines(range(0)) == b""
+    described: list[int] = []
+
+    def describe(j: int) -> BulkItem:
+        described.append(j)
+        return items[j]
+
+    client = _ScriptedBulk([{"id1": 429, "id3": 400}, {}])
+    sink = ElasticsearchSink(ElasticsearchSettings(retry_initial_backoff_ms=1,
+                                                   retry_max_backoff_ms=2), client=client)
+    rejected = sink.write(EncodedBulk(enc.body, enc.ends, describe))
+    assert client.calls == [["id0", "id1", "id2", "id3", "id4"], ["id1"]]
+    assert [(r.item.doc_id, r.status) for r in rejected] == [("id3", 400)]
+    assert described == [3]  # only the rejected item became an object
+
+
+class _ScriptedBulk:
+    """A `bulk` answering a status per id from a script (see test_es_sink)."""
+
+    def __init__(self, script: list[dict[str, int]]) -> None:
+        self.script = script
+        self.calls: list[list[str]] = []
+
+    def bulk(self, operations: bytes, filter_path: str) -> Any:
+        ids = [orjson.loads(line)["index"]["_id"] for line in operations.splitlines()[::2]]
+        self.calls.append(ids)
+        step = self.script.pop(0)
+        items = [{"index": {"status": step.get(i, 201)}} for i in ids]
+        return type("R", (), {"body": {"errors": bool(step), "items": items}})()
