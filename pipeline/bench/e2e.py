@@ -21,6 +21,7 @@ Rates are medians of `--runs`; each ratio is the median of the per-run ratios.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -82,10 +83,26 @@ def _delete_topics(bootstrap: str, topics: list[str]) -> None:
             click.echo(f"could not delete a benchmark topic: {exc}", err=True)
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User+system CPU of a process so far (Linux /proc); None where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _workers_cpu(procs: list[subprocess.Popen[bytes]]) -> float | None:
+    readings = [_cpu_seconds(p.pid) for p in procs]
+    return None if any(r is None for r in readings) else sum(readings)  # type: ignore[misc]
+
+
 def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
-                procs: list[subprocess.Popen[bytes]], timeout_s: float) -> float:
-    """Records per second from the first committed offset to the n-th."""
-    first_t, first_c = None, 0
+                procs: list[subprocess.Popen[bytes]], timeout_s: float,
+                ) -> tuple[float, float | None]:
+    """Records per second from the first committed offset to the n-th, and the workers'
+    CPU microseconds per record over the same span (start-up excluded)."""
+    first_t, first_c, first_cpu = None, 0, None
     deadline = time.monotonic() + timeout_s
     offsets = CommittedOffsets(bootstrap, group, topic)
     try:
@@ -96,9 +113,12 @@ def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
             c = offsets.total(timeout_s=10)
             now = time.monotonic()
             if c and first_t is None:
-                first_t, first_c = now, c
+                first_t, first_c, first_cpu = now, c, _workers_cpu(procs)
             if c >= n and first_t is not None:
-                return (c - first_c) / max(now - first_t, 1e-6)
+                cpu = _workers_cpu(procs)
+                per_record = (None if cpu is None or first_cpu is None or c == first_c
+                              else (cpu - first_cpu) / (c - first_c) * 1e6)
+                return (c - first_c) / max(now - first_t, 1e-6), per_record
             time.sleep(0.2)
     finally:
         offsets.close()
@@ -106,8 +126,9 @@ def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
 
 
 def _ceiling(settings: Any, docs: list[bytes], index: str, batch: int, concurrency: int,
-             topic: str) -> float:
-    """Pre-built documents through the worker's own sink: bulk only.
+             topic: str) -> tuple[float, float]:
+    """Pre-built documents through the worker's own sink: bulk only. Returns docs/s
+    and the client's CPU microseconds per document.
 
     The index is created before the clock starts: creating it (template, shard start)
     takes a noticeable part of a few-second pass, and the worker's drain is timed from
@@ -119,14 +140,14 @@ def _ceiling(settings: Any, docs: list[bytes], index: str, batch: int, concurren
     items = [BulkItem(index, f"{topic}-{i % 6}-{i // 6}", d) for i, d in enumerate(docs)]
     chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
     stop = threading.Event()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(concurrency) as pool:
         rejected = sum(len(r) for r in pool.map(lambda c: sink.write(c, stop), chunks))
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     if rejected:
         raise click.ClickException(f"ceiling run: {rejected} documents rejected")
     sink.close()
-    return len(items) / elapsed
+    return len(items) / elapsed, cpu / len(items) * 1e6
 
 
 @click.command()
@@ -161,6 +182,8 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
     _produce(bootstrap, topic, records)
     results: dict[str, list[float]] = {"ceiling": [], "1 worker": [], "2 workers": []}
     ratios: dict[str, list[float]] = {"1 worker": [], "2 workers": []}
+    # CPU microseconds per document: the ceiling's client, the workers (all processes).
+    cpu: dict[str, list[float]] = {"ceiling": [], "1 worker": [], "2 workers": []}
     created: list[str] = []
 
     def drop(index: str) -> None:
@@ -175,14 +198,15 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
         warm: list[float] = []
         for w in range(6):
             created.append(f"{prefix}-warmup-{w}")
-            warm.append(_ceiling(settings, docs, created[-1], batch, concurrency, topic))
+            warm.append(_ceiling(settings, docs, created[-1], batch, concurrency, topic)[0])
             drop(created[-1])
             if len(warm) >= 2 and abs(warm[-1] - warm[-2]) <= 0.1 * warm[-2]:
                 break
         click.echo("warm-up ceilings: " + ", ".join(f"{r:,.0f}/s" for r in warm), err=True)
         def ceiling_pass(label: str) -> float:
             created.append(f"{prefix}-ceil-{label}")
-            rate = _ceiling(settings, docs, created[-1], batch, concurrency, topic)
+            rate, client_cpu = _ceiling(settings, docs, created[-1], batch, concurrency, topic)
+            cpu["ceiling"].append(client_cpu)
             if not keep:
                 drop(created[-1])
             return rate
@@ -201,9 +225,12 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                     [sys.executable, "-m", "pipeline.cli", "run", "-c", str(cfg)],
                     stdout=subprocess.DEVNULL, stderr=open(work / f"{index}-{i}.log", "wb"))
                     for i in range(workers)]
+                label = f"{workers} worker{'s' if workers > 1 else ''}"
                 try:
-                    worker_rates[f"{workers} worker{'s' if workers > 1 else ''}"] = (
-                        _drain_rate(bootstrap, group, topic, len(records), procs, 600))
+                    worker_rates[label], worker_cpu = _drain_rate(
+                        bootstrap, group, topic, len(records), procs, 600)
+                    if worker_cpu is not None:
+                        cpu[label].append(worker_cpu)
                 finally:
                     for p in procs:
                         p.terminate()
@@ -232,3 +259,10 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
         click.echo(f"{k:<28} {med[k]:>10,.0f} docs/s  ratio to ceiling "
                    f"{statistics.median(ratios[k]):.2f}  (median of the per-run ratios: "
                    + ", ".join(f"{x:.2f}" for x in ratios[k]) + ")")
+    if all(cpu.values()):
+        # Less noisy than the rates on a shared machine: what each side costs per document
+        # on top of Elasticsearch's own work, which both pay alike.
+        click.echo("CPU per document (median): ceiling client "
+                   f"{statistics.median(cpu['ceiling']):.1f} us, 1 worker "
+                   f"{statistics.median(cpu['1 worker']):.1f} us, 2 workers "
+                   f"{statistics.median(cpu['2 workers']):.1f} us (all processes)")
