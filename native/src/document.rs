@@ -121,37 +121,14 @@ pub struct Geo {
     pub fragment: Option<Vec<u8>>,
 }
 
-/// Err(()) sends the record to the Python path (a value only Python can render).
-#[allow(clippy::too_many_arguments)]
+/// Err(()) sends the record to the Python path (a value only Python can render); the
+/// caller then truncates `out` back to where it was.
 ///
-/// Written at the end of `arena`, the batch's one buffer, instead of a buffer per
+/// Written at the end of `out`, the batch's one buffer (arena), instead of a buffer per
 /// document: a 2 KB allocation and free per record was a visible share of the worker's
-/// time (glibc's slower path above its per-thread cache size). On Err the arena is
-/// left as it was.
-pub fn build(
-    arena: &mut Vec<u8>,
-    env: &Env,
-    kubernetes: Option<std::sync::Arc<Vec<u8>>>,
-    fmt: &Format,
-    f: &Fields,
-    cip: ClientIp<'_>,
-    geo: Option<&Geo>,
-    ingested: &str,
-    clock: &mut IsoClock,
-) -> Result<Doc, ()> {
-    let start = arena.len();
-    let doc = write_head(arena, env, kubernetes, fmt, f, cip, geo, ingested, clock);
-    if doc.is_err() {
-        arena.truncate(start);
-    }
-    doc.map(|mut d| {
-        d.head.start = start;
-        d
-    })
-}
-
+/// time (glibc's slower path above its per-thread cache size).
 #[allow(clippy::too_many_arguments)]
-fn write_head(
+pub fn build(
     out: &mut Vec<u8>,
     env: &Env,
     kubernetes: Option<std::sync::Arc<Vec<u8>>>,
@@ -162,6 +139,7 @@ fn write_head(
     ingested: &str,
     clock: &mut IsoClock,
 ) -> Result<Doc, ()> {
+    let start = out.len();
     out.push(b'{');
     let ts = f.t(START_TIME).or(env.ts);
     if let Some(ts) = ts {
@@ -341,7 +319,7 @@ fn write_head(
         out.extend_from_slice(b"]}");
     }
     Ok(Doc {
-        head: 0..head_end, // start set by `build`
+        head: start..head_end,
         related: head_end..out.len(),
         ip: cip.ip.as_deref().map(std::sync::Arc::from),
         ts,

@@ -327,8 +327,13 @@ impl Core {
             (Some(ip), true) => Some(self.geo(ip)?),
             _ => None,
         };
-        Ok(Some(build(arena, &env, kubernetes, &self.formats[k], &fields, cip, geo.as_deref(), ingested,
-                      &mut self.clock).ok()))
+        let start = arena.len();
+        let doc = build(arena, &env, kubernetes, &self.formats[k], &fields, cip, geo.as_deref(),
+                        ingested, &mut self.clock);
+        if doc.is_err() {
+            arena.truncate(start); // the Python path writes this one
+        }
+        Ok(Some(doc.ok()))
     }
 
     fn geo(&mut self, ip: &str) -> PyResult<Arc<Geo>> {
