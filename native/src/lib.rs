@@ -413,24 +413,28 @@ impl Batch {
     }
 
     /// Count every event with the native memory backend.
-    fn count(&mut self, rates: &mut NativeRates) -> PyResult<()> {
+    fn count(&mut self, py: Python<'_>, rates: &mut NativeRates) -> PyResult<()> {
         if rates.inner.windows.len() != self.rate_keys.len() {
             return Err(PyValueError::new_err("the rate backend's windows differ from the core's"));
         }
-        let mut buf = Vec::new();
-        let (mut n, mut late) = (0, 0);
-        for (i, ev) in self.events.iter().enumerate() {
-            if let Some((ip, ts)) = ev {
-                let is_late = rates.inner.count(ip, *ts, &mut buf);
-                let w = buf.len();
-                self.counts[i * w..(i + 1) * w].copy_from_slice(&buf);
-                self.counted[i] = true;
-                self.late[i] = is_late;
-                n += 1;
-                late += usize::from(is_late);
+        let Batch { events, counts, counted, late: late_of, .. } = self;
+        let inner = &mut rates.inner;
+        py.allow_threads(|| { // as in finish_bulk: the bulk threads need the GIL meanwhile
+            let mut buf = Vec::new();
+            let (mut n, mut late) = (0, 0);
+            for (i, ev) in events.iter().enumerate() {
+                if let Some((ip, ts)) = ev {
+                    let is_late = inner.count(ip, *ts, &mut buf);
+                    let w = buf.len();
+                    counts[i * w..(i + 1) * w].copy_from_slice(&buf);
+                    counted[i] = true;
+                    late_of[i] = is_late;
+                    n += 1;
+                    late += usize::from(is_late);
+                }
             }
-        }
-        rates.inner.end_batch(n, late);
+            inner.end_batch(n, late);
+        });
         Ok(())
     }
 
@@ -476,42 +480,51 @@ impl Batch {
         if topics.len() != n || partitions.len() != n || offsets.len() != n {
             return Err(PyValueError::new_err("one topic, partition and offset per record"));
         }
-        let w = self.rate_keys.len();
-        let mut body = Vec::with_capacity(self.arena.len() + n * (head.len() + 600));
-        let (mut ends, mut kept) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        let mut tail = Vec::with_capacity(512);
-        for (i, rec) in self.recs.iter_mut().enumerate() {
-            let python_doc = match rec {
-                Rec::Native(_) => None,
-                Rec::Python => match python_docs.get(&i) {
-                    Some(Some(d)) => Some(d.as_bytes()),
-                    _ => continue, // no document: merged into a later line, or dead-lettered
-                },
-            };
-            body.extend_from_slice(head);
-            // Kafka topic names need no escaping ([a-zA-Z0-9._-]); escaped anyway.
-            json::write_str(&mut body, &topics[i]);
-            body.pop(); // reopen the quoted id
-            body.push(b'-');
-            json::write_int(&mut body, partitions[i]);
-            body.push(b'-');
-            json::write_int(&mut body, offsets[i]);
-            body.extend_from_slice(b"\"}}\n");
-            match (rec, python_doc) {
-                (Rec::Native(doc), _) => {
-                    let counts = self.counted[i].then(|| &self.counts[i * w..(i + 1) * w]);
-                    document::finish(&mut tail, &self.arena, doc, &self.rate_keys, counts,
-                                     self.late[i], &self.ecs_version);
-                    body.extend_from_slice(&self.arena[doc.head.clone()]);
-                    body.extend_from_slice(&tail);
+        // The Python path's documents are copied out first, so that the loop can run
+        // without the GIL: the bulk threads need it to hand Elasticsearch its next
+        // request, and a few milliseconds held here were milliseconds it sat idle.
+        let python_docs: AHashMap<usize, Vec<u8>> = python_docs.into_iter()
+            .filter_map(|(i, d)| d.map(|d| (i, d.as_bytes().to_vec())))
+            .collect();
+        let Batch { recs, arena, counts, counted, late, rate_keys, ecs_version, .. } = self;
+        let (body, ends, kept) = py.allow_threads(|| {
+            let w = rate_keys.len();
+            let mut body = Vec::with_capacity(arena.len() + n * (head.len() + 600));
+            let (mut ends, mut kept) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            let mut tail = Vec::with_capacity(512);
+            for (i, rec) in recs.iter_mut().enumerate() {
+                let python_doc = match rec {
+                    Rec::Native(_) => None,
+                    Rec::Python => match python_docs.get(&i) {
+                        Some(d) => Some(d.as_slice()),
+                        None => continue, // no document: merged into a later line, or dead-lettered
+                    },
+                };
+                body.extend_from_slice(head);
+                // Kafka topic names need no escaping ([a-zA-Z0-9._-]); escaped anyway.
+                json::write_str(&mut body, &topics[i]);
+                body.pop(); // reopen the quoted id
+                body.push(b'-');
+                json::write_int(&mut body, partitions[i]);
+                body.push(b'-');
+                json::write_int(&mut body, offsets[i]);
+                body.extend_from_slice(b"\"}}\n");
+                match (rec, python_doc) {
+                    (Rec::Native(doc), _) => {
+                        let c = counted[i].then(|| &counts[i * w..(i + 1) * w]);
+                        document::finish(&mut tail, arena, doc, rate_keys, c, late[i], ecs_version);
+                        body.extend_from_slice(&arena[doc.head.clone()]);
+                        body.extend_from_slice(&tail);
+                    }
+                    (Rec::Python, Some(d)) => body.extend_from_slice(d),
+                    (Rec::Python, None) => unreachable!("skipped above"),
                 }
-                (Rec::Python, Some(d)) => body.extend_from_slice(d),
-                (Rec::Python, None) => unreachable!("skipped above"),
+                body.push(b'\n');
+                ends.push(body.len());
+                kept.push(i);
             }
-            body.push(b'\n');
-            ends.push(body.len());
-            kept.push(i);
-        }
+            (body, ends, kept)
+        });
         Ok((PyBytes::new(py, &body), ends, kept))
     }
 
