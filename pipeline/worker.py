@@ -203,6 +203,7 @@ class Worker:
                     cfg.kafka.batch_max_records,
                     cfg.kafka.batch_max_bytes,
                     cfg.kafka.batch_max_wait_ms / 1000.0,
+                    wake=self._oldest_done,
                 )
                 if msgs:
                     self._submit(self._prepare(msgs))
@@ -400,6 +401,10 @@ class Worker:
         # once nothing is in flight the worker has caught up, and it commits at once.
         if wait or (done and not self._inflight) or self.source.commit_due():
             self.source.commit_pending(asynchronous=not wait)
+
+    def _oldest_done(self) -> bool:
+        """A finished batch waits to be committed (wakes the poll early)."""
+        return bool(self._inflight) and self._inflight[0][0].done()
 
     def _drain(self) -> None:
         self._reap(wait=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -99,3 +100,39 @@ def test_busy_worker_paces_commits_and_caught_up_worker_commits_at_once() -> Non
     draining = _RecordingSource(due=False)
     _worker_with(draining, batches=1, finished=1)._reap(wait=True)  # revoke / shutdown
     assert draining.commits == [False]  # synchronous
+
+
+class _IdleConsumer:
+    """A consumer with nothing to give: counts the waits it was asked for."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def consume(self, num: int, timeout: float) -> list[Any]:
+        self.waits.append(timeout)
+        return []
+
+
+def _idle_source() -> tuple[KafkaSource, _IdleConsumer]:
+    src = object.__new__(KafkaSource)
+    src.consumer = _IdleConsumer()  # type: ignore[assignment]
+    src.assigned = {("t", 0)}
+    return src, src.consumer  # type: ignore[return-value]
+
+
+def test_poll_waits_the_whole_bound_in_short_slices() -> None:
+    src, consumer = _idle_source()
+    assert src.poll_batch(100, 1 << 20, 0.5) == []
+    assert len(consumer.waits) == 10 and sum(consumer.waits) == pytest.approx(0.5)
+
+
+def test_poll_returns_early_when_woken_with_nothing_read() -> None:
+    src, consumer = _idle_source()
+    calls = []
+
+    def wake() -> bool:
+        calls.append(1)
+        return len(calls) >= 2  # a bulk finishes during the second slice
+
+    assert src.poll_batch(100, 1 << 20, 0.5, wake=wake) == []
+    assert len(consumer.waits) == 2
