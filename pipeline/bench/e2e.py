@@ -31,7 +31,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlparse
 
 import click
 import yaml
@@ -83,26 +84,53 @@ def _delete_topics(bootstrap: str, topics: list[str]) -> None:
             click.echo(f"could not delete a benchmark topic: {exc}", err=True)
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User+system CPU of a process so far (Linux /proc); None where unavailable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """User+system CPU of local processes so far (Linux /proc); None where unavailable."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _per_doc(before: float | None, after: float | None, docs: int) -> float | None:
+    """CPU microseconds per document between two readings."""
+    if before is None or after is None or docs <= 0:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (after - before) / docs * 1e6
 
 
-def _workers_cpu(procs: list[subprocess.Popen[bytes]]) -> float | None:
-    readings = [_cpu_seconds(p.pid) for p in procs]
-    return None if any(r is None for r in readings) else sum(readings)  # type: ignore[misc]
+def _local_es_pid(es: Any, es_url: str) -> int | None:
+    """The Elasticsearch node's process, when it runs on this machine (for its CPU)."""
+    if urlparse(es_url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    try:
+        nodes = es.nodes.info(node_id="_local", metric="process")["nodes"]
+        pid = int(next(iter(nodes.values()))["process"]["id"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except Exception:  # no such API, no /proc: the figure is left out
+        return None
+    return pid if b"elasticsearch" in cmdline else None
+
+
+class _Drain(NamedTuple):
+    rate: float  # records per second
+    worker_cpu: float | None  # CPU us per record, all worker processes
+    es_cpu: float | None  # CPU us per record, the Elasticsearch node
 
 
 def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
                 procs: list[subprocess.Popen[bytes]], timeout_s: float,
-                ) -> tuple[float, float | None]:
-    """Records per second from the first committed offset to the n-th, and the workers'
-    CPU microseconds per record over the same span (start-up excluded)."""
-    first_t, first_c, first_cpu = None, 0, None
+                es_pid: int | None) -> _Drain:
+    """Records per second from the first committed offset to the n-th, and the CPU the
+    workers and Elasticsearch spent per record over the same span (start-up excluded)."""
+    first_t, first_c = None, 0
+    first_cpu: tuple[float | None, float | None] = (None, None)
+    worker_pids = [p.pid for p in procs]
+    es_pids = [es_pid] if es_pid is not None else None
     deadline = time.monotonic() + timeout_s
     offsets = CommittedOffsets(bootstrap, group, topic)
     try:
@@ -112,13 +140,13 @@ def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
                     raise click.ClickException(f"worker exited with {p.returncode}")
             c = offsets.total(timeout_s=10)
             now = time.monotonic()
+            cpu = (_cpu_seconds(worker_pids), _cpu_seconds(es_pids) if es_pids else None)
             if c and first_t is None:
-                first_t, first_c, first_cpu = now, c, _workers_cpu(procs)
+                first_t, first_c, first_cpu = now, c, cpu
             if c >= n and first_t is not None:
-                cpu = _workers_cpu(procs)
-                per_record = (None if cpu is None or first_cpu is None or c == first_c
-                              else (cpu - first_cpu) / (c - first_c) * 1e6)
-                return (c - first_c) / max(now - first_t, 1e-6), per_record
+                return _Drain((c - first_c) / max(now - first_t, 1e-6),
+                              _per_doc(first_cpu[0], cpu[0], c - first_c),
+                              _per_doc(first_cpu[1], cpu[1], c - first_c))
             time.sleep(0.2)
     finally:
         offsets.close()
@@ -126,9 +154,9 @@ def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
 
 
 def _ceiling(settings: Any, docs: list[bytes], index: str, batch: int, concurrency: int,
-             topic: str) -> tuple[float, float]:
-    """Pre-built documents through the worker's own sink: bulk only. Returns docs/s
-    and the client's CPU microseconds per document.
+             topic: str, es_pid: int | None = None) -> tuple[float, float, float | None]:
+    """Pre-built documents through the worker's own sink: bulk only. Returns docs/s and
+    the CPU microseconds per document of the client and of Elasticsearch.
 
     The index is created before the clock starts: creating it (template, shard start)
     takes a noticeable part of a few-second pass, and the worker's drain is timed from
@@ -140,14 +168,16 @@ def _ceiling(settings: Any, docs: list[bytes], index: str, batch: int, concurren
     items = [BulkItem(index, f"{topic}-{i % 6}-{i // 6}", d) for i, d in enumerate(docs)]
     chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
     stop = threading.Event()
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    es_pids = [es_pid] if es_pid is not None else None
+    t0, cpu0, es0 = time.perf_counter(), time.process_time(), _cpu_seconds(es_pids or [])
     with ThreadPoolExecutor(concurrency) as pool:
         rejected = sum(len(r) for r in pool.map(lambda c: sink.write(c, stop), chunks))
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    es_cpu = _per_doc(es0, _cpu_seconds(es_pids), len(items)) if es_pids else None
     if rejected:
         raise click.ClickException(f"ceiling run: {rejected} documents rejected")
     sink.close()
-    return len(items) / elapsed, cpu / len(items) * 1e6
+    return len(items) / elapsed, cpu / len(items) * 1e6, es_cpu
 
 
 @click.command()
@@ -170,6 +200,7 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                        f"{prefix}-g", geoip_path, batch, concurrency)
     settings = load_settings(cfg_path)
     es = make_client(settings.elasticsearch)
+    es_pid = _local_es_pid(es, es_url)
     click.echo(f"corpus: {events:,} Fluent Bit records; batch {batch}, bulk concurrency "
                f"{concurrency}; Kafka {bootstrap}, Elasticsearch {es_url}", err=True)
     records, _ = corpus(events, max(events // 4, 1000))
@@ -184,6 +215,8 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
     ratios: dict[str, list[float]] = {"1 worker": [], "2 workers": []}
     # CPU microseconds per document: the ceiling's client, the workers (all processes).
     cpu: dict[str, list[float]] = {"ceiling": [], "1 worker": [], "2 workers": []}
+    # The same for the Elasticsearch node, when it runs here: what every side pays alike.
+    es_cpu: dict[str, list[float]] = {"ceiling": [], "1 worker": [], "2 workers": []}
     created: list[str] = []
 
     def drop(index: str) -> None:
@@ -205,8 +238,11 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
         click.echo("warm-up ceilings: " + ", ".join(f"{r:,.0f}/s" for r in warm), err=True)
         def ceiling_pass(label: str) -> float:
             created.append(f"{prefix}-ceil-{label}")
-            rate, client_cpu = _ceiling(settings, docs, created[-1], batch, concurrency, topic)
+            rate, client_cpu, node_cpu = _ceiling(settings, docs, created[-1], batch,
+                                                  concurrency, topic, es_pid)
             cpu["ceiling"].append(client_cpu)
+            if node_cpu is not None:
+                es_cpu["ceiling"].append(node_cpu)
             if not keep:
                 drop(created[-1])
             return rate
@@ -227,10 +263,13 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                     for i in range(workers)]
                 label = f"{workers} worker{'s' if workers > 1 else ''}"
                 try:
-                    worker_rates[label], worker_cpu = _drain_rate(
-                        bootstrap, group, topic, len(records), procs, 600)
-                    if worker_cpu is not None:
-                        cpu[label].append(worker_cpu)
+                    drain = _drain_rate(bootstrap, group, topic, len(records), procs, 600,
+                                        es_pid)
+                    worker_rates[label] = drain.rate
+                    if drain.worker_cpu is not None:
+                        cpu[label].append(drain.worker_cpu)
+                    if drain.es_cpu is not None:
+                        es_cpu[label].append(drain.es_cpu)
                 finally:
                     for p in procs:
                         p.terminate()
@@ -266,3 +305,8 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                    f"{statistics.median(cpu['ceiling']):.1f} us, 1 worker "
                    f"{statistics.median(cpu['1 worker']):.1f} us, 2 workers "
                    f"{statistics.median(cpu['2 workers']):.1f} us (all processes)")
+    if all(es_cpu.values()):
+        click.echo("Elasticsearch CPU per document (median): ceiling "
+                   f"{statistics.median(es_cpu['ceiling']):.1f} us, 1 worker "
+                   f"{statistics.median(es_cpu['1 worker']):.1f} us, 2 workers "
+                   f"{statistics.median(es_cpu['2 workers']):.1f} us")

@@ -12,7 +12,13 @@ from elastic_transport import ApiResponseMeta, ConnectionError, HttpHeaders, Nod
 from elasticsearch import ApiError
 
 from pipeline.config import ElasticsearchSettings
-from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, SinkStopped, encode_bulk
+from pipeline.sinks.elasticsearch import (
+    BulkItem,
+    ElasticsearchSink,
+    SinkStopped,
+    encode_bulk,
+    make_client,
+)
 
 
 class ScriptedClient:
@@ -127,3 +133,12 @@ def test_batches_are_split_by_docs_and_bytes() -> None:
     settings = ElasticsearchSettings(bulk_max_docs=100, bulk_max_bytes=1500)
     ElasticsearchSink(settings, client=client).write(big)  # type: ignore[arg-type]
     assert client.calls == [["b0", "b1"], ["b2", "b3"]]
+
+
+def test_client_sends_an_encoded_body_without_copying_it() -> None:
+    serializers = make_client(ElasticsearchSettings()).transport.serializers
+    body = encode_bulk(_items(3))
+    for mimetype in ("application/x-ndjson",
+                     "application/vnd.elasticsearch+x-ndjson; compatible-with=9"):
+        assert serializers.dumps(body, mimetype) is body
+    assert serializers.dumps([{"a": 1}], "application/x-ndjson") == b'{"a":1}\n'  # as before
