@@ -167,11 +167,6 @@ def encode_items(items: Sequence[BulkItem], op: bytes = b"index") -> EncodedBulk
     return EncodedBulk(b"".join(parts), ends, items.__getitem__)
 
 
-def encode_bulk(items: Sequence[BulkItem], op: bytes = b"index") -> bytes:
-    """The NDJSON body alone (see `encode_items`)."""
-    return encode_items(items, op).body
-
-
 class ElasticsearchSink:
     """Writes batches of BulkItems; thread-safe (the client's connection pool is)."""
 

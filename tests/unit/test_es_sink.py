@@ -15,8 +15,9 @@ from pipeline.config import ElasticsearchSettings
 from pipeline.sinks.elasticsearch import (
     BulkItem,
     ElasticsearchSink,
+    EncodedBulk,
     SinkStopped,
-    encode_bulk,
+    encode_items,
     make_client,
 )
 
@@ -54,8 +55,8 @@ def _sink(client: ScriptedClient) -> ElasticsearchSink:
     return ElasticsearchSink(settings, client=client)  # type: ignore[arg-type]
 
 
-def test_encode_bulk_is_ndjson_with_ids() -> None:
-    body = encode_bulk(_items(2))
+def test_encoded_body_is_ndjson_with_ids() -> None:
+    body = encode_items(_items(2)).body
     lines = body.split(b"\n")
     assert lines[-1] == b""
     assert orjson.loads(lines[0]) == {"index": {"_index": "idx", "_id": "id0"}}
@@ -65,9 +66,9 @@ def test_encode_bulk_is_ndjson_with_ids() -> None:
 @pytest.mark.parametrize("doc_id", [
     "topic.a_b-3-17", "say \"hi\"", "back\\slash", "tab\there", "caf\u00e9 \u2603", "\x7f", "",
 ])
-def test_encode_bulk_quotes_any_id_and_index_exactly(doc_id: str) -> None:
+def test_encoding_quotes_any_id_and_index_exactly(doc_id: str) -> None:
     items = [BulkItem("idx", doc_id, b'{"a":1}'), BulkItem('odd"index', "x", b"{}")]
-    lines = encode_bulk(items, op=b"create").split(b"\n")
+    lines = encode_items(items, op=b"create").body.split(b"\n")
     assert orjson.loads(lines[0]) == {"create": {"_index": "idx", "_id": doc_id}}
     assert orjson.loads(lines[2]) == {"create": {"_index": 'odd"index', "_id": "x"}}
     assert lines[1] == b'{"a":1}' and lines[3] == b"{}"
@@ -137,8 +138,28 @@ def test_batches_are_split_by_docs_and_bytes() -> None:
 
 def test_client_sends_an_encoded_body_without_copying_it() -> None:
     serializers = make_client(ElasticsearchSettings()).transport.serializers
-    body = encode_bulk(_items(3))
+    body = encode_items(_items(3)).body
     for mimetype in ("application/x-ndjson",
                      "application/vnd.elasticsearch+x-ndjson; compatible-with=9"):
         assert serializers.dumps(body, mimetype) is body
     assert serializers.dumps([{"a": 1}], "application/x-ndjson") == b'{"a":1}\n'  # as before
+
+
+def test_encoded_bulk_lines_and_sink_retries_by_slices() -> None:
+    items = _items(5)
+    enc = encode_items(items)
+    assert enc.lines(range(5)) is enc.body
+    assert enc.lines(range(1, 3)) == encode_items(items[1:3]).body
+    assert enc.lines([4, 0]) == encode_items([items[4], items[0]]).body
+    assert enc.lines(range(0)) == b""
+    described: list[int] = []
+
+    def describe(j: int) -> BulkItem:
+        described.append(j)
+        return items[j]
+
+    client = ScriptedClient([{"id1": 429, "id3": 400}, {}])
+    rejected = _sink(client).write(EncodedBulk(enc.body, enc.ends, describe))
+    assert client.calls == [["id0", "id1", "id2", "id3", "id4"], ["id1"]]
+    assert [(r.item.doc_id, r.status) for r in rejected] == [("id3", 400)]
+    assert described == [3]  # only the rejected item became an object

@@ -26,7 +26,6 @@ from pipeline import native
 from pipeline.bench.core import corpus
 from pipeline.bench.enrich_micro import default_geoip_path
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver
-from pipeline.config import ElasticsearchSettings
 from pipeline.decode.parser import make_parser
 from pipeline.decode.presets import TEXT_PRESETS
 from pipeline.enrich.alerts import AlertRule
@@ -36,13 +35,7 @@ from pipeline.enrich.rates import RatesConfig
 from pipeline.enrich.rates.memory import MemoryRates
 from pipeline.enricher import Enricher
 from pipeline.process import RecordProcessor
-from pipeline.sinks.elasticsearch import (
-    BulkItem,
-    ElasticsearchSink,
-    EncodedBulk,
-    action_head,
-    encode_items,
-)
+from pipeline.sinks.elasticsearch import BulkItem, action_head, encode_items
 from tests.mmdb_fixtures import PLACES, write_asn, write_city, write_flat_city
 from tests.unit.decode_samples import sample_lines
 from tests.unit.test_samples_in_envelopes import WRAPPERS
@@ -443,41 +436,3 @@ def test_bulk_body_identical_to_encoding_the_reference(drop_errors: bool) -> Non
                                orjson.dumps(json_log)])
     compared, errors, handed_back = _bulk_both(mixed, drop_errors)
     assert compared > 250 and errors >= 5 and handed_back >= 18
-
-
-def test_encoded_bulk_lines_and_sink_retries_by_slices() -> None:
-    items = [BulkItem("idx", f"id{i}", b'{"a":%d}' % i, b"raw%d" % i, f"t/0/{i}")
-             for i in range(5)]
-    enc = encode_items(items)
-    assert enc.lines(range(5)) is enc.body
-    assert enc.lines(range(1, 3)) == encode_items(items[1:3]).body
-    assert enc.lines([4, 0]) == encode_items([items[4], items[0]]).body
-    assert enc.lines(range(0)) == b""
-    described: list[int] = []
-
-    def describe(j: int) -> BulkItem:
-        described.append(j)
-        return items[j]
-
-    client = _ScriptedBulk([{"id1": 429, "id3": 400}, {}])
-    sink = ElasticsearchSink(ElasticsearchSettings(retry_initial_backoff_ms=1,
-                                                   retry_max_backoff_ms=2), client=client)
-    rejected = sink.write(EncodedBulk(enc.body, enc.ends, describe))
-    assert client.calls == [["id0", "id1", "id2", "id3", "id4"], ["id1"]]
-    assert [(r.item.doc_id, r.status) for r in rejected] == [("id3", 400)]
-    assert described == [3]  # only the rejected item became an object
-
-
-class _ScriptedBulk:
-    """A `bulk` answering a status per id from a script (see test_es_sink)."""
-
-    def __init__(self, script: list[dict[str, int]]) -> None:
-        self.script = script
-        self.calls: list[list[str]] = []
-
-    def bulk(self, operations: bytes, filter_path: str) -> Any:
-        ids = [orjson.loads(line)["index"]["_id"] for line in operations.splitlines()[::2]]
-        self.calls.append(ids)
-        step = self.script.pop(0)
-        items = [{"index": {"status": step.get(i, 201)}} for i in ids]
-        return type("R", (), {"body": {"errors": bool(step), "items": items}})()
