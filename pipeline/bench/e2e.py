@@ -85,7 +85,10 @@ def _delete_topics(bootstrap: str, topics: list[str]) -> None:
 
 
 def _cpu_seconds(pids: list[int]) -> float | None:
-    """User+system CPU of local processes so far (Linux /proc); None where unavailable."""
+    """User+system CPU of local processes so far (Linux /proc); None where unavailable
+    (no processes to read, or no /proc)."""
+    if not pids:
+        return None
     total = 0.0
     for pid in pids:
         try:
@@ -103,17 +106,18 @@ def _per_doc(before: float | None, after: float | None, docs: int) -> float | No
     return (after - before) / docs * 1e6
 
 
-def _local_es_pid(es: Any, es_url: str) -> int | None:
-    """The Elasticsearch node's process, when it runs on this machine (for its CPU)."""
+def _local_es_pids(es: Any, es_url: str) -> list[int]:
+    """The Elasticsearch node's process, when it runs on this machine (for its CPU);
+    empty otherwise."""
     if urlparse(es_url).hostname not in ("127.0.0.1", "localhost", "::1"):
-        return None
+        return []
     try:
         nodes = es.nodes.info(node_id="_local", metric="process")["nodes"]
         pid = int(next(iter(nodes.values()))["process"]["id"])
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except Exception:  # no such API, no /proc: the figure is left out
-        return None
-    return pid if b"elasticsearch" in cmdline else None
+        return []
+    return [pid] if b"elasticsearch" in cmdline else []
 
 
 class _Drain(NamedTuple):
@@ -124,13 +128,12 @@ class _Drain(NamedTuple):
 
 def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
                 procs: list[subprocess.Popen[bytes]], timeout_s: float,
-                es_pid: int | None) -> _Drain:
+                es_pids: list[int]) -> _Drain:
     """Records per second from the first committed offset to the n-th, and the CPU the
     workers and Elasticsearch spent per record over the same span (start-up excluded)."""
     first_t, first_c = None, 0
     first_cpu: tuple[float | None, float | None] = (None, None)
     worker_pids = [p.pid for p in procs]
-    es_pids = [es_pid] if es_pid is not None else None
     deadline = time.monotonic() + timeout_s
     offsets = CommittedOffsets(bootstrap, group, topic)
     try:
@@ -140,7 +143,7 @@ def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
                     raise click.ClickException(f"worker exited with {p.returncode}")
             c = offsets.total(timeout_s=10)
             now = time.monotonic()
-            cpu = (_cpu_seconds(worker_pids), _cpu_seconds(es_pids) if es_pids else None)
+            cpu = (_cpu_seconds(worker_pids), _cpu_seconds(es_pids))
             if c and first_t is None:
                 first_t, first_c, first_cpu = now, c, cpu
             if c >= n and first_t is not None:
@@ -154,7 +157,7 @@ def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
 
 
 def _ceiling(settings: Any, docs: list[bytes], index: str, batch: int, concurrency: int,
-             topic: str, es_pid: int | None = None) -> tuple[float, float, float | None]:
+             topic: str, es_pids: list[int] | None = None) -> tuple[float, float, float | None]:
     """Pre-built documents through the worker's own sink: bulk only. Returns docs/s and
     the CPU microseconds per document of the client and of Elasticsearch.
 
@@ -168,12 +171,12 @@ def _ceiling(settings: Any, docs: list[bytes], index: str, batch: int, concurren
     items = [BulkItem(index, f"{topic}-{i % 6}-{i // 6}", d) for i, d in enumerate(docs)]
     chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
     stop = threading.Event()
-    es_pids = [es_pid] if es_pid is not None else None
-    t0, cpu0, es0 = time.perf_counter(), time.process_time(), _cpu_seconds(es_pids or [])
+    es_pids = es_pids or []
+    t0, cpu0, es0 = time.perf_counter(), time.process_time(), _cpu_seconds(es_pids)
     with ThreadPoolExecutor(concurrency) as pool:
         rejected = sum(len(r) for r in pool.map(lambda c: sink.write(c, stop), chunks))
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    es_cpu = _per_doc(es0, _cpu_seconds(es_pids), len(items)) if es_pids else None
+    es_cpu = _per_doc(es0, _cpu_seconds(es_pids), len(items))
     if rejected:
         raise click.ClickException(f"ceiling run: {rejected} documents rejected")
     sink.close()
@@ -200,7 +203,7 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                        f"{prefix}-g", geoip_path, batch, concurrency)
     settings = load_settings(cfg_path)
     es = make_client(settings.elasticsearch)
-    es_pid = _local_es_pid(es, es_url)
+    es_pids = _local_es_pids(es, es_url)
     click.echo(f"corpus: {events:,} Fluent Bit records; batch {batch}, bulk concurrency "
                f"{concurrency}; Kafka {bootstrap}, Elasticsearch {es_url}", err=True)
     records, _ = corpus(events, max(events // 4, 1000))
@@ -239,7 +242,7 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
         def ceiling_pass(label: str) -> float:
             created.append(f"{prefix}-ceil-{label}")
             rate, client_cpu, node_cpu = _ceiling(settings, docs, created[-1], batch,
-                                                  concurrency, topic, es_pid)
+                                                  concurrency, topic, es_pids)
             cpu["ceiling"].append(client_cpu)
             if node_cpu is not None:
                 es_cpu["ceiling"].append(node_cpu)
@@ -264,7 +267,7 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                 label = f"{workers} worker{'s' if workers > 1 else ''}"
                 try:
                     drain = _drain_rate(bootstrap, group, topic, len(records), procs, 600,
-                                        es_pid)
+                                        es_pids)
                     worker_rates[label] = drain.rate
                     if drain.worker_cpu is not None:
                         cpu[label].append(drain.worker_cpu)
@@ -298,15 +301,10 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
         click.echo(f"{k:<28} {med[k]:>10,.0f} docs/s  ratio to ceiling "
                    f"{statistics.median(ratios[k]):.2f}  (median of the per-run ratios: "
                    + ", ".join(f"{x:.2f}" for x in ratios[k]) + ")")
-    if all(cpu.values()):
-        # Less noisy than the rates on a shared machine: what each side costs per document
-        # on top of Elasticsearch's own work, which both pay alike.
-        click.echo("CPU per document (median): ceiling client "
-                   f"{statistics.median(cpu['ceiling']):.1f} us, 1 worker "
-                   f"{statistics.median(cpu['1 worker']):.1f} us, 2 workers "
-                   f"{statistics.median(cpu['2 workers']):.1f} us (all processes)")
-    if all(es_cpu.values()):
-        click.echo("Elasticsearch CPU per document (median): ceiling "
-                   f"{statistics.median(es_cpu['ceiling']):.1f} us, 1 worker "
-                   f"{statistics.median(es_cpu['1 worker']):.1f} us, 2 workers "
-                   f"{statistics.median(es_cpu['2 workers']):.1f} us")
+    # Less noisy than the rates on a shared machine: what each side costs per document
+    # (the ceiling's client, the workers), and what Elasticsearch itself costs.
+    for title, per_doc in (("CPU per document, client or workers (median)", cpu),
+                           ("Elasticsearch CPU per document (median)", es_cpu)):
+        if all(per_doc.values()):
+            click.echo(f"{title}: " + ", ".join(
+                f"{k} {statistics.median(v):.1f} us" for k, v in per_doc.items()))
