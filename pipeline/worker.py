@@ -103,10 +103,11 @@ class _Describe:
     values: list[bytes]
 
     def __call__(self, j: int) -> BulkItem:
+        # No `position`: the dead letter derives it from the id (`source_position`), as
+        # for the BulkItems of the Python path.
         i = self.kept[j]
-        topic, partition, offset = self.topics[i], self.partitions[i], self.offsets[i]
-        return BulkItem(self.index, document_id(topic, partition, offset), b"",
-                        self.values[i], f"{topic}/{partition}/{offset}")
+        doc_id = document_id(self.topics[i], self.partitions[i], self.offsets[i])
+        return BulkItem(self.index, doc_id, b"", self.values[i])
 
 
 class Worker:
