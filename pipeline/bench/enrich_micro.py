@@ -189,13 +189,15 @@ def bench_memory(n_ips: int = 1_000_000, batch: int = 500) -> dict[str, Any]:
     hot_ips = zipf_public_ips(300_000, 10_000)
     hot = [(ip, 1_764_000_000.0 + i * 0.001) for i, ip in enumerate(hot_ips)]  # 1000 ev/s, 300 s
 
-    def run_zipf() -> int:
-        m = MemoryRates()
-        for k in range(0, len(hot), batch):
-            m.count_batch(hot[k : k + batch])
-        return len(hot)
+    def zipf_run(backend: Callable[[], Any]) -> Callable[[], int]:
+        def run() -> int:
+            m = backend()
+            for k in range(0, len(hot), batch):
+                m.count_batch(hot[k : k + batch])
+            return len(hot)
+        return run
 
-    res["events_per_s_zipf_10k_ips"] = _median_rate(run_zipf)
+    res["events_per_s_zipf_10k_ips"] = _median_rate(zipf_run(MemoryRates))
 
     from pipeline import native
 
@@ -207,13 +209,7 @@ def bench_memory(n_ips: int = 1_000_000, batch: int = 500) -> dict[str, Any]:
             check=True, capture_output=True, text=True).stdout)
         from pipeline.enrich.rates.native import NativeMemoryRates
 
-        def run_native_zipf() -> int:
-            m = NativeMemoryRates()
-            for k in range(0, len(hot), batch):
-                m.count_batch(hot[k : k + batch])
-            return len(hot)
-
-        res["native_events_per_s_zipf_10k_ips"] = _median_rate(run_native_zipf)
+        res["native_events_per_s_zipf_10k_ips"] = _median_rate(zipf_run(NativeMemoryRates))
     return res
 
 
