@@ -18,6 +18,8 @@ def sample_lines() -> list[tuple[str, str]]:
     """(file name, line) for every non-comment line."""
     out = []
     for path in sorted(samples_dir().iterdir()):
+        if not path.is_file():  # e.g. fluent-bit-5.1.1/: captures of whole records
+            continue
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip() and not line.startswith("#"):
                 out.append((path.name, line))
