@@ -104,6 +104,10 @@ class Enricher:
         self._native_geo_generation: int | None = None
         self.native_geo_status = "off"
         self.native_status = "off"
+        # Input records by the path that wrote their document, cumulative (each record
+        # once; the worker exports them as a counter with a `path` label).
+        self.records_native = 0
+        self.records_python = 0
         if native:
             self._fast, why = native_mod.build_core(
                 processor.parser, processor.resolver,
@@ -150,8 +154,11 @@ class Enricher:
         """One Processed per value (None: a partial line joined into a later one)."""
         process = self.processor.process_record
         out: list[Processed | None] = [process(v) for v in values]
+        self.records_python += len(out)
         if flush_partials:
-            self._attach_flushed(out)
+            held = [i for i, r in enumerate(out) if r is None]
+            for slot, rec in self._flushed_into(held):
+                out[slot] = rec
         return out, self._enrich(out)
 
     def flush(self) -> tuple[list[Processed], list[dict[str, Any]]]:
@@ -210,10 +217,8 @@ class Enricher:
 
     def enrich_batch(self, values: Sequence[bytes]) -> tuple[list[Enriched], list[dict[str, Any]]]:
         """The worker's entry point: serialised documents, one per input value."""
-        if self._fast is not None and not self.processor.joiner.pending:
-            done = self._enrich_batch_native(values)
-            if done is not None:
-                return done
+        if self._fast is not None:
+            return self._enrich_batch_native(values)
         records, alerts = self.enrich_records(values)
         dumps = orjson.dumps
         return [
@@ -221,14 +226,14 @@ class Enricher:
             for r in records
         ], alerts
 
-    def _native_batch(self, values: Sequence[bytes]) -> _NativeRun | None:
+    def _native_batch(self, values: Sequence[bytes]) -> _NativeRun:
         """A batch through the compiled core, up to (not including) serialisation.
 
-        None when the core declines the batch. The core writes the documents it can;
-        the records it hands back run through the same Python stages as always
-        (`RecordProcessor`, `_enrich`'s bookkeeping) and join the batch's rate counting
-        in record order, so counts, alerts and documents are what the Python path alone
-        would produce.
+        The core writes the documents it can; the records it hands back run through
+        the same Python stages as always (`RecordProcessor`, `_enrich`'s bookkeeping)
+        and join the batch's rate counting in record order, so counts, alerts and
+        documents are what the Python path alone would produce (`_python_records` says
+        how split lines are kept so).
         """
         geo = self.geoip
         core = self._fast
@@ -246,18 +251,16 @@ class Enricher:
         ingested = _ingested_now()
         batch = core.begin(values if isinstance(values, list) else list(values),
                            ingested, generation)
-        if batch is None:
-            return None
-        fallback = batch.fallback
-        self.processor.parsed += len(values) - len(fallback)
         if geo is not None:
             geo.external_hits += core.geo_hits - hits
             geo.external_misses += core.geo_native_lookups - native_lookups
-        records: dict[int, Processed | None] = {}
-        if fallback:
-            process = self.processor.process_record
-            for i in fallback:
-                records[i] = rec = process(values[i])
+        records = self._python_records(batch, values)
+        n_python = len(records)  # before flushed lines fill held-back slots (same keys)
+        self.records_python += n_python
+        self.records_native += len(values) - n_python
+        self.processor.parsed += len(values) - n_python
+        if records:
+            for i, rec in records.items():
                 if rec is not None and rec.ip is not None and rec.ts is not None \
                         and MIN_EVENT_TS <= rec.ts < MAX_EVENT_TS:
                     batch.set_event(i, rec.ip, rec.ts)
@@ -283,13 +286,40 @@ class Enricher:
                     alerts = self.alerts.evaluate(events, counts, self._alert_geo)
         return _NativeRun(batch, records, alerts)
 
+    def _python_records(self, batch: Any, values: Sequence[bytes]
+                        ) -> dict[int, Processed | None]:
+        """The batch's records the Python path owns, processed in record order.
+
+        Those are the core's fallback plus, exact by construction, every record that
+        arrives while the partial-line joiner holds an open split line (a CRI `P` or a
+        Docker json-file piece before it, in this batch or the one before): only the
+        joiner knows whether it continues that line, so the core hands it back. Open
+        lines left at the end of the batch are flushed into the last held-back slots,
+        as `enrich_records` does: a batch never holds records back past its commit.
+        Hot path only where the core handed records back: one step per such record.
+        """
+        process = self.processor.process_record
+        joiner = self.processor.joiner
+        hand_back = self._fast.hand_back
+        records: dict[int, Processed | None] = {}
+        k = 0  # the next record not yet seen by this loop
+        for i in (*batch.fallback, len(values)):
+            while k < i and joiner.pending:  # native records the joiner must see
+                hand_back(batch, k)
+                records[k] = process(values[k])
+                k += 1
+            if i < len(values):
+                records[i] = process(values[i])
+            k = i + 1
+        held = sorted(i for i, r in records.items() if r is None)
+        for slot, rec in self._flushed_into(held):
+            records[slot] = rec
+        return dict(sorted(records.items()))
+
     def _enrich_batch_native(self, values: Sequence[bytes],
-                             ) -> tuple[list[Enriched], list[dict[str, Any]]] | None:
-        """`enrich_batch` through the compiled core; None when it declines the batch."""
-        run = self._native_batch(values)
-        if run is None:
-            return None
-        batch, records, alerts = run
+                             ) -> tuple[list[Enriched], list[dict[str, Any]]]:
+        """`enrich_batch` through the compiled core."""
+        batch, records, alerts = self._native_batch(values)
         fallback = batch.fallback
         docs = batch.finish()
         if not fallback:
@@ -313,14 +343,11 @@ class Enricher:
         (the action line up to the id, see `ElasticsearchSink.action_head`). Lines that
         could not be parsed are reported in `errors` and, with `drop_errors`, left out
         of the body (the worker dead-letters them). None: use `enrich_batch` (no
-        compiled core, a partial line pending, or the core declined the batch).
+        compiled core).
         """
-        if self._fast is None or self.processor.joiner.pending:
+        if self._fast is None:
             return None
-        run = self._native_batch(values)
-        if run is None:
-            return None
-        batch, records, alerts = run
+        batch, records, alerts = self._native_batch(values)
         errors: list[tuple[int, str]] = []
         python_docs: dict[int, bytes | None] = {}
         for i, rec in records.items():
@@ -335,18 +362,17 @@ class Enricher:
         """The native core's GeoIP cache miss: this enricher's lookup, rendered."""
         return geoip_mod.source_fragment(self.geoip.lookup(ip))  # type: ignore[union-attr]
 
-    def _attach_flushed(self, out: list[Processed | None]) -> None:
-        """Partial lines still open at the end of a batch become documents now.
+    def _flushed_into(self, held: Sequence[int]) -> list[tuple[int, Processed]]:
+        """Partial lines still open at the end of a batch, as documents now: (slot, record).
 
         A batch boundary must not hold records back: their offsets are committed with
-        the batch. Each flushed line takes the slot of the last held-back record.
+        the batch. Each flushed line takes the slot of the last held-back record
+        (`held`: the indexes of the batch's held-back records, in order).
         """
         flushed = self.processor.flush_records()
         if not flushed:
-            return
-        held = [i for i, r in enumerate(out) if r is None]
-        for slot, rec in zip(held[-len(flushed):], flushed, strict=False):
-            out[slot] = rec
+            return []
+        return list(zip(held[-len(flushed):], flushed, strict=False))
 
     def _rates_took(self, elapsed: float) -> None:
         self.rate_seconds += elapsed

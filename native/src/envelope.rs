@@ -2,6 +2,11 @@
 //! `pipeline.decode.envelope` as the reference: every decision mirrors `_decode` and
 //! `_from_json`, and anything outside the common case is handed back to it.
 //!
+//! Records of the container runtime's own formats (CRI lines, Docker json-file) are
+//! always Python's: only its partial-line joiner may decide whether they continue a
+//! split line. A bare line that merely starts with a digit (a custom format beginning
+//! with `%START_TIME%` or an address) is not one of them and runs here.
+//!
 //! Hot path: the record is scanned once by a small strict reader (`Scan`) that keeps
 //! only the few members that matter, borrowed where possible (no map, no tree). Kubernetes metadata repeats per pod,
 //! so its rendering is cached by its raw text.
@@ -25,11 +30,32 @@ pub struct Env {
 
 pub enum Decoded {
     Ok(Env),
-    /// The Python path handles this record (invalid input, ISO stamps, Envoy JSON...).
+    /// The Python path handles this record (invalid input, ISO stamps, Envoy JSON, a
+    /// CRI or Docker json-file envelope, which may be one piece of a split line...).
     Fallback,
-    /// A record that may be one piece of a split line (CRI, Docker json-file): partial
-    /// joining is stateful across records, so the whole batch takes the Python path.
-    PartialRisk,
+}
+
+/// Whether an ASCII line is a CRI record: `_CRI.fullmatch` of `pipeline.decode.envelope`,
+/// `(\d{4}-\d\d-\d\dT\S+) (stdout|stderr) ([FP])(?: (.*))?` (DOTALL).
+///
+/// On ASCII the regex has one reading: `\S+` ends at the first space-like byte, which
+/// must be the single space before the stream. Callers hand non-ASCII lines (Unicode
+/// `\d` and `\s`) to Python without asking. No allocation: this runs for every line
+/// that starts with a digit.
+fn is_cri(line: &[u8]) -> bool {
+    const STAMP: &[u8; 11] = b"dddd-dd-ddT"; // d: an ASCII digit
+    if line.len() < 11 || !STAMP.iter().zip(line).all(|(&p, &c)| if p == b'd' { c.is_ascii_digit() } else { c == p }) {
+        return false;
+    }
+    let token = line[11..].iter().take_while(|&&c| !is_py_space(c)).count();
+    if token == 0 {
+        return false;
+    }
+    let rest = &line[11 + token..];
+    let Some(tail) = rest.strip_prefix(b" stdout ").or_else(|| rest.strip_prefix(b" stderr ")) else {
+        return false;
+    };
+    matches!(tail, [b'F' | b'P'] | [b'F' | b'P', b' ', ..])
 }
 
 /// Rendered Kubernetes metadata by raw JSON text; None: not renderable here (floats).
@@ -323,8 +349,8 @@ pub fn decode(data: &[u8], kube_cache: &mut KubeCache) -> Decoded {
     if line.bytes().all(is_py_space) || !first.is_ascii() {
         return Decoded::Fallback;
     }
-    if first.is_ascii_digit() {
-        return Decoded::PartialRisk; // possibly CRI
+    if first.is_ascii_digit() && (!line.is_ascii() || is_cri(line.as_bytes())) {
+        return Decoded::Fallback; // CRI (or maybe, with Unicode digits): the joiner's
     }
     if first != b'{' {
         return Decoded::Ok(Env { kind: "bare", payload: line.to_owned(), stream: None, ts: None,
@@ -339,7 +365,7 @@ pub fn decode(data: &[u8], kube_cache: &mut KubeCache) -> Decoded {
     let kube_raw = top.kubernetes.filter(|k| k.starts_with('{'));
     let has_stamp = top.at_timestamp.is_some();
     if from_log && !has_stamp && kube_raw.is_none() && !top.not_docker {
-        return Decoded::PartialRisk; // Docker json-file: lines may be split
+        return Decoded::Fallback; // Docker json-file: lines may be split, the joiner's
     }
     let kind = if has_stamp { "fluent-bit" } else { "fluentd" };
     let stamp = match top.at_timestamp {
@@ -357,7 +383,11 @@ pub fn decode(data: &[u8], kube_cache: &mut KubeCache) -> Decoded {
     let stream = top.stream.flatten().map(Cow::into_owned);
     let inner = strip_line_end(&payload);
     match inner.as_bytes().first() {
-        Some(c) if c.is_ascii_digit() => return Decoded::PartialRisk, // CRI inside
+        // The CRI line itself, forwarded by a collector without a CRI parser: Python
+        // unwraps it (and joins its pieces); a line merely starting with a digit is ours.
+        Some(c) if c.is_ascii_digit() && (!inner.is_ascii() || is_cri(inner.as_bytes())) => {
+            return Decoded::Fallback
+        }
         Some(c) if !c.is_ascii() => return Decoded::Fallback,
         _ => {}
     }

@@ -184,14 +184,14 @@ impl Core {
     }
 
     /// Decode, parse, resolve and look up every record it can; the rest are listed in
-    /// `Batch.fallback` for the Python path. None when the batch holds a record that
-    /// may be part of a split line (CRI, Docker): the Python path takes all of it.
+    /// `Batch.fallback` for the Python path, which also takes back (`hand_back`) the
+    /// records its partial-line joiner must see (while a split line is open).
     ///
     /// The work runs without the GIL (the inputs are copied out first), so the
     /// worker's bulk threads keep Elasticsearch fed while a batch is enriched; only a
     /// GeoIP lookup that Python must answer takes it back.
     fn begin(&mut self, py: Python<'_>, values: &Bound<'_, PyList>, ingested: &str,
-             geo_generation: i64) -> PyResult<Option<Batch>> {
+             geo_generation: i64) -> PyResult<Batch> {
         if geo_generation != self.geo_generation {
             self.geo_cache.clear(); // the database was replaced: forget old answers
             self.geo_generation = geo_generation;
@@ -210,6 +210,23 @@ impl Core {
         }
         let ingested = ingested.to_owned();
         py.allow_threads(|| self.run(&data, &spans, &ingested))
+    }
+
+    /// Record `index`, written here, goes to the Python path after all: the Python
+    /// joiner holds part of a split line that this record may continue (only it knows
+    /// which records belong to which stream), so the record must pass through it.
+    /// Its event is Python's to set again; its bytes stay unused in the arena.
+    fn hand_back(&mut self, mut batch: PyRefMut<'_, Batch>, index: usize) -> PyResult<()> {
+        match batch.recs.get_mut(index) {
+            Some(rec @ Rec::Native(_)) => *rec = Rec::Python,
+            _ => return Err(PyValueError::new_err(format!("record {index} is not a native one"))),
+        }
+        batch.events[index] = None;
+        let at = batch.fallback.partition_point(|&i| i < index);
+        batch.fallback.insert(at, index); // stays in record order
+        self.parsed -= 1;
+        self.handed_back += 1;
+        Ok(())
     }
 
 
@@ -239,7 +256,7 @@ impl Core {
 
 impl Core {
     fn run(&mut self, data: &[u8], spans: &[Option<(usize, usize)>], ingested: &str)
-           -> PyResult<Option<Batch>> {
+           -> PyResult<Batch> {
         let n = spans.len();
         let mut batch = Batch {
             recs: Vec::with_capacity(n),
@@ -255,11 +272,10 @@ impl Core {
         for (i, span) in spans.iter().enumerate() {
             let rec = match span {
                 Some((a, b)) => self.record(&mut batch.arena, &data[*a..*b], ingested)?,
-                None => Some(None),
+                None => None,
             };
             match rec {
-                None => return Ok(None),
-                Some(Some(doc)) => {
+                Some(doc) => {
                     // rates.countable(): the range the memory counters can represent
                     let ev = match (&doc.ip, doc.ts) {
                         (Some(ip), Some(ts)) if (0.0..rates::MAX_EVENT_TS).contains(&ts) => {
@@ -271,7 +287,7 @@ impl Core {
                     batch.recs.push(Rec::Native(doc));
                     self.parsed += 1;
                 }
-                Some(None) => {
+                None => {
                     batch.events.push(None);
                     batch.recs.push(Rec::Python);
                     batch.fallback.push(i);
@@ -279,22 +295,20 @@ impl Core {
             }
         }
         self.handed_back += batch.fallback.len() as u64;
-        Ok(Some(batch))
+        Ok(batch)
     }
 
-    /// None: partial-line risk (whole batch to Python); Some(None): this record to
-    /// Python; Some(Some(doc)): done here.
+    /// None: this record to Python; Some(doc): done here.
     fn record(&mut self, arena: &mut Vec<u8>, data: &[u8], ingested: &str)
-              -> PyResult<Option<Option<Doc>>> {
+              -> PyResult<Option<Doc>> {
         let mut env = match envelope::decode(data, &mut self.kube_cache) {
             Decoded::Ok(env) => env,
-            Decoded::Fallback => return Ok(Some(None)),
-            Decoded::PartialRisk => return Ok(None),
+            Decoded::Fallback => return Ok(None),
         };
         let kubernetes = env.kubernetes.take();
         let line = env.payload.as_str();
         if !line.is_ascii() || line.trim_start_matches(|c: char| scan::is_py_space(c as u8)).starts_with('{') {
-            return Ok(Some(None)); // non-ASCII (Unicode \s, \d) or an Envoy JSON line
+            return Ok(None); // non-ASCII (Unicode \s, \d) or an Envoy JSON line
         }
         let mut spans = std::mem::take(&mut self.spans);
         let mut found = None;
@@ -310,7 +324,7 @@ impl Core {
             }
         }
         self.spans = spans;
-        let Some((k, parsed)) = found else { return Ok(Some(None)) };
+        let Some((k, parsed)) = found else { return Ok(None) };
         self.last = k;
         let fields = Fields::new(line, &parsed);
         use document::*;
@@ -321,7 +335,7 @@ impl Core {
             fields.s(UPSTREAM_HOST),
             fields.s(UPSTREAM_LOCAL_ADDRESS),
         ) else {
-            return Ok(Some(None));
+            return Ok(None);
         };
         let geo = match (&cip.ip, self.geo_lookup.is_some()) {
             (Some(ip), true) => Some(self.geo(ip)?),
@@ -333,7 +347,7 @@ impl Core {
         if doc.is_err() {
             arena.truncate(start); // the Python path writes this one
         }
-        Ok(Some(doc.ok()))
+        Ok(doc.ok())
     }
 
     fn geo(&mut self, ip: &str) -> PyResult<Arc<Geo>> {
