@@ -19,6 +19,7 @@ import orjson
 from pipeline import native as native_mod
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver
 from pipeline.config import Settings
+from pipeline.decode.envelope import decode_envelope
 from pipeline.decode.parser import make_parser
 from pipeline.enrich import geoip as geoip_mod
 from pipeline.enrich.alerts import AlertEngine, AlertRule
@@ -290,23 +291,30 @@ class Enricher:
                         ) -> dict[int, Processed | None]:
         """The batch's records the Python path owns, processed in record order.
 
-        Those are the core's fallback plus, exact by construction, every record that
-        arrives while the partial-line joiner holds an open split line (a CRI `P` or a
-        Docker json-file piece before it, in this batch or the one before): only the
-        joiner knows whether it continues that line, so the core hands it back. Open
-        lines left at the end of the batch are flushed into the last held-back slots,
-        as `enrich_records` does: a batch never holds records back past its commit.
-        Hot path only where the core handed records back: one step per such record.
+        Those are the core's fallback (CRI and Docker envelopes among them, so the
+        partial-line joiner sees every piece of a split line, in order) plus any record
+        the core wrote that continues a split line the joiner holds open: the joiner
+        alone knows which stream a piece belongs to. So while a line is open, each
+        native record is offered to the joiner as the Python path would: passed
+        through unchanged, the native document stands; taken (joined), the core hands
+        the record back. Open lines left at the end of the batch are flushed into the
+        last held-back slots, as `enrich_records` does: a batch never holds records
+        back past its commit. Cost: one step per fallback record, plus a Python decode
+        per native record only while a split line is open.
         """
         process = self.processor.process_record
         joiner = self.processor.joiner
+        feed, record = joiner.feed, self.processor.record
         hand_back = self._fast.hand_back
         records: dict[int, Processed | None] = {}
-        k = 0  # the next record not yet seen by this loop
+        k = 0  # the next native record not yet offered to the joiner
         for i in (*batch.fallback, len(values)):
-            while k < i and joiner.pending:  # native records the joiner must see
-                hand_back(batch, k)
-                records[k] = process(values[k])
+            while k < i and joiner.pending:
+                env = decode_envelope(values[k])
+                joined = feed(env)  # as process_record(values[k]) would
+                if joined is not env:  # a piece of the open line: the joiner's now
+                    hand_back(batch, k)
+                    records[k] = None if joined is None else record(joined)
                 k += 1
             if i < len(values):
                 records[i] = process(values[i])
