@@ -171,6 +171,19 @@ class WorkerSettings(_Section):
                     "before pausing the partitions (a sink that is down).")
 
 
+class KibanaSettings(_Section):
+    """Where `envoygeo dashboards import` sends the saved objects and rules (not used
+    by the worker). Same auth shape as `elasticsearch`: API key or basic auth, CA."""
+
+    url: str | None = Field(None, description="Kibana / OpenSearch Dashboards base URL.")
+    space: str | None = Field(None, description="Kibana space id (default space when unset).")
+    api_key: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_certs: Path | None = None
+    verify_certs: bool = True
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ENVOYGEO_", env_nested_delimiter="__", extra="forbid"
@@ -184,6 +197,7 @@ class Settings(BaseSettings):
     parse: ParseSettings = Field(default_factory=ParseSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    kibana: KibanaSettings = Field(default_factory=KibanaSettings)
 
     @classmethod
     def settings_customise_sources(
