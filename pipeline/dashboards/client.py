@@ -34,7 +34,13 @@ class Target:
     username: str | None = None
     password: str | None = None
     verify_tls: bool = True
+    ca_certs: str | None = None  # PEM bundle for a private CA (kibana.ca_certs)
     timeout_s: float = 30.0
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.verify_tls:
+            return ssl._create_unverified_context()  # noqa: S323
+        return ssl.create_default_context(cafile=self.ca_certs) if self.ca_certs else None
 
     def base(self) -> str:
         root = self.url.rstrip("/")
@@ -67,7 +73,8 @@ def multipart(field: str, filename: str, content: bytes) -> tuple[str, bytes]:
 def _explain(status: int, payload: Any, what: str, target: Target) -> str:
     message = payload.get("message", "") if isinstance(payload, dict) else str(payload)
     hint = {
-        401: "authentication failed: check --api-key or --username/--password",
+        401: "authentication failed: check kibana.api_key or kibana.username/password "
+             "(--api-key, --username/--password)",
         403: "forbidden: the credentials lack the privilege"
              + (f" in space {target.space!r}" if target.space else "")
              + " (saved objects management / alerting 'all')",
@@ -87,9 +94,9 @@ def request(target: Target, method: str, path: str, body: bytes | None = None,
         headers["Content-Type"] = content_type
     req = urllib.request.Request(target.base() + path, data=body, method=method,
                                  headers=headers)
-    ctx = None if target.verify_tls else ssl._create_unverified_context()  # noqa: S323
     try:
-        with urllib.request.urlopen(req, timeout=target.timeout_s, context=ctx) as resp:
+        with urllib.request.urlopen(req, timeout=target.timeout_s,
+                                    context=target.tls_context()) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()

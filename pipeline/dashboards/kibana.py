@@ -12,9 +12,15 @@ import json
 from typing import Any
 
 from pipeline import schema
+from pipeline.dashboards.names import DEFAULT, IndexNames
 from pipeline.dashboards.validate import LENS_DATA_TYPE, lookup
+from pipeline.enrich.alerts import THRESHOLD_COMPARATOR, AlertRule
 
 CORE_MIGRATION_VERSION = "8.8.0"
+# The oldest Kibana that imports these objects: `coreMigrationVersion` and
+# `typeMigrationVersion` (which replaced `migrationVersion`) exist from 8.8.0, and a
+# Kibana older than an object's coreMigrationVersion refuses it. The README states it.
+MIN_KIBANA = CORE_MIGRATION_VERSION
 # Oldest versions these shapes are valid for; Kibana migrates them forward on import.
 TYPE_MIGRATION_VERSION = {
     "index-pattern": "8.0.0",
@@ -24,8 +30,10 @@ TYPE_MIGRATION_VERSION = {
     "dashboard": "8.7.0",
 }
 
-LOGS_VIEW = "envoygeo-logs"
-ALERTS_VIEW = "envoygeo-alerts"
+# Data view ids are the configured index names (these are the defaults), so objects
+# built for a renamed index name only it, and re-importing replaces them in place.
+LOGS_VIEW = DEFAULT.logs
+ALERTS_VIEW = DEFAULT.alerts
 PARSE_FAILURE_TAG = "_envoygeo_parse_failure"
 RULE_ID = "envoygeo-per-ip-rate"
 
@@ -54,7 +62,8 @@ def data_view(id_: str, pattern: str, name: str) -> Obj:
 # -- Lens columns --------------------------------------------------------------------
 
 def _field_type(field: str, view: str) -> str:
-    f = lookup(schema.FIELDS if view == LOGS_VIEW else schema.ALERT_FIELDS, field)
+    """`view` is "logs" or "alerts": which field table the column reads."""
+    f = lookup(schema.FIELDS if view == "logs" else schema.ALERT_FIELDS, field)
     if f is None:
         raise KeyError(f"{field} is not in the {view} field table")
     return f.es_type
@@ -67,7 +76,7 @@ def date_col(label: str = "@timestamp") -> Obj:
 
 
 def terms_col(field: str, label: str, order_by: str, size: int = 10,
-              view: str = LOGS_VIEW) -> Obj:
+              view: str = "logs") -> Obj:
     return {"label": label, "dataType": LENS_DATA_TYPE[_field_type(field, view)],
             "operationType": "terms", "sourceField": field, "isBucketed": True,
             "scale": "ordinal",
@@ -89,6 +98,7 @@ def metric_col(op: str, field: str, label: str) -> Obj:
 
 def lens(id_: str, title: str, vis_type: str, columns: dict[str, Obj], visualization: Obj,
          query: str = "", view: str = LOGS_VIEW) -> Obj:
+    """`view` is the id of the data view the layer reads."""
     """One Lens panel with a single form-based layer `layer1` over `view`."""
     layer = "layer1"
     visualization = json.loads(json.dumps(visualization).replace("$L", layer))
@@ -132,8 +142,8 @@ def pie(group: str, metric: str) -> Obj:
 COUNTRY = "source.geo.country_iso_code"
 
 
-def lens_panels() -> list[Obj]:
-    return [
+def lens_panels(names: IndexNames = DEFAULT) -> list[Obj]:
+    panels = [
         lens("envoygeo-requests-over-time", "Requests over time by country", "lnsXY",
              {"t": date_col(), "c": terms_col(COUNTRY, "Country", "n", 8), "n": count_col()},
              xy("bar_stacked", "t", ["n"], "c")),
@@ -168,9 +178,12 @@ def lens_panels() -> list[Obj]:
              xy("bar_stacked", "t", ["n"], "e"),
              query=f'tags : "{PARSE_FAILURE_TAG}"'),
     ]
+    for p in panels:
+        p["references"][0]["id"] = names.logs
+    return panels
 
 
-def recent_alerts() -> Obj:
+def recent_alerts(names: IndexNames = DEFAULT) -> Obj:
     """A saved search: the alert documents themselves, newest first."""
     search_source = {"query": {"query": "", "language": "kuery"}, "filter": [],
                      "indexRefName": "kibanaSavedObjectMeta.searchSourceJSON.index"}
@@ -182,7 +195,7 @@ def recent_alerts() -> Obj:
                     "envoygeo.alert.threshold", "envoygeo.alert.window_s"],
         "sort": [["@timestamp", "desc"]],
         "kibanaSavedObjectMeta": {"searchSourceJSON": json.dumps(search_source)},
-    }, [{"type": "index-pattern", "id": ALERTS_VIEW,
+    }, [{"type": "index-pattern", "id": names.alerts,
          "name": "kibanaSavedObjectMeta.searchSourceJSON.index"}])
 
 
@@ -259,14 +272,14 @@ def map_layers() -> list[Obj]:
     ]
 
 
-def geo_map() -> Obj:
+def geo_map(names: IndexNames = DEFAULT) -> Obj:
     layers = map_layers()
     map_state = {"zoom": 1.5, "center": {"lat": 20, "lon": 0},
                  "timeFilters": {"from": "now-24h", "to": "now"},
                  "refreshConfig": {"isPaused": True, "interval": 0},
                  "query": {"query": "", "language": "kuery"}, "filters": [],
                  "settings": {"autoFitToDataBounds": False, "showSpatialFilters": True}}
-    refs = [{"type": "index-pattern", "id": LOGS_VIEW, "name": name} for name in (
+    refs = [{"type": "index-pattern", "id": names.logs, "name": name} for name in (
         "layer_1_join_0_index_pattern", "layer_2_source_index_pattern",
         "layer_3_source_index_pattern")]
     return saved_object("map", "envoygeo-map", {
@@ -321,13 +334,13 @@ def dashboard(panels: list[tuple[Obj, int, int]]) -> Obj:
     }, refs)
 
 
-def saved_objects() -> list[Obj]:
+def saved_objects(names: IndexNames = DEFAULT) -> list[Obj]:
     """Dependencies first: Kibana resolves references within one import file."""
-    views = [data_view(LOGS_VIEW, f"{schema.LOGS_TEMPLATE}*", "envoygeo access logs"),
-             data_view(ALERTS_VIEW, f"{schema.ALERTS_TEMPLATE}*", "envoygeo alerts")]
-    panels = lens_panels()
+    views = [data_view(names.logs, names.logs_pattern, "envoygeo access logs"),
+             data_view(names.alerts, names.alerts_pattern, "envoygeo alerts")]
+    panels = lens_panels(names)
     by_id = {p["id"]: p for p in panels}
-    the_map, alerts = geo_map(), recent_alerts()
+    the_map, alerts = geo_map(names), recent_alerts(names)
     layout = [
         (the_map, 32, 20), (by_id["envoygeo-top-countries"], 16, 20),
         (by_id["envoygeo-requests-over-time"], 48, 12),
@@ -342,14 +355,27 @@ def saved_objects() -> list[Obj]:
 
 # -- Alert rule ----------------------------------------------------------------------
 
-def rate_rule(threshold: int = 600, window: int = 60, window_unit: str = "s",
+DEFAULT_RULE = AlertRule(name="per-ip-rate", window_s=60, threshold=600)
+
+
+def rule_id(rule: AlertRule) -> str:
+    """The built-in / command-line rule keeps its historical id; each rule from
+    `rates.alerts` gets its own, so re-importing updates it in place."""
+    return RULE_ID if rule.name == DEFAULT_RULE.name else f"{RULE_ID}-{rule.name}"
+
+
+def rate_rule(rule: AlertRule = DEFAULT_RULE, names: IndexNames = DEFAULT,
               term_size: int = 100, interval: str = "1m") -> Obj:
     """Kibana `.es-query` rule: one alert per source.ip whose request count in the
-    window is above `threshold`. Complements envoygeo's own alerts (which fire in the
-    worker, per event) with one a Kibana operator can tune and route to connectors."""
+    rule's window reaches its threshold, with the worker's own comparison
+    (`THRESHOLD_COMPARATOR`, ">=") so one threshold means the same in both places.
+    Complements envoygeo's own alerts (which fire in the worker, per event) with one a
+    Kibana operator can route to connectors."""
     es_query = {"query": {"bool": {"filter": [{"term": {"event.kind": "event"}}]}}}
+    window, unit = _window_unit(rule.window_s)
     return {
-        "name": "envoygeo: requests per client IP above threshold",
+        "name": f"envoygeo: {rule.name}: requests per client IP reaching "
+                f"{rule.threshold} in {window}{unit}",
         "rule_type_id": ".es-query",
         "consumer": "stackAlerts",
         "schedule": {"interval": interval},
@@ -357,7 +383,7 @@ def rate_rule(threshold: int = 600, window: int = 60, window_unit: str = "s",
         "actions": [],
         "params": {
             "searchType": "esQuery",
-            "index": [f"{schema.LOGS_TEMPLATE}*"],
+            "index": [names.logs_pattern],
             "timeField": "@timestamp",
             "esQuery": json.dumps(es_query),
             "size": 0,
@@ -365,14 +391,22 @@ def rate_rule(threshold: int = 600, window: int = 60, window_unit: str = "s",
             "groupBy": "top",
             "termField": "source.ip",
             "termSize": term_size,
-            "threshold": [threshold],
-            "thresholdComparator": ">",
+            "threshold": [rule.threshold],
+            "thresholdComparator": THRESHOLD_COMPARATOR,
             "timeWindowSize": window,
-            "timeWindowUnit": window_unit,
+            "timeWindowUnit": unit,
             "excludeHitsFromPreviousRun": False,
         },
     }
 
 
-def rule_file() -> Obj:
-    return {"id": RULE_ID, "rule": rate_rule()}
+def _window_unit(seconds: int) -> tuple[int, str]:
+    """Seconds in the largest whole unit Kibana offers (its UI shows 5m, not 300s)."""
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds % size == 0:
+            return seconds // size, unit
+    return seconds, "s"
+
+
+def rule_file(rule: AlertRule = DEFAULT_RULE, names: IndexNames = DEFAULT) -> Obj:
+    return {"id": rule_id(rule), "rule": rate_rule(rule, names)}

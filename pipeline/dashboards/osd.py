@@ -8,16 +8,16 @@ Kibana 8's `lens`, `map` or `typeMigrationVersion`; it still has the legacy
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
-from pipeline import schema
 from pipeline.dashboards.kibana import (
-    ALERTS_VIEW,
     COUNTRY,
     LOGS_VIEW,
     dashboard_defaults,
     layout,
 )
+from pipeline.dashboards.names import DEFAULT, IndexNames
 
 Obj = dict[str, Any]
 MIGRATION = {"index-pattern": "7.6.0", "visualization": "7.10.0", "dashboard": "7.9.3"}
@@ -64,10 +64,11 @@ def _histogram_params() -> Obj:
             "legendPosition": "right", "times": [], "addTimeMarker": False}
 
 
-def visualizations() -> list[Obj]:
+def visualizations(names: IndexNames = DEFAULT) -> list[Obj]:
     count = agg("1", "count", "metric")
+    vis = partial(visualization, view=names.logs)  # the alerts table overrides `view`
     return [
-        visualization("envoygeo-osd-map", "Client locations (coordinate map)", "tile_map",
+        vis("envoygeo-osd-map", "Client locations (coordinate map)", "tile_map",
                       [count, agg("2", "geohash_grid", "segment", field="source.geo.location",
                                   autoPrecision=True, precision=2, useGeocentroid=True,
                                   isFilteredByCollar=True)],
@@ -75,42 +76,42 @@ def visualizations() -> list[Obj]:
                        "addTooltip": True, "heatClusterSize": 1.5,
                        "legendPosition": "bottomright", "mapZoom": 2, "mapCenter": [20, 0],
                        "wms": {"enabled": False}}),
-        visualization("envoygeo-osd-requests-over-time", "Requests over time by country",
+        vis("envoygeo-osd-requests-over-time", "Requests over time by country",
                       "histogram",
                       [count, agg("2", "date_histogram", "segment", field="@timestamp",
                                   interval="auto", min_doc_count=1, extended_bounds={}),
                        terms("3", COUNTRY, 8, "group")], _histogram_params()),
-        visualization("envoygeo-osd-top-countries", "Top countries", "table",
+        vis("envoygeo-osd-top-countries", "Top countries", "table",
                       [count, terms("2", COUNTRY, 20)], _table_params()),
-        visualization("envoygeo-osd-top-cities", "Top cities", "table",
+        vis("envoygeo-osd-top-cities", "Top cities", "table",
                       [count, terms("2", "source.geo.city_name", 20)], _table_params()),
-        visualization("envoygeo-osd-top-ips", "Top source IPs and their request rates",
+        vis("envoygeo-osd-top-ips", "Top source IPs and their request rates",
                       "table",
                       [count, terms("2", "source.ip", 25),
                        agg("3", "max", "metric", field="envoygeo.rate.10s"),
                        agg("4", "max", "metric", field="envoygeo.rate.60s"),
                        agg("5", "max", "metric", field="envoygeo.rate.300s")],
                       _table_params()),
-        visualization("envoygeo-osd-status-by-country", "Status codes by country",
+        vis("envoygeo-osd-status-by-country", "Status codes by country",
                       "histogram",
                       [count, terms("2", COUNTRY, 10, "segment"),
                        terms("3", "http.response.status_code", 8, "group")],
                       _histogram_params()),
-        visualization("envoygeo-osd-bytes-by-country", "Bytes sent by country", "table",
+        vis("envoygeo-osd-bytes-by-country", "Bytes sent by country", "table",
                       [agg("1", "sum", "metric", field="http.response.bytes"),
                        terms("2", COUNTRY, 20)], _table_params()),
-        visualization("envoygeo-osd-ip-source", "How client IPs were resolved", "pie",
+        vis("envoygeo-osd-ip-source", "How client IPs were resolved", "pie",
                       [count, terms("2", "envoygeo.ip_source", 5, "segment")],
                       {"type": "pie", "addTooltip": True, "addLegend": True,
                        "legendPosition": "right", "isDonut": True}),
-        visualization("envoygeo-osd-parse-failures", "Unparsed records", "histogram",
+        vis("envoygeo-osd-parse-failures", "Unparsed records", "histogram",
                       [count, agg("2", "date_histogram", "segment", field="@timestamp",
                                   interval="auto", min_doc_count=1, extended_bounds={})],
                       _histogram_params(), query='tags : "_envoygeo_parse_failure"'),
-        visualization("envoygeo-osd-alerts", "Rate alerts by client IP", "table",
+        vis("envoygeo-osd-alerts", "Rate alerts by client IP", "table",
                       [agg("1", "max", "metric", field="envoygeo.alert.count"),
                        terms("2", "source.ip", 25), terms("3", "envoygeo.alert.rule", 5)],
-                      _table_params(), view=ALERTS_VIEW),
+                      _table_params(), view=names.alerts),
     ]
 
 
@@ -124,7 +125,7 @@ def dashboard(panels: list[Obj]) -> Obj:
     }, refs)
 
 
-def saved_objects() -> list[Obj]:
-    vis = visualizations()
-    return [index_pattern(LOGS_VIEW, f"{schema.LOGS_TEMPLATE}*"),
-            index_pattern(ALERTS_VIEW, f"{schema.ALERTS_TEMPLATE}*"), *vis, dashboard(vis)]
+def saved_objects(names: IndexNames = DEFAULT) -> list[Obj]:
+    vis = visualizations(names)
+    return [index_pattern(names.logs, names.logs_pattern),
+            index_pattern(names.alerts, names.alerts_pattern), *vis, dashboard(vis)]

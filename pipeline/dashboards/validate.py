@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import schema
+from pipeline.dashboards.names import DEFAULT, IndexNames
 
 Obj = dict[str, Any]
 
@@ -45,13 +46,9 @@ LENS_DATA_TYPE = {"keyword": "string", "ip": "ip", "long": "number", "double": "
 _KQL_FIELD = re.compile(r"(?<![\w.@\"])([A-Za-z_@][\w.@]*)\s*:")
 
 
-def field_table(pattern: str) -> tuple[schema.Field, ...] | None:
-    """The field table an index pattern reads: logs or alerts, by name prefix."""
-    if pattern.startswith(schema.ALERTS_TEMPLATE):
-        return schema.ALERT_FIELDS
-    if pattern.startswith(schema.LOGS_TEMPLATE):
-        return schema.FIELDS
-    return None
+def field_table(pattern: str, names: IndexNames = DEFAULT) -> tuple[schema.Field, ...] | None:
+    """The field table an index pattern reads: logs or alerts, by the configured names."""
+    return names.fields_for(pattern)
 
 
 def lookup(fields: tuple[schema.Field, ...], name: str) -> schema.Field | None:
@@ -187,7 +184,7 @@ def _panel_ref_names(obj: Obj) -> list[str]:
 # -- checks --------------------------------------------------------------------------
 
 
-def validate_objects(objs: list[Obj]) -> list[str]:
+def validate_objects(objs: list[Obj], names: IndexNames = DEFAULT) -> list[str]:
     errors: list[str] = []
     seen: set[tuple[str, str]] = set()
     for obj in objs:
@@ -225,10 +222,11 @@ def validate_objects(objs: list[Obj]) -> list[str]:
                 errors.append(f"{label}: data view reference {ref_name!r} is missing")
                 continue
             pattern = patterns.get(ref["id"], "")
-            fields = field_table(pattern)
+            fields = field_table(pattern, names)
             if fields is None:
-                errors.append(f"{label}: data view {ref['id']} ({pattern!r}) is not an "
-                              "envoygeo index pattern")
+                errors.append(f"{label}: data view {ref['id']} ({pattern!r}) matches "
+                              f"neither {names.logs!r} nor {names.alerts!r} "
+                              "(elasticsearch.index / alerts_index)")
                 continue
             problem = check_field(fields, pattern, field, use)
             if problem is None and data_type and use in ("terms", "date_histogram"):
@@ -276,7 +274,7 @@ def _query_fields(node: Any) -> Iterator[str]:
             yield from _query_fields(item)
 
 
-def validate_rule(rule: Obj) -> list[str]:
+def validate_rule(rule: Obj, names: IndexNames = DEFAULT) -> list[str]:
     """An `.es-query` rule body as sent to POST /api/alerting/rule/<id>."""
     errors: list[str] = []
     p = rule.get("params", {})
@@ -304,9 +302,10 @@ def validate_rule(rule: Obj) -> list[str]:
     if not indices:
         errors.append("params.index is empty")
     for pattern in indices:
-        fields = field_table(pattern)
+        fields = field_table(pattern, names)
         if fields is None:
-            errors.append(f"params.index {pattern!r} is not an envoygeo index pattern")
+            errors.append(f"params.index {pattern!r} matches neither {names.logs!r} nor "
+                          f"{names.alerts!r} (elasticsearch.index / alerts_index)")
             continue
         uses = [(p.get("timeField", ""), "date_histogram")]
         if p.get("groupBy") == "top" and p.get("termField"):
@@ -321,12 +320,12 @@ def validate_rule(rule: Obj) -> list[str]:
     return errors
 
 
-def validate_file(path: Path) -> list[str]:
+def validate_file(path: Path, names: IndexNames = DEFAULT) -> list[str]:
     """ndjson saved objects, or a rule file (.json: {"id", "rule"} or a bare rule)."""
     try:
         if path.suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
-            return validate_rule(data.get("rule", data))
-        return validate_objects(load_ndjson(path))
+            return validate_rule(data.get("rule", data), names)
+        return validate_objects(load_ndjson(path), names)
     except (OSError, ValueError) as e:
         return [str(e)]

@@ -27,6 +27,18 @@ from pipeline.enrich.rates import Counts, Event, RateBackend
 
 GeoLookup = Callable[[str], dict[str, Any]]
 
+# The one comparison every envoygeo threshold uses, spelt as Kibana's
+# `params.thresholdComparator`: a rule fires when an IP's count in the window *reaches*
+# its threshold. `AlertEngine.evaluate` and the native pre-selection test `n >= threshold`,
+# and the generated Kibana rule (`pipeline.dashboards.kibana.rate_rule`) carries this
+# string, so `threshold: 600` means the same in the worker and in Kibana.
+THRESHOLD_COMPARATOR = ">="
+
+
+def reached(count: int, threshold: int) -> bool:
+    """`count THRESHOLD_COMPARATOR threshold`, for callers off the hot path."""
+    return count >= threshold
+
 
 class AlertRule(BaseModel):
     """`window_s` must be one of the rate backend's windows."""
@@ -123,7 +135,7 @@ class AlertEngine:
             window = rule.window_s
             for i, c in enumerate(counts):
                 n = c[wi]
-                if n < threshold:
+                if n < threshold:  # not reached(n, threshold), inlined: per event
                     continue
                 ip, ts = events[i]
                 period = int(ts // window)

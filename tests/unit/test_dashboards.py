@@ -67,6 +67,79 @@ def test_osd_uses_types_it_accepts() -> None:
     assert all("typeMigrationVersion" not in o for o in objs)
 
 
+def test_objects_for_a_renamed_index_name_only_it(tmp_path: Path) -> None:
+    """`dashboards build -c`: data views, every panel, the map, the saved search and
+    the rule read the configured indices, and nothing still names envoygeo-logs*."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("elasticsearch:\n  index: acme-edge\n  alerts_index: acme-edge-alerts\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["dashboards", "build", "-c", str(cfg), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    built = {rel: (out / rel).read_text() for rel in files.generated()}
+    for rel, text in built.items():
+        assert "envoygeo-logs" not in text and "envoygeo-alerts" not in text, rel
+    for rel in (files.KIBANA_NDJSON, files.OSD_NDJSON):
+        objs = [json.loads(line) for line in built[rel].splitlines()]
+        views = {o["id"]: o["attributes"]["title"] for o in objs
+                 if o["type"] == "index-pattern"}
+        assert views == {"acme-edge": "acme-edge*", "acme-edge-alerts": "acme-edge-alerts*"}
+        refs = {r["id"] for o in objs for r in o["references"]
+                if r["type"] == "index-pattern"}
+        assert refs == set(views), rel
+    rule = json.loads(built[files.KIBANA_RULE])["rule"]
+    assert rule["params"]["index"] == ["acme-edge*"]
+    paths = [str(out / rel) for rel in files.generated()]
+    ok = CliRunner().invoke(main, ["dashboards", "validate", "-c", str(cfg), *paths])
+    assert ok.exit_code == 0, ok.output
+    # Without the configuration the validator does not take them for envoygeo's.
+    assert CliRunner().invoke(main, ["dashboards", "validate", *paths]).exit_code == 1
+
+
+# Kibana's comparators as its rule executor applies them to a group's value
+# (x-pack stack_alerts `ComparatorFns`): value first, then the threshold.
+KIBANA_COMPARATORS: dict[str, Any] = {
+    ">": lambda v, t: v > t, ">=": lambda v, t: v >= t,
+    "<": lambda v, t: v < t, "<=": lambda v, t: v <= t,
+}
+
+
+@pytest.mark.parametrize("threshold", [1, 3, 600])
+def test_worker_and_kibana_rule_fire_at_the_same_count(threshold: int) -> None:
+    """The same threshold fires at the same count in the worker and in Kibana: one
+    below does not, exactly at it does (`>=`, the worker's documented semantics)."""
+    from pipeline.enrich.alerts import THRESHOLD_COMPARATOR, AlertEngine, AlertRule, reached
+    from pipeline.enrich.rates.memory import MemoryRates
+
+    rule = AlertRule(name="r", window_s=60, threshold=threshold)
+    params = kibana.rate_rule(rule)["params"]
+    assert params["thresholdComparator"] == THRESHOLD_COMPARATOR
+    assert (params["threshold"], params["timeWindowSize"], params["timeWindowUnit"]) == (
+        [threshold], 1, "m")
+    kibana_fires = KIBANA_COMPARATORS[params["thresholdComparator"]]
+    for count in (threshold - 1, threshold, threshold + 1):
+        backend = MemoryRates((60,), 60)
+        engine = AlertEngine([rule], backend)
+        events = [("198.51.100.7", 1_764_000_000.0 + i * 0.01) for i in range(count)]
+        worker_fires = bool(events) and bool(engine.evaluate(events,
+                                                             backend.count_batch(events)))
+        assert worker_fires == kibana_fires(count, params["threshold"][0]), count
+        assert worker_fires == reached(count, threshold)
+
+
+def test_minimum_kibana_version_is_stated_and_true() -> None:
+    """The objects carry 8.8 migration versions and the root `managed` field (8.8);
+    the READMEs state that minimum, and no object claims a newer one."""
+    def version(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split("."))
+
+    for o in kibana.saved_objects():
+        assert version(o["coreMigrationVersion"]) <= version(kibana.MIN_KIBANA)
+        assert version(o["typeMigrationVersion"]) <= version(kibana.MIN_KIBANA)
+    assert kibana.MIN_KIBANA == "8.8.0"
+    for readme in (ROOT / "README.md", DASHBOARDS / "README.md"):
+        assert f"Kibana {kibana.MIN_KIBANA} or later" in readme.read_text(), readme
+
+
 def test_rule_file_is_the_built_in_rule() -> None:
     rule = json.loads((DASHBOARDS / files.KIBANA_RULE).read_text())
     assert rule == {"id": kibana.RULE_ID, "rule": kibana.rate_rule()}
@@ -143,7 +216,7 @@ def test_validator_catches_broken_rules() -> None:
         ("timeField", "event.module", "date_histogram needs date"),
         ("esQuery", '{"query":{"term":{"event.knd":"event"}}}', "event.knd"),
         ("threshold", 5, "threshold must be"),
-        ("index", ["logs-*"], "not an envoygeo index pattern"),
+        ("index", ["logs-*"], "matches neither 'envoygeo-logs' nor 'envoygeo-alerts'"),
     ]:
         bad = copy.deepcopy(rule)
         bad["params"][key] = value

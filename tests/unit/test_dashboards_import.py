@@ -142,7 +142,7 @@ def test_existing_rule_is_updated_with_put(server: FakeServer) -> None:
 
 def test_opensearch_dashboards_import(server: FakeServer) -> None:
     result = _run("--opensearch-dashboards", server.url,
-                  env={"ENVOYGEO_KIBANA_API_KEY": ""})
+                  env={"ENVOYGEO_KIBANA__API_KEY": ""})
     assert result.exit_code == 0, result.output
     (imp,) = server.seen  # no rule: OSD has no Kibana alerting API
     assert imp.path == "/api/saved_objects/_import?overwrite=true"
@@ -199,3 +199,50 @@ def test_unreachable_server() -> None:
     result = _run("--kibana", "http://127.0.0.1:9")
     assert result.exit_code == 1 and "cannot reach" in result.output
 
+
+
+CONFIG = """
+elasticsearch:
+  index: acme-edge-logs
+  alerts_index: acme-edge-alerts
+rates:
+  windows: [10, 60, 300]
+  alerts:
+    - {name: burst, window_s: 10, threshold: 200}
+    - {name: sustained, window_s: 300, threshold: 3000}
+kibana:
+  url: %s
+  space: ops
+"""
+
+
+def test_import_reads_the_configuration(server: FakeServer, tmp_path: Any) -> None:
+    """-c config.yaml: Kibana URL, space and API key (ENVOYGEO_KIBANA__API_KEY) from the
+    configuration; the objects read the configured indices; one Kibana rule per
+    `rates.alerts` rule, with its threshold, window and the worker's comparison."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG % server.url)
+    result = _run("-c", str(cfg), env={"ENVOYGEO_KIBANA__API_KEY": "a2V5"})
+    assert result.exit_code == 0, result.output
+    imp, burst, sustained = server.seen
+    assert imp.path == "/s/ops/api/saved_objects/_import?overwrite=true"
+    assert imp.headers["Authorization"] == "ApiKey a2V5"
+    _, content = _file_part(imp.headers["Content-Type"], imp.body)
+    assert b"acme-edge-logs*" in content and b"envoygeo-logs" not in content
+    got = {}
+    for req in (burst, sustained):
+        assert req.path.startswith(f"/s/ops/api/alerting/rule/{kibana.RULE_ID}-")
+        p = json.loads(req.body)["params"]
+        assert p["index"] == ["acme-edge-logs*"] and p["thresholdComparator"] == ">="
+        got[req.path.rsplit("-", 1)[1]] = (p["threshold"], p["timeWindowSize"],
+                                           p["timeWindowUnit"])
+    assert got == {"burst": ([200], 10, "s"), "sustained": ([3000], 5, "m")}
+    assert f"rule {kibana.RULE_ID}-burst created: >= 200 requests per source.ip in 10s " \
+           "on acme-edge-logs*" in result.output
+
+
+def test_old_kibana_variables_are_refused() -> None:
+    """One naming scheme: the pre-0.2 ENVOYGEO_KIBANA_API_KEY is an error naming the
+    new spelling, not silently ignored."""
+    result = _run("--kibana", "http://127.0.0.1:9", env={"ENVOYGEO_KIBANA_API_KEY": "x"})
+    assert result.exit_code == 2 and "ENVOYGEO_KIBANA__API_KEY" in result.output
