@@ -69,6 +69,15 @@ def rate_windows(es: Elasticsearch, index: str) -> list[str]:
                   key=lambda w: (int(re.sub(r"\D", "", w) or 0), w))
 
 
+def matching_indices(es: Elasticsearch, pattern: str) -> list[str]:
+    """Indices (a data stream's backing indices included) the pattern matches; empty
+    when none does. Searches over no index answer 0 hits without complaint, so the
+    caller says so instead of writing an empty report that looks like no traffic."""
+    resp = es.indices.get(index=pattern, ignore_unavailable=True, allow_no_indices=True,
+                          expand_wildcards="open")
+    return sorted(resp.body)
+
+
 def _first_key(bucket: dict[str, Any], agg: str, default: str = "") -> str:
     buckets = bucket.get(agg, {}).get("buckets", [])
     return str(buckets[0]["key"]) if buckets else default

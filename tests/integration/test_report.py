@@ -89,13 +89,43 @@ def indices(es_url: str) -> Iterator[tuple[str, str]]:
 def report_html(es_url: str, indices: tuple[str, str],
                 tmp_path_factory: pytest.TempPathFactory) -> Path:
     logs, alerts = indices
-    out = tmp_path_factory.mktemp("report") / "report.html"
-    result = CliRunner().invoke(main, ["report", "--es", es_url, "--index", logs,
-                                       "--alerts-index", alerts, "--since", "24h",
-                                       "-o", str(out)])
+    tmp = tmp_path_factory.mktemp("report")
+    out = tmp / "report.html"
+    # The worker's configuration: hosts and index names, no report-specific flags.
+    cfg = tmp / "config.yaml"
+    cfg.write_text(f"elasticsearch:\n  hosts: [{es_url}]\n  index: {logs}\n"
+                   f"  alerts_index: {alerts}\n")
+    result = CliRunner().invoke(main, ["report", "-c", str(cfg), "--since", "24h",
+                                       "-o", str(out)], env={"ENVOYGEO_ES_URL": None})
     assert result.exit_code == 0, result.output
-    assert "10 requests, 4 countries, 4 cities, 4 IPs, 1 alerts" in result.output
+    assert "warning" not in result.output
+    assert (f"10 requests, 4 countries, 4 cities, 4 IPs, 1 alerts from {logs}*"
+            in result.output)
     return out
+
+
+def test_report_warns_when_the_index_matches_nothing(es_url: str, tmp_path: Path) -> None:
+    missing = f"rpt-missing-{uuid.uuid4().hex[:8]}"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"elasticsearch:\n  hosts: [{es_url}]\n  index: {missing}\n")
+    result = CliRunner().invoke(main, ["report", "-c", str(cfg), "-o",
+                                       str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert (f"warning: no index matches '{missing}*' on {es_url}, so the report is empty"
+            in result.stderr)
+    assert "0 requests" in result.stdout
+
+
+def test_deprecated_es_url_still_works_with_a_warning(es_url: str, indices: tuple[str, str],
+                                                      tmp_path: Path) -> None:
+    logs, alerts = indices
+    result = CliRunner().invoke(main, ["report", "--index", f"{logs}*", "--alerts-index",
+                                       alerts, "-o", str(tmp_path / "r.html")],
+                                env={"ENVOYGEO_ES_URL": es_url,
+                                     "ENVOYGEO_ELASTICSEARCH__HOSTS": "http://127.0.0.1:9"})
+    assert result.exit_code == 0, result.output
+    assert "ENVOYGEO_ES_URL is deprecated" in result.stderr
+    assert "10 requests" in result.stdout
 
 
 def test_report_contains_countries_ips_rates_and_map(report_html: Path) -> None:
