@@ -8,6 +8,7 @@ unrelated commands.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -62,6 +63,25 @@ class LazyGroup(click.Group):
             return None
         module_name, _, attr = spec[0].partition(":")
         return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+
+    def invoke(self, ctx: click.Context) -> object:
+        # No traceback for a configuration problem, whichever command meets it: one
+        # line per problem naming the key, exit 2 (the code `check-config` documents).
+        # Looked up in sys.modules so `--help` imports neither pydantic nor the config.
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            config = sys.modules.get("pipeline.config")
+            pydantic = sys.modules.get("pydantic")
+            if config is not None and isinstance(exc, config.ConfigError):
+                message = str(exc)
+            elif pydantic is not None and config is not None and isinstance(
+                    exc, pydantic.ValidationError):
+                message = config.describe_validation_error(exc)
+            else:
+                raise
+            click.echo(f"envoygeo: {message}", err=True)
+            ctx.exit(2)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Listing help must not import every command module.

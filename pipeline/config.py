@@ -10,6 +10,8 @@ ConfigMap can serve many deployments.
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,8 +26,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pipeline import config_sources as sources
+from pipeline.decode.parser import make_parser
 from pipeline.enrich.alerts import AlertRule
 from pipeline.enrich.geoip import GeoIPConfig
 from pipeline.enrich.rates import RatesConfig
@@ -63,7 +66,24 @@ class KafkaSettings(_Section):
     batch_max_records: int = Field(2000, ge=1)
     batch_max_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     batch_max_wait_ms: int = Field(500, ge=1)
-    session_timeout_ms: int = Field(45000, ge=1000)
+    session_timeout_ms: int = Field(
+        10000, ge=1000,
+        description="Classic protocol: how long a member that vanished for good (not "
+                    "restarted) keeps its partitions. A restarted static member takes "
+                    "them back at once, so this no longer bounds crash recovery.")
+    static_membership: bool = Field(
+        True, description="Join with a stable group.instance.id, so a restarted worker "
+                          "gets its partitions back at once instead of after the dead "
+                          "member's session timeout.")
+    group_instance_id: str | None = Field(
+        None, min_length=1, max_length=249,
+        description="This worker's static member id. Default: the host name (the pod "
+                    "name on Kubernetes), or <host>-<n> for the n-th further worker "
+                    "running on the same host. Must be unique within the group.")
+    group_protocol: Literal["classic", "consumer"] = Field(
+        "classic",
+        description="Consumer group protocol: classic, or consumer (KIP-848, Kafka 4.0+ "
+                    "brokers; the broker then owns the session timeout).")
     commit_interval_ms: int = Field(
         1000, ge=0, le=60000,
         description="While records keep flowing, commit finished offsets at most this "
@@ -109,6 +129,11 @@ class ElasticsearchSettings(_Section):
         for host in v:
             if not host.startswith(("http://", "https://")):
                 raise ValueError(f"{host!r} must start with http:// or https://")
+            # The client's own parser, so what passes here is what `run` can connect to
+            # (imported here: `envoygeo enrich` loads this module without needing it).
+            from elasticsearch._sync.client.utils import hosts_to_node_configs
+
+            hosts_to_node_configs([host])
         return v
 
 
@@ -133,6 +158,15 @@ class RatesSettings(RatesConfig):
     enabled: bool = True
     alerts: tuple[AlertRule, ...] = ()
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        # redis-py's own parser, the one `Redis.from_url` runs when the backend opens.
+        from redis.connection import parse_url
+
+        parse_url(v)
+        return v
+
     @model_validator(mode="after")
     def _rules_use_configured_windows(self) -> RatesSettings:
         for rule in self.alerts:
@@ -154,6 +188,14 @@ class ParseSettings(_Section):
     unparsed: Literal["index", "dead_letter"] = Field(
         "index", description="Lines no format matches: index them tagged, or dead-letter them."
     )
+
+    @field_validator("log_format")
+    @classmethod
+    def _format_compiles(cls, v: str) -> str:
+        # The parser `run` builds, compiled now: a bad format string fails at load,
+        # with the position, instead of when the first batch arrives.
+        make_parser(v)
+        return v
 
 
 class MetricsSettings(_Section):
@@ -184,10 +226,10 @@ class KibanaSettings(_Section):
     verify_certs: bool = True
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="ENVOYGEO_", env_nested_delimiter="__", extra="forbid"
-    )
+class Settings(BaseModel):
+    """Every section; read by `load_settings` (file, ${VAR}, then ENVOYGEO_* variables)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
@@ -199,25 +241,16 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     kibana: KibanaSettings = Field(default_factory=KibanaSettings)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file arrives as init kwargs; the environment must win over it.
-        return (env_settings, init_settings)
-
 
 class ConfigError(Exception):
     """A configuration that cannot run; the message names every offending key."""
 
 
-def load_settings(path: Path | str | None = None) -> Settings:
-    """Read the YAML file (optional), apply ENVOYGEO_* overrides, validate everything."""
+def load_settings(path: Path | str | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML file (optional), expand ${VAR} in it, apply ENVOYGEO_* overrides,
+    validate everything; a ConfigError lists every problem, each with its key."""
+    env = os.environ if environ is None else environ
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -229,22 +262,74 @@ def load_settings(path: Path | str | None = None) -> Settings:
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = loaded or {}
+    data, problems = sources.expand_variables(data, env)
+    overrides, env_problems = sources.environment_overrides(Settings, env)
+    origins, merge_problems = sources.apply_overrides(data, overrides, Settings)
+    problems += env_problems + merge_problems
+    problems += sources.coerce_strings(Settings, data)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, path)) from None
+        # A key whose ${VAR} or JSON was already refused gets no second, derived error.
+        said = [key for key, _ in problems]
+        problems += [(key, why) for key, why in _pydantic_problems(exc)
+                     if not any(key == k or key.startswith(k + ".") for k in said)]
+    else:
+        if not problems:
+            return settings
+    raise ConfigError(explain([(_with_origin(key, origins), why) for key, why in problems],
+                              path))
 
 
-def _explain(exc: ValidationError, path: Path | str | None) -> str:
+def _with_origin(key: str, origins: Mapping[sources.Loc, str]) -> str:
+    """`kafka.topics (from ENVOYGEO_KAFKA__TOPICS)` when a variable set the key."""
+    by_key = {sources.dotted(loc): name for loc, name in origins.items()}
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        name = by_key.get(".".join(parts[:n]))
+        if name is not None:
+            return f"{key} (from {name})"
+    return key
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A model error raised outside `load_settings` (e.g. from command-line options),
+    in the same one-line-per-key form."""
+    return explain(_pydantic_problems(exc), header=f"invalid {exc.title} settings:")
+
+
+def explain(problems: list[sources.Problem], path: Path | str | None = None,
+            header: str | None = None) -> str:
+    """One line per problem, `key: why`; continuation lines (a format string with a
+    caret under the fault) indented below it."""
     origin = f" in {path} or ENVOYGEO_* variables" if path else " in ENVOYGEO_* variables"
-    lines = [f"invalid configuration{origin}:"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `envoygeo check-config --help`)"
-        lines.append(f"  {key}: {msg}")
+    lines = [header or f"invalid configuration{origin}:"]
+    seen: set[tuple[str, str]] = set()
+    for key, why in problems:
+        if (key, why) in seen:
+            continue
+        seen.add((key, why))
+        lines.append(f"  {key}: " + why.replace("\n", "\n    "))
     return "\n".join(lines)
+
+
+def _pydantic_problems(exc: ValidationError) -> list[sources.Problem]:
+    problems: list[sources.Problem] = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = sources.dotted(loc)
+        msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if err["type"] == "extra_forbidden":
+            model = sources.model_at(Settings, loc[:-1])
+            fields = model.model_fields if model is not None else {}
+            msg = "unknown key" + (sources.suggest(str(loc[-1]), fields) or (
+                f"; known: {', '.join(fields)}" if fields else ""))
+        elif not isinstance(err.get("input"), dict | list) and err["type"] not in (
+                "value_error", "assertion_error") and not _is_secret(key):
+            shown = repr(err.get("input"))
+            msg += f" (got {shown[:77] + '...' if len(shown) > 80 else shown})"
+        problems.append((key, msg))
+    return problems
 
 
 def _is_secret(key: str) -> bool:

@@ -12,8 +12,8 @@ import yaml
 from pipeline.config import ConfigError, Settings, load_settings, masked
 
 CONFIG_HELP = (
-    "YAML configuration file; ENVOYGEO_<SECTION>__<KEY> variables override it "
-    "(e.g. ENVOYGEO_KAFKA__BOOTSTRAP_SERVERS)."
+    "YAML configuration file (${VAR} and ${VAR:-default} are expanded); "
+    "ENVOYGEO_<SECTION>__<KEY> variables override it (e.g. ENVOYGEO_KAFKA__BOOTSTRAP_SERVERS)."
 )
 config_option = click.option(
     "--config", "-c", "config_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -21,9 +21,13 @@ config_option = click.option(
 )
 
 
-def _load(config_path: Path | None) -> Settings:
+def _load(config_path: Path | None, for_run: bool = False) -> Settings:
+    """`for_run`: also what `run` needs of the machine (GeoIP files, CA file, librdkafka
+    settings); `run` and `check-config` both load this way, so they reject the same."""
+    from pipeline.preflight import load_for_run
+
     try:
-        return load_settings(config_path)
+        return load_for_run(config_path) if for_run else load_settings(config_path)
     except ConfigError as exc:
         click.echo(f"envoygeo: {exc}", err=True)
         sys.exit(2)
@@ -31,13 +35,56 @@ def _load(config_path: Path | None) -> Settings:
 
 @click.command("check-config")
 @config_option
-def check_config(config_path: Path | None) -> None:
-    """Validate the configuration and print the effective values (secrets masked).
+@click.option("--connect", is_flag=True,
+              help="Also ask Kafka, Elasticsearch and Redis (when rates.backend is redis) "
+                   "with the configured credentials; one line per service instead of the "
+                   "configuration.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=5.0,
+              show_default=True, help="Seconds each service gets to answer (--connect).")
+def check_config(config_path: Path | None, connect: bool, timeout_s: float) -> None:
+    """Check the configuration exactly as `run` would, and print the effective
+    values (secrets masked).
 
-    Exits 2 with every offending key named if the configuration is invalid.
+    \b
+    What is read, in order (later wins):
+      1. the YAML file (-c, or ENVOYGEO_CONFIG), with ${VAR}, ${VAR:-default}
+         (unset or empty) and ${VAR-default} (unset) expanded; $$ is a literal $
+      2. ENVOYGEO_<SECTION>__<KEY> variables; list keys take JSON or commas,
+         mappings and whole sections take JSON, an empty value unsets an optional key
+    What is rejected, every problem on one line naming its key: unknown or
+    misspelt keys and variables (with "did you mean"), bad values, URLs and
+    format strings, unset ${VAR}s, GeoIP files that are missing or unreadable,
+    a CA file that does not load, librdkafka properties librdkafka refuses.
+
+    \b
+    Examples:
+      envoygeo check-config -c config.yaml
+      ENVOYGEO_ELASTICSEARCH__HOSTS=https://es-0:9200,https://es-1:9200 \\
+        envoygeo check-config -c config.yaml
+      BROKERS=kafka-0:9092 envoygeo check-config -c config.yaml   # bootstrap_servers: ${BROKERS}
+      envoygeo check-config -c config.yaml --connect --timeout 3
+
+    \b
+    --connect prints one line per service, e.g.
+      kafka          ok       127.0.0.1:9092: 1 broker(s); topics envoy-access-logs ...
+      elasticsearch  ok       http://127.0.0.1:9200: cluster ...; index templates cover ...
+      redis          skipped  rates.backend is not redis
+
+    \b
+    Exit status: 0 ready to run; 2 the configuration is invalid; 3 (--connect)
+    a service did not answer, refused the credentials, or lacks the topics /
+    index templates `envoygeo setup` creates.
     """
-    settings = _load(config_path)
-    click.echo(yaml.safe_dump(masked(settings), sort_keys=False), nl=False)
+    settings = _load(config_path, for_run=True)
+    if not connect:
+        click.echo(yaml.safe_dump(masked(settings), sort_keys=False), nl=False)
+        return
+    from pipeline.preflight import probe_services
+
+    results = probe_services(settings, timeout_s)
+    for check in results:
+        click.echo(f"{check.service:<14} {check.status:<8} {check.detail}")
+    sys.exit(3 if any(c.status == "FAILED" for c in results) else 0)
 
 
 @click.command()
@@ -47,10 +94,20 @@ def setup(config_path: Path | None, no_topics: bool) -> None:
     """Install the Elasticsearch index templates and create the Kafka topics envoygeo owns.
 
     \b
-    Elasticsearch: component templates envoygeo-settings, envoygeo-logs-mappings,
-      envoygeo-alerts-mappings and the composable templates envoygeo-logs and
-      envoygeo-alerts (for <index>* and <alerts_index>*). Safe to re-run.
-    Kafka: the dead-letter and alerts topics, and the source topic(s) if missing.
+    Elasticsearch (safe to re-run; schemas/ holds the same bodies as JSON files):
+      component templates  envoygeo-settings, envoygeo-logs-mappings,
+                           envoygeo-alerts-mappings
+      index templates      named after the indices they serve:
+                           <elasticsearch.index> for <elasticsearch.index>*
+                             (default envoygeo-logs, for envoygeo-logs*)
+                           <elasticsearch.alerts_index> for <elasticsearch.alerts_index>*
+                             (default envoygeo-alerts, for envoygeo-alerts*)
+    Kafka: the dead-letter and alerts topics, and the source topic(s) if missing
+      (kafka.topic_partitions partitions each).
+
+    \b
+    Example:
+      envoygeo setup -c config.yaml && envoygeo check-config -c config.yaml --connect
     """
     from pipeline.setup import ensure_topics, install_templates
     from pipeline.sinks.elasticsearch import make_client
@@ -100,7 +157,7 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
     from pipeline.sinks.elasticsearch import make_client
     from pipeline.worker import Worker
 
-    settings = _load(config_path)
+    settings = _load(config_path, for_run=True)
     setup_logging(log_level, json=not plain_logs)
     try:
         with make_client(settings.elasticsearch) as es:
