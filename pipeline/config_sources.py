@@ -264,8 +264,8 @@ def _deep_merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
 def _json(text: str, kind: type, what: str) -> tuple[Any, str | None]:
     try:
         value = json.loads(text)
-    except ValueError as exc:
-        return None, f"expects {what}: {exc.msg} at position {exc.pos} of {text!r}"  # type: ignore[attr-defined]
+    except json.JSONDecodeError as exc:
+        return None, f"expects {what}: {exc.msg} at position {exc.pos} of {text!r}"
     if not isinstance(value, kind):
         return None, f"expects {what}, got {type(value).__name__}"
     return value, None

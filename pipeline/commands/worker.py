@@ -143,6 +143,11 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
     commit, exit 0 within worker.shutdown_grace_s.
     Metrics: http://<metrics.host>:<metrics.port>/metrics, /healthz, /readyz.
     Refuses to start if `envoygeo setup` has not installed the index templates.
+
+    \b
+    Exit status: 2 the configuration is invalid (every check of `envoygeo
+    check-config`, one line per problem); 3 Elasticsearch cannot be reached or
+    lacks the index templates.
     """
     # A stop requested while starting up (imports, template check, GeoIP open) is
     # honoured once the worker exists, instead of killing the process half-started.
