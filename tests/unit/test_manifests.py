@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +115,6 @@ def test_overlays_differ_where_they_should(tools: dict[str, str]) -> None:
     assert trigger["type"] == "kafka" and trigger["metadata"]["topic"] == "envoy-access-logs"
     # gateway-topology: Istio adds the filter from ProxyConfig; no EnvoyFilter.
     assert not any(d["kind"] == "EnvoyFilter" for d in topo)
-    gw = _find(topo, "Deployment", "istio-ingressgateway")
-    proxy_config = yaml.safe_load(
-        gw["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"])
-    assert proxy_config["gatewayTopology"]["proxyProtocol"] == {}
 
 
 def test_worker_deployment_matches_its_config(tools: dict[str, str]) -> None:
@@ -139,7 +136,157 @@ def test_worker_deployment_matches_its_config(tools: dict[str, str]) -> None:
     assert env["ENVOYGEO_ELASTICSEARCH__API_KEY"]["valueFrom"]["secretKeyRef"]
     assert settings.rates.backend == "redis" and "envoygeo-redis" in settings.rates.redis_url
     assert str(settings.geoip.city).startswith("/var/lib/geoip/")
-    assert any(d["kind"] == "CronJob" and "geoipupdate" in d["metadata"]["name"] for d in docs)
+    assert not any(d["kind"] == "CronJob" for d in docs)  # each pod refreshes its own
+
+
+# -- scheduling: GeoIP without shared storage, readiness, the Helm-owned gateway -------
+
+def _worker_settings(docs: list[dict[str, Any]]) -> Any:
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"
+             and d["metadata"]["name"].startswith("envoygeo-config")]
+    return load_settings_from_text(cm["data"]["config.yaml"])
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_volume_needs_read_write_many(tools: dict[str, str], overlay: str) -> None:
+    """EBS (the aws-* overlays) and most block storage cannot give ReadWriteMany: such a
+    claim stays Pending and so does every pod mounting it. Nothing here needs one."""
+    docs = _docs(_build(tools, overlay))
+    claims = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert not [c["metadata"]["name"] for c in claims
+                if "ReadWriteMany" in c["spec"].get("accessModes", [])]
+    for d in docs:
+        pod = d.get("spec", {}).get("template", {}).get("spec") or d.get(
+            "spec", {}).get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec")
+        for v in (pod or {}).get("volumes", []):
+            assert "persistentVolumeClaim" not in v, (d["kind"], d["metadata"]["name"], v)
+
+
+def test_each_pod_downloads_and_refreshes_its_own_geoip(tools: dict[str, str]) -> None:
+    """An init container fills an emptyDir before the worker starts; a native sidecar
+    (restartPolicy Always) refreshes it; both write where the worker's geoip.* paths
+    point, with the editions those paths name and MaxMind credentials from a Secret."""
+    docs = _docs(_build(tools, "aws-nlb"))
+    settings = _worker_settings(docs)
+    pod = _find(docs, "Deployment", "envoygeo")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (worker,) = pod["containers"]
+    mounts = {m["name"]: m for m in worker["volumeMounts"]}
+    db_dir = mounts["geoip"]["mountPath"]
+    assert "emptyDir" in volumes["geoip"] and mounts["geoip"]["readOnly"] is True
+    wanted = {Path(str(settings.geoip.city)).stem, Path(str(settings.geoip.asn)).stem}
+    assert {str(Path(str(settings.geoip.city)).parent),
+            str(Path(str(settings.geoip.asn)).parent)} == {db_dir}
+    assert settings.geoip.check_interval_s > 0  # how the worker notices a refresh
+    init, sidecar = pod["initContainers"]
+    assert "restartPolicy" not in init  # runs once, to completion, before the worker
+    assert sidecar["restartPolicy"] == "Always"  # native sidecar: keeps running
+    for c in (init, sidecar):
+        assert c["image"].startswith("ghcr.io/maxmind/geoipupdate:")
+        env = _env(c)
+        assert set(env["GEOIPUPDATE_EDITION_IDS"]["value"].split()) == wanted
+        assert env["GEOIPUPDATE_DB_DIR"]["value"] == db_dir
+        assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["geoip"] == db_dir
+        for key in ("GEOIPUPDATE_ACCOUNT_ID", "GEOIPUPDATE_LICENSE_KEY"):
+            assert "value" not in env[key]
+            assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "envoygeo-maxmind"
+        # read-only root FS: the entrypoint's config file goes to a writable volume
+        conf_dir = str(Path(env["GEOIPUPDATE_CONF_FILE"]["value"]).parent)
+        assert conf_dir in {m["mountPath"] for m in c["volumeMounts"]}
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert int(_env(init).get("GEOIPUPDATE_FREQUENCY", {"value": "0"})["value"]) == 0
+    assert int(_env(sidecar)["GEOIPUPDATE_FREQUENCY"]["value"]) > 0
+
+
+def test_readiness_survives_an_elasticsearch_outage() -> None:
+    """/readyz is what the Deployment's readinessProbe asks. It stays 200 while
+    Elasticsearch refuses writes or the worker holds no partition (it resumes on its
+    own), so an outage does not take every pod out of service and the PDB
+    (maxUnavailable 1) still lets nodes drain; 503 only before the consumer exists."""
+    from types import SimpleNamespace
+
+    from pipeline.worker import Worker
+
+    sink = SimpleNamespace(writable=threading.Event(), last_error="connection refused",
+                           action_head=lambda index: b"")
+    worker = Worker(load_settings(), enricher=object(), sink=sink,  # type: ignore[arg-type]
+                    side=object())  # type: ignore[arg-type]
+    ok, why = worker._ready()
+    assert not ok and "starting" in why
+    worker.source = SimpleNamespace(assigned=[])  # type: ignore[assignment]
+    ok, why = worker._ready()
+    assert ok and "elasticsearch not accepting writes" in why and "connection refused" in why
+    worker.source = SimpleNamespace(assigned=[("t", 0), ("t", 1)])  # type: ignore[assignment]
+    sink.writable.set()
+    assert worker._ready() == (True, "ok: 2 partition(s)")
+    worker.stopping.set()
+    assert worker._ready()[0] is False
+    pdb = yaml.safe_load((K8S / "base" / "pdb.yaml").read_text())
+    assert pdb["spec"]["maxUnavailable"] == 1
+    readme = (K8S / "README.md").read_text()
+    assert "## Readiness" in readme and "stays 200 while\nElasticsearch is down" in readme
+
+
+# What `helm template istio-ingressgateway istio/gateway -n istio-system` renders, in
+# the parts that matter here: Helm's ownership labels/annotations, the selector, the
+# injection template and the chart's own pod annotations.
+HELM_GATEWAY = {
+    "apiVersion": "apps/v1", "kind": "Deployment",
+    "metadata": {"name": "istio-ingressgateway", "namespace": "istio-system",
+                 "labels": {"app": "istio-ingressgateway", "istio": "ingressgateway",
+                            "app.kubernetes.io/managed-by": "Helm",
+                            "helm.sh/chart": "gateway-1.28.0"},
+                 "annotations": {"meta.helm.sh/release-name": "istio-ingressgateway",
+                                 "meta.helm.sh/release-namespace": "istio-system"}},
+    "spec": {"selector": {"matchLabels": {"app": "istio-ingressgateway",
+                                          "istio": "ingressgateway"}},
+             "template": {"metadata": {
+                 "annotations": {"inject.istio.io/templates": "gateway",
+                                 "prometheus.io/port": "15020",
+                                 "prometheus.io/scrape": "true"},
+                 "labels": {"app": "istio-ingressgateway", "istio": "ingressgateway",
+                            "sidecar.istio.io/inject": "true"}},
+                 "spec": {"serviceAccountName": "istio-ingressgateway",
+                          "containers": [{"name": "istio-proxy", "image": "auto"}]}}},
+}
+
+
+def test_gateway_topology_patches_the_owned_gateway(tools: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """The overlay creates no gateway Deployment (it would collide with the Helm-owned
+    one); its patch, applied to the Helm-rendered gateway, adds only the ProxyConfig
+    annotation and keeps everything the owner set; the Helm values say the same."""
+    topo = _docs(_build(tools, "gateway-topology"))
+    assert not [d["metadata"]["name"] for d in topo if d["kind"] == "Deployment"
+                and d["metadata"].get("namespace") == "istio-system"]
+    assert not any(d["kind"] == "Deployment" and d["metadata"]["name"] ==
+                   "istio-ingressgateway" for d in topo)
+    here = K8S / "overlays" / "gateway-topology"
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(HELM_GATEWAY))
+    (tmp_path / "patch.yaml").write_text((here / "gateway-patch.yaml").read_text())
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": ["gateway.yaml"],
+        "patches": [{"path": "patch.yaml", "target": {"kind": "Deployment",
+                                                      "name": "istio-ingressgateway"}}]}))
+    proc = subprocess.run([tools["kustomize"], "build", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (patched,) = _docs(proc.stdout)
+    annotations = patched["spec"]["template"]["metadata"].pop("annotations")
+    proxy_config = yaml.safe_load(annotations.pop("proxy.istio.io/config"))
+    assert proxy_config["gatewayTopology"] == {"proxyProtocol": {}, "numTrustedProxies": 0}
+    original = json.loads(json.dumps(HELM_GATEWAY))
+    assert annotations == original["spec"]["template"]["metadata"].pop("annotations")
+    assert patched == original  # selector, labels, Helm ownership, containers untouched
+    values = yaml.safe_load((here / "gateway-values.yaml").read_text())
+    patch = yaml.safe_load((here / "gateway-patch.yaml").read_text())
+    assert values["podAnnotations"] == patch["spec"]["template"]["metadata"]["annotations"]
+    assert set(patch["spec"]) == {"template"} and set(patch["spec"]["template"]) == {"metadata"}
+    assert set(patch["spec"]["template"]["metadata"]) == {"annotations"}
 
 
 def load_settings_from_text(text: str) -> Any:
