@@ -9,6 +9,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from elasticsearch import Elasticsearch
 
 from pipeline.config import Settings
+from pipeline.kafka_log import kafka_logger
 from pipeline.schema import component_templates, index_templates
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def ensure_topics(settings: Settings, source_too: bool = True) -> list[str]:
     conf: dict[str, Any] = {"bootstrap.servers": k.bootstrap_servers}
     conf.update({key: v for key, v in k.librdkafka.items()
                  if key.startswith(("security.protocol", "sasl.", "ssl."))})
-    admin = AdminClient(conf)
+    admin = AdminClient(conf, logger=kafka_logger())
     existing = set(admin.list_topics(timeout=15).topics)
     wanted = [k.dead_letter_topic, k.alerts_topic]
     if source_too and not k.topic_pattern:

@@ -41,7 +41,7 @@ from pipeline.sinks.elasticsearch import (
     SinkStopped,
 )
 from pipeline.sinks.kafka import KafkaTopicSink, OutRecord
-from pipeline.sources.kafka import KafkaSource
+from pipeline.sources.kafka import KafkaFatalError, KafkaSource
 
 log = logging.getLogger("envoygeo.worker")
 
@@ -173,6 +173,7 @@ class Worker:
                     "kafka": cfg.kafka.bootstrap_servers,
                     "topics": cfg.kafka.topic_pattern or cfg.kafka.topics,
                     "group": cfg.kafka.group_id,
+                    "group_instance_id": self.source.instance_id,
                     "index": cfg.elasticsearch.index,
                     "metrics_port": self.status.port if self.status else None,
                     "native": getattr(self.enricher, "native_status", "n/a"),
@@ -212,6 +213,11 @@ class Worker:
                     self._publish_enricher_stats()
                     self._log_progress()
                     next_progress = time.monotonic() + cfg.metrics.progress_interval_s
+        except KafkaFatalError as exc:
+            # One clear line (e.g. fenced by another worker with the same static member
+            # id), no traceback: the consumer cannot go on, the process exits 1.
+            log.error("%s", exc)
+            return 1
         finally:
             self._shutdown()
         if self._fatal is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
+from pipeline.kafka_log import kafka_logger
 from pipeline.sinks.elasticsearch import SinkStopped
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class KafkaTopicSink:
             "delivery.timeout.ms": 30000,
         }
         conf.update(extra or {})
-        self._producer = Producer(conf)
+        self._producer = Producer(conf, logger=kafka_logger())
         self._retry_backoff_s = retry_backoff_s
         self._lock = threading.Lock()  # send() is called from the bulk threads
 

@@ -4,6 +4,12 @@ Auto-commit and auto offset store are off: the worker stores and commits an offs
 after every record below it is indexed or dead-lettered (DESIGN.md, delivery contract).
 Assignment is cooperative-sticky, so a rebalance moves only the partitions that must
 move and the others keep flowing.
+
+Static membership (`kafka.static_membership`, on by default): the worker joins with a
+stable `group.instance.id`, so after a crash its restart takes the dead member's place
+and its partitions at once, instead of waiting out the dead member's session
+(45 s at librdkafka's default). Measured with `envoygeo bench recovery` (see the
+figures at `RECOVERY_FIGURES`).
 """
 
 from __future__ import annotations
@@ -15,11 +21,34 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline.config import KafkaSettings
+from pipeline.kafka_log import LibrdkafkaLogger, kafka_logger
+from pipeline.sources.instance_id import InstanceSlot, default_instance_id
 
 log = logging.getLogger(__name__)
+
+# librdkafka refuses these with group.protocol=consumer: the broker owns them (KIP-848).
+CLASSIC_ONLY = ("session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy",
+                "group.protocol.type")
+
+# Commit errors that mean "the group moved on to another generation": a rebalance is
+# under way or just happened; the offsets stay pending and go out after it.
+_GENERATION_ERRORS = frozenset({
+    KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
+    KafkaError.UNKNOWN_MEMBER_ID, KafkaError.STALE_MEMBER_EPOCH,
+    KafkaError.FENCED_MEMBER_EPOCH, KafkaError._ASSIGNMENT_LOST,
+})
+
+
+class KafkaFatalError(RuntimeError):
+    """librdkafka reported a fatal error (e.g. this member was fenced): the consumer
+    cannot continue; the message says why and what to change."""
+
+
+class KafkaConfigError(ValueError):
+    """A `kafka.*` setting librdkafka cannot use; the message names the key."""
 
 Partitions = list[TopicPartition]
 
@@ -33,48 +62,91 @@ class KafkaSource:
         on_stats: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.settings = settings
-        conf: dict[str, Any] = {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": settings.group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": settings.auto_offset_reset,
-            "partition.assignment.strategy": "cooperative-sticky",
-            "session.timeout.ms": settings.session_timeout_ms,
-            # Members of a classic group learn of a rebalance from a heartbeat reply, and
-            # a cooperative rebalance takes two rounds: at librdkafka's default (3 s) a
-            # second worker joining left half the partitions unowned for ~3 s (measured
-            # in `bench e2e`). One heartbeat a second per member is nothing to a broker.
-            "heartbeat.interval.ms": 1000,
-            # Fetch sizes follow the batch bound so one fetch fills a batch.
-            "fetch.max.bytes": max(settings.batch_max_bytes, 1024 * 1024),
-            "max.partition.fetch.bytes": max(settings.batch_max_bytes // 2, 1024 * 1024),
-            # Bounds the pre-fetch queue, so memory stays flat while the sink is down.
-            "queued.max.messages.kbytes": max(2 * settings.batch_max_bytes // 1024, 4096),
-        }
+        self._slot: InstanceSlot | None = None
+        if settings.static_membership:
+            self._slot = (InstanceSlot(settings.group_instance_id, None)
+                          if settings.group_instance_id
+                          else default_instance_id(settings.group_id))
+        self.instance_id = self._slot.instance_id if self._slot else None
+        conf = consumer_config(settings, self.instance_id)
         if settings.statistics_interval_ms and on_stats is not None:
             conf["statistics.interval.ms"] = settings.statistics_interval_ms
             conf["stats_cb"] = lambda raw: on_stats(orjson.loads(raw))
         conf["on_commit"] = self._committed
-        conf.update(settings.librdkafka)
+        conf["error_cb"] = self._error
         self._on_revoke = on_revoke
         # Done offsets not yet confirmed committed (see commit_pending).
         self.pending: dict[tuple[str, int], int] = {}
         self._last_commit_attempt = 0.0
+        # Set when a commit was refused because the group moved to a new generation;
+        # cleared by the next rebalance callback or successful commit (see _committed).
+        self._generation_gone = False
+        self._refused_commits = 0
         self._on_assign = on_assign
         self.assigned: set[tuple[str, int]] = set()
         self.paused = False
-        self.consumer = Consumer(conf, logger=log)
+        self.fatal: str | None = None
+        self._waiting_for: str | None = None
+        self._waiting_since = 0.0
+        self._closing = False
+        try:
+            # Fatal errors reach `_error`, which says what happened and what to change
+            # in one line; librdkafka's own line for them would only repeat it.
+            self.consumer = Consumer(conf, logger=LibrdkafkaLogger(reported={"FATAL"}))
+        except Exception as exc:
+            self.release_instance_id()
+            raise KafkaConfigError(f"kafka.librdkafka / kafka.group_protocol: {exc}") from exc
         topics = [settings.topic_pattern] if settings.topic_pattern else settings.topics
         self.consumer.subscribe(
             topics, on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost
         )
+        self._wait("joining group " + self.describe_membership())
+
+    def describe_membership(self) -> str:
+        s = self.settings
+        member = (f"static member id {self.instance_id}" if self.instance_id
+                  else "dynamic member")
+        return f"{s.group_id} ({member}, {s.group_protocol} protocol)"
+
+    # -- waiting for partitions: said once per state, not per poll --
+
+    def _wait(self, why: str) -> None:
+        if self._closing:
+            return  # leaving on purpose: nothing to wait for
+        if why != self._waiting_for:
+            self._waiting_for, self._waiting_since = why, time.monotonic()
+            log.info("waiting for partitions: %s", why)
+
+    def _waiting_done(self) -> None:
+        if self._waiting_for is not None:
+            log.info("partitions assigned after %.1fs of %s",
+                     time.monotonic() - self._waiting_since, self._waiting_for)
+            self._waiting_for = None
+
+    def _error(self, err: KafkaError) -> None:
+        """librdkafka's error callback (served inside poll/consume on this thread)."""
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            self.fatal = _fatal_message(err, self.settings, self.instance_id)
+        elif err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT,
+                            KafkaError._RESOLVE):
+            if not self.assigned:
+                # The details are in librdkafka's own (repeat-filtered) log lines; the
+                # state is the same whichever broker or error text this one names.
+                self._wait(f"cannot reach Kafka at {self.settings.bootstrap_servers}")
+        else:
+            log.warning("kafka: %s", err.str())
 
     # -- rebalance callbacks (run inside poll/consume, on the worker thread) --
 
     def _assign(self, consumer: Consumer, partitions: Partitions) -> None:
+        self._rebalanced()
         self.assigned.update((tp.topic, tp.partition) for tp in partitions)
         log.info("assigned %s", _names(partitions))
+        if self.assigned:
+            self._waiting_done()
+        else:
+            self._wait(f"group {self.settings.group_id} gave this member no partition "
+                       "(more workers than partitions?)")
         if self.paused and partitions:
             # New partitions must obey the current backpressure state.
             consumer.pause(partitions)
@@ -82,15 +154,22 @@ class KafkaSource:
             self._on_assign(partitions)
 
     def _revoke(self, consumer: Consumer, partitions: Partitions) -> None:
+        # Still within the generation that owns them: flush and commit now, so the
+        # next owner starts where this one stopped.
+        self._rebalanced()
         log.info("revoking %s: flushing and committing first", _names(partitions))
         self._on_revoke(partitions)
         self._forget(partitions)
+        if not self.assigned:
+            self._wait("rebalancing group " + self.describe_membership())
 
     def _lost(self, consumer: Consumer, partitions: Partitions) -> None:
         # Lost (session expired): another member may already own them, so committing
         # would be wrong; the replays this causes overwrite by document id.
         log.warning("lost %s (session expired); not committing them", _names(partitions))
         self._forget(partitions)
+        if not self.assigned:
+            self._wait("session lost, rejoining group " + self.describe_membership())
 
     def _forget(self, partitions: Partitions) -> None:
         for tp in partitions:
@@ -115,9 +194,15 @@ class KafkaSource:
         slices = max(4, math.ceil(timeout_s / 0.05))  # a slow trickle still meets the bound
         for _ in range(slices):
             msgs = self.consumer.consume(remaining, timeout_s / slices)
+            if self.fatal is not None:
+                raise KafkaFatalError(self.fatal)
             for msg in msgs:
                 err = msg.error()
                 if err is not None:
+                    if err.fatal() or err.code() == KafkaError._FATAL:
+                        self.fatal = self.fatal or _fatal_message(
+                            err, self.settings, self.instance_id)
+                        raise KafkaFatalError(self.fatal)
                     if err.code() != KafkaError._PARTITION_EOF:
                         log.warning("consumer error: %s", err)
                     continue
@@ -148,7 +233,10 @@ class KafkaSource:
 
     def serve(self, timeout_s: float) -> None:
         """Serve callbacks (rebalances, stats) without taking records while paused."""
-        for msg in self.consumer.consume(1, timeout_s):
+        msgs = self.consumer.consume(1, timeout_s)
+        if self.fatal is not None:
+            raise KafkaFatalError(self.fatal)
+        for msg in msgs:
             # Paused partitions deliver nothing; anything here arrived before the pause
             # and must not be skipped, so seek back to it.
             if msg.error() is None:
@@ -175,6 +263,13 @@ class KafkaSource:
         forgotten, even if no new record ever arrives for that partition.
         """
         self._last_commit_attempt = time.monotonic()
+        if self.fatal is not None:
+            return  # fenced: this member's commits would all be refused
+        if asynchronous and self._generation_gone:
+            # A commit was just refused for a past generation: a rebalance is under
+            # way. Sending more would only be refused too (the burst of 37 warnings in
+            # 1 ms); the revoke callback commits synchronously, the rest waits for it.
+            return
         tps = [TopicPartition(t, p, off) for (t, p), off in self.pending.items()
                if (t, p) in self.assigned]
         if not tps:
@@ -186,7 +281,12 @@ class KafkaSource:
             else:
                 self._confirm(self.consumer.commit(offsets=tps, asynchronous=False) or [])
         except Exception as exc:  # e.g. during a rebalance: retried on a later call
-            log.warning("commit of %s failed (will retry): %s", _names(tps), exc)
+            err = (exc.args[0] if isinstance(exc, KafkaException) and exc.args
+                   and isinstance(exc.args[0], KafkaError) else None)
+            if err is not None and err.code() in _GENERATION_ERRORS:
+                self._generation_refused(err, len(tps))
+            else:
+                log.warning("commit of %s failed (will retry): %s", _names(tps), exc)
 
     def commit_due(self) -> bool:
         """Something is pending and the last attempt is `commit_interval_ms` old.
@@ -203,9 +303,31 @@ class KafkaSource:
     def _committed(self, err: KafkaError | None, partitions: Partitions) -> None:
         # librdkafka's commit callback, served inside poll/consume on this thread.
         if err is not None:
-            log.warning("commit failed (will retry): %s", err)
+            if err.code() in _GENERATION_ERRORS:
+                self._generation_refused(err, len(partitions))
+            elif err.code() != KafkaError._NO_OFFSET:
+                log.warning("commit failed (will retry): %s", err)
             return
+        self._rebalanced()
         self._confirm(partitions)
+
+    def _generation_refused(self, err: KafkaError, partitions: int) -> None:
+        """A commit sent for a generation the group has left: said once per rebalance."""
+        self._refused_commits += 1
+        if not self._generation_gone:
+            self._generation_gone = True
+            log.warning(
+                "group %s is rebalancing (%s): offsets of %d partition(s) kept and "
+                "committed after the rebalance, by their owner; further refusals until "
+                "then are not logged", self.settings.group_id, err.name(), partitions)
+
+    def _rebalanced(self) -> None:
+        """A new generation is in place (a rebalance callback ran or a commit passed)."""
+        if self._generation_gone:
+            log.info("rebalance done: %d commit(s) had been refused meanwhile",
+                     self._refused_commits)
+        self._generation_gone = False
+        self._refused_commits = 0
 
     def _confirm(self, partitions: Partitions) -> None:
         pending = self.pending
@@ -215,7 +337,29 @@ class KafkaSource:
                 del pending[key]
 
     def close(self) -> None:
-        self.consumer.close()
+        """Leave the group and close. A static member of a classic group does not leave
+        on close (KIP-345), so its partitions would sit unowned for the whole session
+        timeout after a scale-down or a rolling update to new pod names; unsubscribing
+        first makes librdkafka send LeaveGroup (the revoke callback flushes and commits
+        first), and the survivors take the partitions over at once."""
+        self._closing = True
+        try:
+            classic = self.settings.group_protocol == "classic"
+            if self.fatal is None and self.instance_id and classic:
+                try:
+                    self.consumer.unsubscribe()
+                    deadline = time.monotonic() + 5
+                    while self.assigned and time.monotonic() < deadline:
+                        self.consumer.consume(1, 0.1)  # serves the revoke; sends LeaveGroup
+                except KafkaException as exc:  # closing anyway; the session will expire
+                    log.warning("could not leave group %s: %s", self.settings.group_id, exc)
+            self.consumer.close()
+        finally:
+            self.release_instance_id()
+
+    def release_instance_id(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
 
 
 class CommittedOffsets:
@@ -224,7 +368,8 @@ class CommittedOffsets:
     sides of the connection, and a benchmark's own load is measured with the rest)."""
 
     def __init__(self, bootstrap: str, group: str, topic: str, partitions: int = 6) -> None:
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group},
+                                  logger=kafka_logger())
         self._tps = [TopicPartition(topic, p) for p in range(partitions)]
 
     def total(self, timeout_s: float = 30) -> int:
@@ -244,6 +389,65 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int = 6,
         return offsets.total(timeout_s)
     finally:
         offsets.close()
+
+
+def consumer_config(settings: KafkaSettings, instance_id: str | None) -> dict[str, Any]:
+    """librdkafka settings of the worker's consumer for this protocol and member id."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": settings.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": settings.auto_offset_reset,
+        # Fetch sizes follow the batch bound so one fetch fills a batch.
+        "fetch.max.bytes": max(settings.batch_max_bytes, 1024 * 1024),
+        "max.partition.fetch.bytes": max(settings.batch_max_bytes // 2, 1024 * 1024),
+        # Bounds the pre-fetch queue, so memory stays flat while the sink is down.
+        "queued.max.messages.kbytes": max(2 * settings.batch_max_bytes // 1024, 4096),
+    }
+    if instance_id:
+        conf["group.instance.id"] = instance_id
+    if settings.group_protocol == "consumer":
+        conf["group.protocol"] = "consumer"
+        clash = sorted(k for k in settings.librdkafka if k in CLASSIC_ONLY)
+        if clash:
+            raise KafkaConfigError(
+                f"kafka.librdkafka: {', '.join(clash)} cannot be set with "
+                "kafka.group_protocol: consumer (the broker owns them under KIP-848)")
+    else:
+        conf.update({
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": settings.session_timeout_ms,
+            # Members of a classic group learn of a rebalance from a heartbeat reply,
+            # and a cooperative rebalance takes two rounds: at librdkafka's default
+            # (3 s) a second worker joining left half the partitions unowned for ~3 s
+            # (measured in `bench e2e`). One heartbeat a second per member is nothing
+            # to a broker.
+            "heartbeat.interval.ms": 1000,
+        })
+    conf.update(settings.librdkafka)
+    return conf
+
+
+def _fatal_message(err: KafkaError, settings: KafkaSettings, instance_id: str | None) -> str:
+    """One line saying what happened and what to change (the worker exits with it)."""
+    text = err.str()
+    low = text.lower()
+    if "instance id is still used" in low or err.code() == KafkaError.UNRELEASED_INSTANCE_ID:
+        # KIP-848 (group_protocol consumer): a static member that died without leaving
+        # keeps its id until the broker's session timeout; librdkafka makes this fatal.
+        return (f"static member id {instance_id!r} of group {settings.group_id} is still "
+                "held by a member that did not leave (a crashed worker, until the broker's "
+                "group.consumer.session.timeout.ms passes, or a live worker with the same "
+                "kafka.group_instance_id); exiting so that a restart can retry "
+                "(kafka.group_protocol: classic takes the id over at once) "
+                f"[librdkafka: {text}]")
+    if "fenced" in low or err.code() == KafkaError.FENCED_INSTANCE_ID:
+        return (f"fenced: another worker joined group {settings.group_id} with the same "
+                f"static member id {instance_id!r}, so this one must stop; give each worker "
+                f"its own kafka.group_instance_id (ENVOYGEO_KAFKA__GROUP_INSTANCE_ID) "
+                f"[librdkafka: {text}]")
+    return f"fatal Kafka consumer error in group {settings.group_id}: {text}"
 
 
 def _names(partitions: Iterable[TopicPartition]) -> str:

@@ -117,6 +117,7 @@ def _idle_source() -> tuple[KafkaSource, _IdleConsumer]:
     src = object.__new__(KafkaSource)
     src.consumer = _IdleConsumer()  # type: ignore[assignment]
     src.assigned = {("t", 0)}
+    src.fatal = None
     return src, src.consumer  # type: ignore[return-value]
 
 
@@ -136,3 +137,142 @@ def test_poll_returns_early_when_woken_with_nothing_read() -> None:
 
     assert src.poll_batch(100, 1 << 20, 0.5, wake=wake) == []
     assert len(consumer.waits) == 2
+
+
+# -- commits within the current generation --
+
+
+class _CommitConsumer:
+    """Records what would be sent to the coordinator."""
+
+    def __init__(self) -> None:
+        self.commits: list[list[Any]] = []
+
+    def store_offsets(self, offsets: list[Any]) -> None:
+        pass
+
+    def commit(self, offsets: list[Any], asynchronous: bool) -> None:
+        self.commits.append(offsets)
+
+
+def _committing_source() -> KafkaSource:
+    src = object.__new__(KafkaSource)
+    src.settings = KafkaSettings(group_id="g")
+    src.consumer = _CommitConsumer()  # type: ignore[assignment]
+    src.pending = {}
+    src.assigned = {("t", 0), ("t", 1)}
+    src.fatal = None
+    src._last_commit_attempt = 0.0
+    src._generation_gone = False
+    src._refused_commits = 0
+    src._closing = False
+    src._waiting_for = None
+    src._on_revoke = lambda parts: None
+    return src
+
+
+def test_a_rebalance_refusing_commits_is_said_once_and_nothing_is_resent_meanwhile(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from confluent_kafka import KafkaError, TopicPartition
+
+    src = _committing_source()
+    src.mark_done({("t", 0): 10, ("t", 1): 7})
+    caplog.set_level("INFO", logger="pipeline.sources.kafka")
+    for _ in range(37):  # the burst seen during a rebalance: 37 refusals in 1 ms
+        src._committed(KafkaError(KafkaError.ILLEGAL_GENERATION),
+                       [TopicPartition("t", 0, 10)])
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "rebalancing (ILLEGAL_GENERATION)" in warnings[0].message
+    assert src.pending == {("t", 0): 10, ("t", 1): 7}  # kept, not forgotten
+    src.commit_pending(asynchronous=True)
+    assert src.consumer.commits == []  # not within the new generation yet: nothing sent
+    src.commit_pending(asynchronous=False)  # the revoke callback's commit goes out
+    assert len(src.consumer.commits) == 1
+    # A rebalance callback: the new generation is in place, async commits resume.
+    src._revoke(None, [])  # type: ignore[arg-type]
+    assert caplog.records[-2].message == "rebalance done: 37 commit(s) had been refused meanwhile"
+    src.commit_pending(asynchronous=True)
+    assert len(src.consumer.commits) == 2
+
+
+def test_revoked_partitions_pending_offsets_are_dropped() -> None:
+    from confluent_kafka import TopicPartition
+
+    src = _committing_source()
+    src.mark_done({("t", 0): 10, ("t", 1): 7})
+    src._revoke(None, [TopicPartition("t", 1)])  # type: ignore[arg-type]
+    assert src.pending == {("t", 0): 10} and src.assigned == {("t", 0)}
+    src.commit_pending(asynchronous=True)
+    assert [(tp.partition, tp.offset) for tp in src.consumer.commits[0]] == [(0, 10)]
+
+
+def test_waiting_for_partitions_is_logged_once_per_state(
+        caplog: pytest.LogCaptureFixture) -> None:
+    src = _committing_source()
+    src.instance_id = "pod-7"
+    caplog.set_level("INFO", logger="pipeline.sources.kafka")
+    for _ in range(50):  # e.g. every poll while the group forms
+        src._wait("joining group " + src.describe_membership())
+    src._wait("rebalancing group g")
+    lines = [r.message for r in caplog.records]
+    assert lines == ["waiting for partitions: joining group g (static member id pod-7, "
+                     "classic protocol)", "waiting for partitions: rebalancing group g"]
+
+
+# -- consumer configuration per protocol and membership --
+
+
+def test_classic_static_member_config() -> None:
+    conf = kafka_mod.consumer_config(KafkaSettings(group_id="g"), "pod-1")
+    assert conf["group.instance.id"] == "pod-1"
+    assert conf["partition.assignment.strategy"] == "cooperative-sticky"
+    assert conf["session.timeout.ms"] == KafkaSettings().session_timeout_ms
+    assert "group.protocol" not in conf
+
+
+def test_consumer_protocol_leaves_broker_owned_settings_out() -> None:
+    conf = kafka_mod.consumer_config(KafkaSettings(group_protocol="consumer"), None)
+    assert conf["group.protocol"] == "consumer" and "group.instance.id" not in conf
+    assert not set(kafka_mod.CLASSIC_ONLY) & conf.keys()
+    with pytest.raises(kafka_mod.KafkaConfigError,
+                       match=r"kafka.librdkafka: session.timeout.ms cannot be set with "
+                             r"kafka.group_protocol: consumer"):
+        kafka_mod.consumer_config(KafkaSettings(
+            group_protocol="consumer", librdkafka={"session.timeout.ms": 6000}), None)
+
+
+def test_librdkafka_accepts_each_protocols_config() -> None:
+    """librdkafka itself takes both configurations (no broker needed to construct)."""
+    from confluent_kafka import Consumer
+
+    for protocol in ("classic", "consumer"):
+        conf = kafka_mod.consumer_config(KafkaSettings(group_protocol=protocol), "pod-1")
+        Consumer(conf).close()
+
+
+def test_fenced_member_message_names_the_key() -> None:
+    from confluent_kafka import KafkaError
+
+    err = KafkaError(KafkaError.FENCED_INSTANCE_ID, "Fatal consumer error: fenced", fatal=True)
+    msg = kafka_mod._fatal_message(err, KafkaSettings(group_id="g"), "host-a")
+    assert msg.startswith("fenced: another worker joined group g with the same static "
+                          "member id 'host-a'")
+    assert "kafka.group_instance_id" in msg
+
+
+# -- the default static member id --
+
+
+def test_default_instance_id_is_the_host_then_a_free_slot(tmp_path: Any) -> None:
+    from pipeline.sources.instance_id import default_instance_id
+
+    first = default_instance_id("g", host="pod", lock_dir=tmp_path)
+    second = default_instance_id("g", host="pod", lock_dir=tmp_path)
+    other_group = default_instance_id("h", host="pod", lock_dir=tmp_path)
+    assert (first.instance_id, second.instance_id, other_group.instance_id) == (
+        "pod", "pod-1", "pod")
+    first.release()  # the process died (the kernel drops its lock): a restart gets it back
+    again = default_instance_id("g", host="pod", lock_dir=tmp_path)
+    assert again.instance_id == "pod"
+    for slot in (second, other_group, again):
+        slot.release()
