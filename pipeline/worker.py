@@ -421,11 +421,22 @@ class Worker:
         self._drain()
 
     def _ready(self) -> tuple[bool, str]:
-        if self.source is None or not self.source.assigned:
-            return False, "no partitions assigned yet"
+        """Ready = this worker makes progress as soon as its dependencies answer: it is
+        subscribed to its topics and not stopping. An Elasticsearch outage or holding no
+        partition (mid-rebalance, more workers than partitions) does not make it
+        unready: no traffic is routed to a worker, and every pod unready at once would
+        stop the metrics scrape through the Service and make the PodDisruptionBudget
+        block node drains (deploy/kubernetes/README.md). The body says what it waits for.
+        """
+        if self.source is None:
+            return False, "starting: not in the consumer group yet"
+        if self.stopping.is_set():
+            return False, "stopping"
+        n = len(self.source.assigned)
+        state = f"{n} partition(s)" if n else "no partitions assigned (idle member)"
         if not self.sink.writable.is_set():
-            return False, f"elasticsearch not accepting writes: {self.sink.last_error}"
-        return True, f"ok: {len(self.source.assigned)} partition(s)"
+            state += f"; elasticsearch not accepting writes, paused: {self.sink.last_error}"
+        return True, f"ok: {state}"
 
     def _publish_enricher_stats(self) -> None:
         """GeoIP cache counters as gauges (the enricher counts; we only read)."""

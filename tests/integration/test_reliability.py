@@ -275,7 +275,9 @@ def _es_outage(env: dict[str, Any], down_s: float, n: int, rate: float) -> None:
                 assert worker.poll() is None, f"worker exited with {worker.returncode}"
                 samples.append(rss_kb(worker.pid))
                 time.sleep(0.5)
-            # End of the outage: fetching paused, not ready, but alive (the loop turns).
+            # End of the outage: fetching paused, yet ready and alive: readiness means
+            # "makes progress once the sink is back", so a fleet-wide Elasticsearch
+            # outage does not take every pod out of service (PDB, metrics Service).
             paused_gauge = scrape_metric(port, "envoygeo_paused")
             ready, healthy = http_status(port, "/readyz"), http_status(port, "/healthz")
             during = log_messages(log)[before_stop:]
@@ -304,7 +306,7 @@ def _es_outage(env: dict[str, Any], down_s: float, n: int, rate: float) -> None:
     print(f"RSS growth during the outage after warm-up: {rate:+.3f} MB/s")
     assert rate < 0.15, f"worker memory grows {rate:.2f} MB/s while Elasticsearch is down"
     assert any("paused fetching" in m for m in during), "no pause while Elasticsearch was down"
-    assert paused_gauge == 1 and ready == 503 and healthy == 200
+    assert paused_gauge == 1 and ready == 200 and healthy == 200
     assert any("resumed fetching" in m for m in log_messages(log)[after_start:])
 
 
