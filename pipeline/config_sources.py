@@ -40,6 +40,11 @@ _BODY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:(:-|-)(.*))?$", re.DOTALL)
 
 Shape = Literal["model", "list", "dict", "scalar"]
 
+# Kubernetes gives every pod `<SERVICE>_PORT=tcp://<ip>:<port>` for each Service in its
+# namespace (enableServiceLinks): the `envoygeo-metrics` Service yields
+# ENVOYGEO_METRICS_PORT, which is not a misspelt metrics.port.
+_SERVICE_LINK = re.compile(r"^(?:tcp|udp|sctp)://")
+
 
 def dotted(loc: Loc) -> str:
     """`kafka.topics.0`: the key as the error messages name it."""
@@ -164,7 +169,6 @@ def environment_overrides(root: type[BaseModel], environ: Mapping[str, str],
     """(key path, value, variable name) per ENVOYGEO_* setting, most general first."""
     found: list[tuple[Loc, Any, str]] = []
     problems: list[Problem] = []
-    sections = list(root.model_fields)
     for name, value in environ.items():
         if not name.upper().startswith(ENV_PREFIX):
             continue
@@ -172,17 +176,9 @@ def environment_overrides(root: type[BaseModel], environ: Mapping[str, str],
         parts = rest.split(ENV_DELIMITER)
         if len(parts) == 1:
             lowered = rest.lower()
-            if lowered in root.model_fields:
-                parts = [rest]
-            else:
-                # ENVOYGEO_KAFKA_BOOTSTRAP_SERVERS: a setting written with one underscore.
-                for section in sections:
-                    key = lowered.removeprefix(section + "_")
-                    model = model_at(root, (section,))
-                    if key != lowered and model is not None and key in model.model_fields:
-                        problems.append((name, "not a setting: sections and keys are "
-                                         "separated by two underscores (did you mean "
-                                         f"{_variable([section, key])}?)"))
+            if lowered not in root.model_fields:
+                if not _SERVICE_LINK.match(value):
+                    problems += _one_underscore(root, name, lowered)
                 continue  # someone else's variable (ENVOYGEO_CONFIG, ENVOYGEO_NATIVE, ...)
         loc, why = _walk(root, [p.lower() for p in parts])
         if why is not None:
@@ -191,6 +187,17 @@ def environment_overrides(root: type[BaseModel], environ: Mapping[str, str],
         found.append((loc, value, name))
     found.sort(key=lambda item: len(item[0]))
     return found, problems
+
+
+def _one_underscore(root: type[BaseModel], name: str, lowered: str) -> list[Problem]:
+    """ENVOYGEO_KAFKA_BOOTSTRAP_SERVERS: a setting written with one underscore."""
+    for section in root.model_fields:
+        key = lowered.removeprefix(section + "_")
+        model = model_at(root, (section,))
+        if key != lowered and model is not None and key in model.model_fields:
+            return [(name, "not a setting: sections and keys are separated by two "
+                           f"underscores (did you mean {_variable([section, key])}?)")]
+    return []
 
 
 def _walk(root: type[BaseModel], parts: list[str]) -> tuple[Loc, str | None]:

@@ -115,6 +115,17 @@ def test_other_envoygeo_variables_are_left_alone() -> None:
     assert s.kafka.topics == ["envoy-access-logs"]
 
 
+def test_kubernetes_service_links_are_not_settings() -> None:
+    """deploy/kubernetes has a Service `envoygeo-metrics`; Kubernetes then sets these in
+    every pod of the namespace. ENVOYGEO_METRICS_PORT must not read as metrics.port."""
+    links = {"ENVOYGEO_METRICS_PORT": "tcp://10.96.0.7:9108",
+             "ENVOYGEO_METRICS_PORT_9108_TCP": "tcp://10.96.0.7:9108",
+             "ENVOYGEO_METRICS_PORT_9108_TCP_PORT": "9108",
+             "ENVOYGEO_METRICS_SERVICE_HOST": "10.96.0.7",
+             "ENVOYGEO_METRICS_SERVICE_PORT": "9108"}
+    assert load_settings(None, links).metrics.port == 9108
+
+
 def test_unknown_yaml_key_gets_a_suggestion(tmp_path: Path) -> None:
     text = _error(_write(tmp_path, "elasticsearch:\n  hots: [http://a:9200]\nkafak: {}\n"), {})
     assert "elasticsearch.hots: unknown key (did you mean hosts?)" in text
