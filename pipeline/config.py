@@ -47,6 +47,26 @@ def _check_cidr(value: str) -> str:
 CIDR = Annotated[str, AfterValidator(_check_cidr)]
 
 
+def _check_broker(entry: str) -> None:
+    """`host[:port]`, `[ipv6][:port]`, optionally `protocol://` first, as librdkafka reads
+    bootstrap.servers."""
+    form = "expected host:port[,host:port...]"
+    address = entry.split("://", 1)[-1]
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = rest.removeprefix(":") if rest else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{entry!r}: {form}")
+    elif address.count(":") > 1:
+        host, port = address, ""  # a bare IPv6 address
+    else:
+        host, _, port = address.partition(":")
+    if not host or any(c.isspace() or c in "/@?#" for c in host):
+        raise ValueError(f"{entry!r} is not a broker address ({form})")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535 ({form})")
+
+
 class _Section(BaseModel):
     # A misspelt key is an error, not a silently ignored default.
     model_config = ConfigDict(extra="forbid")
@@ -101,6 +121,15 @@ class KafkaSettings(_Section):
     def _pattern_anchor(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith("^"):
             raise ValueError("librdkafka treats a topic as a regex only when it starts with '^'")
+        return v
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _brokers(cls, v: str) -> str:
+        # librdkafka accepts any text here and only fails, quietly and forever, when it
+        # connects; a typo is caught here instead.
+        for entry in v.split(","):
+            _check_broker(entry.strip())
         return v
 
 

@@ -78,3 +78,27 @@ kafka:
     assert shown["kafka"]["librdkafka"]["sasl.password"] == "***"
     assert shown["kafka"]["librdkafka"]["security.protocol"] == "SASL_SSL"
     assert "hunter2" not in repr(shown) and "s3cret" not in repr(shown)
+
+
+@pytest.mark.parametrize("servers", ["kafka:notaport", "not a url", "a:9092,,b:9092", "k:0"])
+def test_bad_bootstrap_servers_are_named(servers: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, {"ENVOYGEO_KAFKA__BOOTSTRAP_SERVERS": servers})
+    assert "kafka.bootstrap_servers (from ENVOYGEO_KAFKA__BOOTSTRAP_SERVERS): " in str(err.value)
+
+
+@pytest.mark.parametrize("servers", ["127.0.0.1:9092", "a:9092, b:9093", "SASL_SSL://k:9093",
+                                     "[::1]:9092", "kafka"])
+def test_bootstrap_servers_forms_librdkafka_reads(servers: str) -> None:
+    assert load_settings(None, {"ENVOYGEO_KAFKA__BOOTSTRAP_SERVERS": servers}
+                         ).kafka.bootstrap_servers == servers
+
+
+def test_a_bad_secret_is_not_echoed(tmp_path: Path) -> None:
+    path = _write(tmp_path, "elasticsearch:\n  password: [hunter2]\n  bulk_max_docs: many\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, {})
+    text = str(err.value)
+    assert "elasticsearch.password" in text and "hunter2" not in text
+    assert "elasticsearch.bulk_max_docs: Input should be a valid integer" in text
+    assert "(got 'many')" in text
