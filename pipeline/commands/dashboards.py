@@ -48,7 +48,13 @@ def _names(config_path: Path | None) -> IndexNames:
               default=Path("dashboards"), show_default=True)
 @click.option("--check", is_flag=True, help="Exit 1 if a file differs instead of writing.")
 def build(config_path: Path | None, out: Path, check: bool) -> None:
-    """Write the generated ndjson and rule files (for the configured index names)."""
+    """Write the generated ndjson and rule files (for the configured index names).
+
+    \b
+    Examples:
+      envoygeo dashboards build --check                   # committed files up to date?
+      envoygeo dashboards build -c config.yaml --out my-dashboards
+    """
     names = _names(config_path)
     generated = files.generated(names)
     stale = [rel for rel, text in generated.items()
@@ -143,6 +149,12 @@ def import_(config_path: Path | None, kibana_url: str | None, osd_url: str | Non
 
     Connection settings come from the `kibana` section of the configuration
     (ENVOYGEO_KIBANA__URL, ENVOYGEO_KIBANA__API_KEY, ...), options override them.
+
+    \b
+    Examples:
+      envoygeo dashboards import -c config.yaml
+      envoygeo dashboards import -c config.yaml --kibana https://kibana:5601 --space ops
+      envoygeo dashboards import --opensearch-dashboards https://osd:5601 --username admin
     """
     settings = _load(config_path)
     if window is not None:
