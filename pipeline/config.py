@@ -5,6 +5,13 @@ error names the exact key (`elasticsearch.bulk_max_docs: ...`) instead of surfac
 a librdkafka or HTTP failure minutes later. Environment variables use `__` between
 levels (`ENVOYGEO_KAFKA__BOOTSTRAP_SERVERS=...`) and win over the file, so one
 ConfigMap can serve many deployments.
+
+`pipeline.config_sources` turns the file and the environment into the mapping these
+models validate (${VAR} expansion, ENVOYGEO_* variables checked against the models,
+lists from JSON or commas); `load_settings` reports every problem of all three steps
+and of the models at once, one `key: why` line each. What needs files or client
+libraries beyond the text (GeoIP databases, the CA file, librdkafka's verdict) is
+`pipeline.preflight`, shared by `run` and `check-config`.
 """
 
 from __future__ import annotations
