@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from pipeline.bench.core import CUSTOM_FORMATS, custom_corpus
+from pipeline.decode.envelope import _CRI
 from pipeline.decode.envoy_format import compile_format
 from tests.unit.test_native import _bulk_both, _need_native, make_enricher, run_both  # noqa: F401
+from tests.unit.test_samples_in_envelopes import WRAPPERS
 
 pytestmark = pytest.mark.unit
 
@@ -140,3 +144,48 @@ def test_cri_detection_is_the_reference_regex() -> None:
         if native:
             assert fmt.match(line, lenient=False) is not None, line
         run_both([_bare(line)], batch=1, log_format=fmt.source, native=int(native))
+
+
+# Lines near the CRI shape (each part right or slightly wrong), and random ones.
+def _mostly(right: str, *wrong: str) -> st.SearchStrategy[str]:
+    """One part of a CRI line: right two times in three, else one of the near misses."""
+    return st.sampled_from([right] * 2 * len(wrong) + list(wrong))
+
+
+_NEAR_CRI = st.builds(
+    lambda *parts: "".join(parts),
+    _mostly("2026-11-29T01:13:00.5Z", "2026-11-29T", "2026-11-29Tx", "2026-1-29T0",
+            "2026-11-29t0", "20261-11-29T0", "2026-11-29T0\x1c", "2026-11-29T0:"),
+    _mostly(" ", "  ", "\t", "\x1c", ""),
+    _mostly("stdout", "stderr", "stdoutx", "std", ""),
+    _mostly(" ", "  ", "\t", ""),
+    _mostly("F", "P", "FP", "X", ""),
+    _mostly(" GET /", "", " ", "x", " \t", "\x1c"))
+_RANDOM_DIGIT_FIRST = st.builds(
+    lambda first, rest: first + "".join(rest), st.sampled_from("0123456789"),
+    st.lists(st.sampled_from(["2026-11-29T01:13:00.5Z", "0", "-", "T", " ", "stdout", "F",
+                              "P", "\t", "\x1c", ":", "x", "GET /"]), max_size=8))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_NEAR_CRI | _RANDOM_DIGIT_FIRST, min_size=1, max_size=6),
+       st.sampled_from(["bare", "fluent-bit"]))
+def test_cri_detection_matches_the_reference_regex(texts: list[str], envelope: str) -> None:
+    """Lines that start with a digit, of a format any line matches: the core writes
+    exactly the lines the reference's CRI regex (the oracle) does not claim, except
+    one that continues a split line (a `P` piece before it, same stream, same batch)."""
+    records = [_bare(t) if envelope == "bare" else WRAPPERS["fluent-bit"](t)[0] for t in texts]
+    batch, native, cri = 4, 0, 0
+    for start in range(0, len(texts), batch):
+        open_line = False  # each batch ends with its open lines flushed
+        for t in texts[start:start + batch]:
+            m = _CRI.fullmatch(t)
+            if m is not None:
+                cri += 1
+                open_line = m.group(3) == "P"
+            elif open_line and envelope == "fluent-bit":  # one pod and stream: joined
+                open_line = False
+            else:  # bare lines have no stream: they never continue a CRI line
+                native += 1
+    event(f"CRI lines: {min(cri, 1)}")
+    run_both(records, batch=batch, log_format="%REQ(X-A)%", native=native)
