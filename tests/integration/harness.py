@@ -140,11 +140,16 @@ def setup_worker_env(config: Path) -> None:
                    check=True, capture_output=True, timeout=120, cwd=ROOT)
 
 
-def start_worker(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def start_worker(config: Path, log_path: Path,
+                 instance_id: str | None = None) -> subprocess.Popen[bytes]:
+    """A worker process; its static member id is `instance_id`, by default the log's
+    name: each worker of a test gets its own, and a worker restarted onto the same log
+    (kill -9, then start again) rejoins as the same member, as a restarted pod does."""
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    env = {**os.environ, "ENVOYGEO_KAFKA__GROUP_INSTANCE_ID": instance_id or log_path.stem}
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", "-c", str(config)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ},
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
     )
 
 
