@@ -12,8 +12,9 @@ configured credentials and bounded timeouts, the questions `run` depends on.
 from __future__ import annotations
 
 import ssl
+import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -102,29 +103,44 @@ class ProbeFailed(Exception):
 
 
 def probe_services(settings: Settings, timeout_s: float = 5.0) -> list[ServiceCheck]:
-    """Kafka, Elasticsearch and Redis at once, each bounded by `timeout_s`."""
-    probes: list[tuple[str, Callable[[Settings, float], str] | None, str]] = [
-        ("kafka", probe_kafka, ""),
-        ("elasticsearch", probe_elasticsearch, ""),
-        ("redis", probe_redis if settings.rates.enabled and settings.rates.backend == "redis"
-         else None, "rates.backend is not redis" if settings.rates.enabled
-         else "rates.enabled is false"),
-    ]
-    with ThreadPoolExecutor(len(probes)) as pool:
-        futures = [(name, pool.submit(probe, settings, timeout_s) if probe else None, why)
-                   for name, probe, why in probes]
-        results = []
-        for name, future, why in futures:
-            if future is None:
-                results.append(ServiceCheck(name, "skipped", why))
-                continue
-            try:
-                results.append(ServiceCheck(name, "ok", future.result()))
-            except Exception as exc:  # the answer we report, whatever the client raised
-                text = str(exc) if isinstance(exc, ProbeFailed) else \
-                    f"{type(exc).__name__}: {exc}"
-                results.append(ServiceCheck(name, "FAILED", " ".join(text.split())[:400]))
+    """Kafka, Elasticsearch and Redis at once. Each client call is bounded by `timeout_s`;
+    a probe still running after `deadline_factor` of them is reported and abandoned
+    (daemon threads), so a client that ignores its timeout cannot hang the command."""
+    redis_why = ("" if settings.rates.enabled and settings.rates.backend == "redis"
+                 else "rates.backend is not redis" if settings.rates.enabled
+                 else "rates.enabled is false")
+    probes: list[tuple[str, Callable[[Settings, float], str], str]] = [
+        ("kafka", probe_kafka, ""), ("elasticsearch", probe_elasticsearch, ""),
+        ("redis", probe_redis, redis_why)]
+    outcome: dict[str, ServiceCheck] = {}
+
+    def run(name: str, probe: Callable[[Settings, float], str]) -> None:
+        try:
+            outcome[name] = ServiceCheck(name, "ok", probe(settings, timeout_s))
+        except Exception as exc:  # the answer we report, whatever the client raised
+            text = str(exc) if isinstance(exc, ProbeFailed) else f"{type(exc).__name__}: {exc}"
+            outcome[name] = ServiceCheck(name, "FAILED", " ".join(text.split())[:400])
+
+    threads = [threading.Thread(target=run, args=(name, probe), daemon=True)
+               for name, probe, skip in probes if not skip]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + DEADLINE_FACTOR * timeout_s + 1
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    results = []
+    for name, _, skip in probes:
+        if skip:
+            results.append(ServiceCheck(name, "skipped", skip))
+        else:
+            results.append(outcome.get(name) or ServiceCheck(
+                name, "FAILED", f"no answer within {DEADLINE_FACTOR * timeout_s + 1:.0f} s"))
     return results
+
+
+# Elasticsearch's probe makes up to five bounded requests one after another (info, then
+# the template check per index); the others two at most.
+DEADLINE_FACTOR = 5
 
 
 class _Collect:
@@ -159,10 +175,13 @@ def probe_kafka(settings: Settings, timeout_s: float) -> str:
                  "socket.connection.setup.timeout.ms": max(1000, int(timeout_s * 1000))})
     consumer = Consumer(conf, logger=collect)
     try:
+        start = time.monotonic()
         try:
             meta = consumer.list_topics(timeout=timeout_s)
         except KafkaException as exc:
             consumer.poll(0)  # serves the error and log callbacks that say why
+            if not collect.errors and time.monotonic() - start >= timeout_s * 0.9:
+                collect.errors.append(f"no answer within {timeout_s:g} s")
             raise ProbeFailed(f"{k.bootstrap_servers}: {exc.args[0].str()}{collect.why()}") \
                 from None
         topics = meta.topics

@@ -118,6 +118,36 @@ def test_connect_closed_ports_fail_within_the_timeout(tmp_path: Path,
 
 
 @pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections and never answers: a hung service, the case a
+    timeout exists for (a closed port fails at once)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        server.close()
+
+
+def test_connect_to_services_that_never_answer_is_bounded(
+        tmp_path: Path, names: dict[str, str], silent_port: int) -> None:
+    config = _config(names, f"127.0.0.1:{silent_port}", f"http://127.0.0.1:{silent_port}",
+                     f"redis://127.0.0.1:{silent_port}/0")
+    start = time.monotonic()
+    result, lines = _connect(tmp_path, config, timeout_s=2)
+    elapsed = time.monotonic() - start
+    assert result.exit_code == 3
+    for service in ("kafka", "elasticsearch", "redis"):
+        assert lines[service].split()[1] == "FAILED", lines[service]
+    assert "no answer within 2 s" in lines["kafka"]
+    assert "timed out" in lines["redis"].lower() or "timeout" in lines["redis"].lower()
+    assert "timed out" in lines["elasticsearch"].lower() or \
+        "timeout" in lines["elasticsearch"].lower()
+    assert elapsed < 20, elapsed  # each call bounded by --timeout 2, all at once
+
+
+@pytest.fixture
 def password_redis(tmp_path: Path) -> Iterator[int]:
     """A Redis of our own that refuses clients without the password."""
     port = _free_port()
