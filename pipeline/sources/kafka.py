@@ -42,6 +42,11 @@ _GENERATION_ERRORS = frozenset({
 })
 
 
+# After a commit refused for a past generation, asynchronous commits wait this long for
+# the rebalance to end before being tried again (a cooperative rebalance takes ~1-2 s).
+REBALANCE_HOLD_S = 3.0
+
+
 class KafkaFatalError(RuntimeError):
     """librdkafka reported a fatal error (e.g. this member was fenced): the consumer
     cannot continue; the message says why and what to change."""
@@ -82,6 +87,7 @@ class KafkaSource:
         # cleared by the next rebalance callback or successful commit (see _committed).
         self._generation_gone = False
         self._refused_commits = 0
+        self._refused_at = 0.0
         self._on_assign = on_assign
         self.assigned: set[tuple[str, int]] = set()
         self.paused = False
@@ -265,10 +271,13 @@ class KafkaSource:
         self._last_commit_attempt = time.monotonic()
         if self.fatal is not None:
             return  # fenced: this member's commits would all be refused
-        if asynchronous and self._generation_gone:
+        if (asynchronous and self._generation_gone
+                and self._last_commit_attempt - self._refused_at < REBALANCE_HOLD_S):
             # A commit was just refused for a past generation: a rebalance is under
             # way. Sending more would only be refused too (the burst of 37 warnings in
-            # 1 ms); the revoke callback commits synchronously, the rest waits for it.
+            # 1 ms); the revoke callback commits synchronously, the rest waits for the
+            # rebalance to end (a callback), or is retried after REBALANCE_HOLD_S in
+            # case this member's callbacks had nothing to say.
             return
         tps = [TopicPartition(t, p, off) for (t, p), off in self.pending.items()
                if (t, p) in self.assigned]
@@ -314,6 +323,7 @@ class KafkaSource:
     def _generation_refused(self, err: KafkaError, partitions: int) -> None:
         """A commit sent for a generation the group has left: said once per rebalance."""
         self._refused_commits += 1
+        self._refused_at = time.monotonic()
         if not self._generation_gone:
             self._generation_gone = True
             log.warning(

@@ -165,6 +165,7 @@ def _committing_source() -> KafkaSource:
     src._last_commit_attempt = 0.0
     src._generation_gone = False
     src._refused_commits = 0
+    src._refused_at = 0.0
     src._closing = False
     src._waiting_for = None
     src._on_revoke = lambda parts: None
@@ -172,9 +173,11 @@ def _committing_source() -> KafkaSource:
 
 
 def test_a_rebalance_refusing_commits_is_said_once_and_nothing_is_resent_meanwhile(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from confluent_kafka import KafkaError, TopicPartition
 
+    now = [100.0]
+    monkeypatch.setattr(kafka_mod.time, "monotonic", lambda: now[0])
     src = _committing_source()
     src.mark_done({("t", 0): 10, ("t", 1): 7})
     caplog.set_level("INFO", logger="pipeline.sources.kafka")
@@ -276,3 +279,20 @@ def test_default_instance_id_is_the_host_then_a_free_slot(tmp_path: Any) -> None
     assert again.instance_id == "pod"
     for slot in (second, other_group, again):
         slot.release()
+
+
+def test_async_commits_are_retried_if_no_rebalance_callback_comes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from confluent_kafka import KafkaError
+
+    now = [100.0]
+    monkeypatch.setattr(kafka_mod.time, "monotonic", lambda: now[0])
+    src = _committing_source()
+    src.mark_done({("t", 0): 10})
+    src._committed(KafkaError(KafkaError.REBALANCE_IN_PROGRESS), [])
+    now[0] += kafka_mod.REBALANCE_HOLD_S - 0.1
+    src.commit_pending(asynchronous=True)
+    assert src.consumer.commits == []
+    now[0] += 0.2  # this member's assignment did not change: no callback ever comes
+    src.commit_pending(asynchronous=True)
+    assert len(src.consumer.commits) == 1
