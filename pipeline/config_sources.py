@@ -11,9 +11,11 @@ reporting problems as (key, why) instead of raising, so one run shows every mist
    silently ignored variable. Variables without `__` that do not name a section are
    left alone (ENVOYGEO_CONFIG, ENVOYGEO_NATIVE, ... belong to other parts).
 3. `coerce_strings`: a string given for a list-typed key becomes a list, from JSON
-   (`["a", "b"]`) or comma-separated text (`a,b`); for a mapping or a section it must
-   be a JSON object; an empty string unsets an optional key. Decided by each field's
-   type, so every list setting, present and future, accepts both forms.
+   (`["a", "b"]`) or comma-separated text (`a,b`), and a lone number a one-item list;
+   for a mapping or a section it must be a JSON object; an empty string unsets an
+   optional key; an empty section (`geoip:` with its keys commented out) is the
+   section's defaults. Decided by each field's type, so every list setting, present
+   and future, accepts every form.
 """
 
 from __future__ import annotations
@@ -315,6 +317,10 @@ def _coerce(annotation: Any, value: Any, loc: Loc) -> tuple[Any, list[Problem]]:
             if why is not None:
                 return value, [(key, why)]
             value = decoded
+    if value is None and shape == "model" and not optional:
+        value = {}  # `geoip:` with every key commented out: the section's defaults
+    elif shape == "list" and isinstance(value, int | float) and inner in (int, float, str):
+        value = [value]  # `windows: 60`, as `windows: "60"` would be
     problems: list[Problem] = []
     if shape == "model" and isinstance(value, dict):
         problems += coerce_strings(inner, value, loc)

@@ -68,6 +68,12 @@ def test_lists_from_yaml_text_and_empty_values(tmp_path: Path) -> None:
     assert s.elasticsearch.ca_certs is None  # an empty value unsets an optional key
 
 
+def test_empty_section_and_single_number_list(tmp_path: Path) -> None:
+    path = _write(tmp_path, "geoip:\n  # city: /var/lib/geoip/City.mmdb\nrates:\n  windows: 60\n")
+    s = load_settings(path, {})
+    assert s.geoip.city is None and s.rates.windows == (60,)
+
+
 def test_bad_json_list_names_key_and_variable() -> None:
     text = _error(None, {"ENVOYGEO_KAFKA__TOPICS": '["a", '})
     assert "kafka.topics (from ENVOYGEO_KAFKA__TOPICS): expects a JSON list" in text
