@@ -186,13 +186,19 @@ class ClientIPSettings(_Section):
     trusted_hops: int = Field(1, ge=0, le=32)
 
 
+class AlertRuleSettings(AlertRule):
+    # The alert stage's rule, closed: a misspelt `windw_s` is an error, not a rule
+    # that silently lacks its window.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
 class RatesSettings(RatesConfig):
     """The rate stage's model plus the switch and the alert rules that read its counts."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
-    alerts: tuple[AlertRule, ...] = ()
+    alerts: tuple[AlertRuleSettings, ...] = ()
 
     @field_validator("redis_url")
     @classmethod

@@ -133,9 +133,12 @@ def test_kubernetes_service_links_are_not_settings() -> None:
 
 
 def test_unknown_yaml_key_gets_a_suggestion(tmp_path: Path) -> None:
-    text = _error(_write(tmp_path, "elasticsearch:\n  hots: [http://a:9200]\nkafak: {}\n"), {})
+    text = _error(_write(tmp_path, "elasticsearch:\n  hots: [http://a:9200]\nkafak: {}\n"
+                                   "rates:\n  alerts:\n    - {name: b, windw_s: 10, "
+                                   "threshold: 5, window_s: 10}\n"), {})
     assert "elasticsearch.hots: unknown key (did you mean hosts?)" in text
     assert "kafak: unknown key (did you mean kafka?)" in text
+    assert "rates.alerts.0.windw_s: unknown key (did you mean window_s?)" in text
 
 
 # -- ${VAR} in the YAML ----------------------------------------------------------------
