@@ -45,9 +45,12 @@ def _geoip_problems(settings: Settings) -> list[Problem]:
         if path is None:
             continue
         try:
-            GeoIP.open(**{role: path})
+            opened = GeoIP.open(**{role: path})
         except GeoIPReloadError as exc:
             problems.append((f"geoip.{role}", f"cannot use {path}: {exc.__cause__ or exc}"))
+        else:
+            for db in opened.databases:  # `run` opens its own; keep no mapping open
+                db.reader.close()
     return problems
 
 
