@@ -100,9 +100,8 @@ def test_connect_ok_then_missing_topics_and_templates(
     assert lines["redis"].startswith("redis          ok       ")
 
 
-def test_connect_closed_ports_fail_within_the_timeout(tmp_path: Path,
-                                                      names: dict[str, str]) -> None:
-    port = _free_port()  # bound then released: nothing listens there
+def _all_fail_in_time(tmp_path: Path, names: dict[str, str], port: int) -> dict[str, str]:
+    """Every service at `port`, --timeout 2: all FAILED, exit 3, and soon."""
     config = _config(names, f"127.0.0.1:{port}", f"http://127.0.0.1:{port}",
                      f"redis://127.0.0.1:{port}/0")
     start = time.monotonic()
@@ -111,10 +110,17 @@ def test_connect_closed_ports_fail_within_the_timeout(tmp_path: Path,
     assert result.exit_code == 3
     for service in ("kafka", "elasticsearch", "redis"):
         assert lines[service].split()[1] == "FAILED", lines[service]
-        assert "Connection refused" in lines[service] or "refused" in lines[service].lower()
     assert f"127.0.0.1:{port}" in lines["kafka"]
-    # Probes run at once, each bounded by --timeout: a bound, not a benchmark.
+    # Probes run at once, each call bounded by --timeout: a bound, not a benchmark.
     assert elapsed < 20, elapsed
+    return lines
+
+
+def test_connect_closed_ports_fail_within_the_timeout(tmp_path: Path,
+                                                      names: dict[str, str]) -> None:
+    lines = _all_fail_in_time(tmp_path, names, _free_port())  # nothing listens there
+    for service in ("kafka", "elasticsearch", "redis"):
+        assert "connection refused" in lines[service].lower(), lines[service]
 
 
 @pytest.fixture
@@ -132,19 +138,10 @@ def silent_port() -> Iterator[int]:
 
 def test_connect_to_services_that_never_answer_is_bounded(
         tmp_path: Path, names: dict[str, str], silent_port: int) -> None:
-    config = _config(names, f"127.0.0.1:{silent_port}", f"http://127.0.0.1:{silent_port}",
-                     f"redis://127.0.0.1:{silent_port}/0")
-    start = time.monotonic()
-    result, lines = _connect(tmp_path, config, timeout_s=2)
-    elapsed = time.monotonic() - start
-    assert result.exit_code == 3
-    for service in ("kafka", "elasticsearch", "redis"):
-        assert lines[service].split()[1] == "FAILED", lines[service]
+    lines = _all_fail_in_time(tmp_path, names, silent_port)
     assert "no answer within 2 s" in lines["kafka"]
-    assert "timed out" in lines["redis"].lower() or "timeout" in lines["redis"].lower()
-    assert "timed out" in lines["elasticsearch"].lower() or \
-        "timeout" in lines["elasticsearch"].lower()
-    assert elapsed < 20, elapsed  # each call bounded by --timeout 2, all at once
+    for service in ("elasticsearch", "redis"):
+        assert "timed out" in lines[service].lower() or "timeout" in lines[service].lower()
 
 
 @pytest.fixture
