@@ -130,6 +130,7 @@ def test_worker_deployment_matches_its_config(tools: dict[str, str]) -> None:
     assert worker["ports"][0]["containerPort"] == settings.metrics.port == 9108
     assert worker["args"] == ["run", "--config", "/etc/envoygeo/config.yaml"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["enableServiceLinks"] is False  # no ENVOYGEO_METRICS_PORT=tcp://... noise
     assert worker["securityContext"]["readOnlyRootFilesystem"] is True
     assert worker["resources"]["requests"] and worker["resources"]["limits"]
     env = {e["name"]: e for e in worker["env"]}
