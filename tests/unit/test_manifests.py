@@ -427,9 +427,14 @@ def test_fluent_bit_ships_what_envoygeo_reads() -> None:
     assert "time_key @timestamp" in fluentd
 
 
-def test_dockerfile() -> None:
+def test_dockerfile_agrees_with_the_deployment(tools: dict[str, str]) -> None:
+    """The image (deploy/Dockerfile, tested as an image by its own tests) runs as the
+    user the pod's securityContext names and takes the Deployment's args as its CMD."""
     text = (ROOT / "deploy" / "Dockerfile").read_text()
-    assert "FROM python:3.11-slim" in text and "pip install" in text
-    assert re.search(r"^USER 10001", text, re.M)
+    pod = _find(_docs(_build(tools, "aws-elb")), "Deployment", "envoygeo")["spec"]["template"][
+        "spec"]
+    uid = pod["securityContext"]["runAsUser"]
+    assert re.search(rf"^USER {uid}\b", text, re.M)
     assert 'ENTRYPOINT ["envoygeo"]' in text
-    assert 'CMD ["run", "--config", "/etc/envoygeo/config.yaml"]' in text
+    (worker,) = pod["containers"]
+    assert f"CMD {json.dumps(worker['args'])}" in text
