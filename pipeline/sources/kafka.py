@@ -347,7 +347,7 @@ class KafkaSource:
         self._refused_at = time.monotonic()
         if not self._generation_gone:
             self._generation_gone = True
-            log.warning(
+            log.info(  # what a rebalance does, not a fault: said once, at INFO
                 "group %s is rebalancing (%s): offsets of %d partition(s) kept and "
                 "committed after the rebalance, by their owner; further refusals until "
                 "then are not logged", self.settings.group_id, err.name(), partitions)

@@ -147,6 +147,10 @@ def test_sigterm_leaves_the_group_so_the_survivor_takes_over_at_once(
         raise
     print(f"survivor owned every partition {took:.1f}s after SIGTERM of the other worker")
     _finish(env, producer, [a])
+    for log in (log_a, log_b):  # two rebalances: no burst of refused-commit warnings
+        messages = log_messages(log)
+        assert not [m for m in messages if "commit" in m and "failed" in m]
+        assert sum(" is rebalancing (" in m for m in messages) <= 2
 
 
 def test_a_fenced_worker_exits_saying_so_once(env: dict[str, Any]) -> None:
