@@ -87,23 +87,6 @@ class SteadyInput:
         self._producer.flush(30)
 
 
-class Progress:
-    """The group's committed offset per partition, sampled over one client."""
-
-    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
-        from confluent_kafka import TopicPartition
-
-        self._offsets = CommittedOffsets(bootstrap, group, topic, PARTITIONS)
-        self._tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-
-    def read(self) -> list[int]:
-        tps = self._offsets._consumer.committed(self._tps, timeout=10)
-        return [max(tp.offset, 0) for tp in tps]
-
-    def close(self) -> None:
-        self._offsets.close()
-
-
 @dataclass
 class Stalls:
     total: float  # longest stretch with no partition committing
@@ -131,7 +114,7 @@ def _stalls(samples: list[tuple[float, list[int]]]) -> Stalls:
     return Stalls(worst_total, worst_part)
 
 
-def _sample(progress: Progress, seconds: float, procs: list[subprocess.Popen[bytes]],
+def _sample(progress: CommittedOffsets, seconds: float, procs: list[subprocess.Popen[bytes]],
             every_s: float = 0.05) -> list[tuple[float, list[int]]]:
     out = []
     end = time.monotonic() + seconds
@@ -139,7 +122,7 @@ def _sample(progress: Progress, seconds: float, procs: list[subprocess.Popen[byt
         for p in procs:
             if p.poll() is not None:
                 raise click.ClickException(f"worker exited with {p.returncode} (see its log)")
-        out.append((time.monotonic(), progress.read()))
+        out.append((time.monotonic(), progress.per_partition(10)))
         time.sleep(every_s)
     return out
 
@@ -149,15 +132,15 @@ def _spawn(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=open(log, "ab"))  # noqa: SIM115
 
 
-def _wait_progress(progress: Progress, proc: subprocess.Popen[bytes], timeout_s: float,
+def _wait_progress(progress: CommittedOffsets, proc: subprocess.Popen[bytes], timeout_s: float,
                    since: int | None = None) -> float:
     """Seconds until the committed total exceeds `since` (default: its current value)."""
     t0 = time.monotonic()
-    base = sum(progress.read()) if since is None else since
+    base = sum(progress.per_partition(10)) if since is None else since
     while time.monotonic() - t0 < timeout_s:
         if proc.poll() is not None:
             raise click.ClickException(f"worker exited with {proc.returncode} (see its log)")
-        if sum(progress.read()) > base:
+        if sum(progress.per_partition(10)) > base:
             return time.monotonic() - t0
         time.sleep(0.02)
     raise click.ClickException(f"no indexing progress within {timeout_s:.0f}s")
@@ -213,7 +196,7 @@ def _run_variant(variant: str, runs: int, rate: float, bootstrap: str, es_url: s
                            session_timeout_ms)
     log_a, log_b = work / f"{variant}-a.log", work / f"{variant}-b.log"
     steady = SteadyInput(bootstrap, topic, records, rate).start()
-    progress = Progress(bootstrap, group, topic)
+    progress = CommittedOffsets(bootstrap, group, topic, PARTITIONS)
     procs: list[subprocess.Popen[bytes]] = []
     out: dict[str, Any] = {"restart": [], "assigned": [], "restart_cpu": []}
     try:
@@ -225,7 +208,7 @@ def _run_variant(variant: str, runs: int, rate: float, bootstrap: str, es_url: s
             _wait_progress(progress, a, 30)
             a.kill()
             a.wait(30)
-            before = sum(progress.read())
+            before = sum(progress.per_partition(10))
             t_wall = time.time()
             a = _spawn(cfg_a, log_a)
             procs[0] = a
@@ -252,7 +235,7 @@ def _run_variant(variant: str, runs: int, rate: float, bootstrap: str, es_url: s
         # Join and leave, with the baseline just before.
         time.sleep(2)
         out["baseline"] = _stalls(_sample(progress, 8, [a]))
-        cpu0, n0, t0 = _cpu_seconds([a.pid]), sum(progress.read()), time.monotonic()
+        cpu0, n0, t0 = _cpu_seconds([a.pid]), sum(progress.per_partition(10)), time.monotonic()
         b = _spawn(cfg_b, log_b)
         procs.append(b)
         out["join"] = _stalls(_sample(progress, 15, [a, b]))
@@ -262,7 +245,7 @@ def _run_variant(variant: str, runs: int, rate: float, bootstrap: str, es_url: s
         if b.wait(60) != 0:
             raise click.ClickException(f"worker B exited with {b.returncode} on SIGTERM")
         out["leave"] = _stalls(leave)
-        cpu1, n1 = _cpu_seconds([a.pid]), sum(progress.read())
+        cpu1, n1 = _cpu_seconds([a.pid]), sum(progress.per_partition(10))
         if cpu0 is not None and cpu1 is not None and cpu_b is not None and n1 > n0:
             out["cpu_us"] = (cpu1 - cpu0 + cpu_b) / (n1 - n0) * 1e6
             out["rate"] = (n1 - n0) / (time.monotonic() - t0)

@@ -403,10 +403,14 @@ class CommittedOffsets:
                                   logger=kafka_logger())
         self._tps = [TopicPartition(topic, p) for p in range(partitions)]
 
+    def per_partition(self, timeout_s: float = 30) -> list[int]:
+        """The committed offset of each partition (0 where nothing is committed yet)."""
+        tps = self._consumer.committed(self._tps, timeout=timeout_s)
+        return [max(tp.offset, 0) for tp in tps]
+
     def total(self, timeout_s: float = 30) -> int:
         """How many records the group has finished (the topic started at offset 0)."""
-        tps = self._consumer.committed(self._tps, timeout=timeout_s)
-        return sum(tp.offset for tp in tps if tp.offset >= 0)
+        return sum(self.per_partition(timeout_s))
 
     def close(self) -> None:
         self._consumer.close()

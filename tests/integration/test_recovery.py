@@ -196,3 +196,36 @@ def test_no_broker_connection_failures_are_a_few_json_lines(
     waiting = [r["message"] for r in records
                if r["message"].startswith("waiting for partitions")]
     assert waiting and len(waiting) == len(set(waiting))  # each state said once
+
+
+def test_two_workers_killed_during_a_rebalance_are_back_at_once(env: dict[str, Any]) -> None:
+    """Seen before static membership: two members killed while a rebalance was joining
+    them, restarted, and no record indexed for 132 s (the new members' join waited out
+    the dead members' sessions)."""
+    producer = ProducerThread(env["bootstrap"], env["topic"], 8000, rate=400).start()
+    log_a, log_b = env["tmp"] / "a.log", env["tmp"] / "b.log"
+    workers = [start_worker(env["cfg"], log_a)]
+    try:
+        assert wait_for_count(env["es"], env["index"], 500, procs=workers) >= 500
+        workers.append(start_worker(env["cfg"], log_b))
+        deadline = time.monotonic() + 60
+        while not any(m.startswith("waiting for partitions: joining")
+                      for m in (log_messages(log_b) if log_b.exists() else [])):
+            assert time.monotonic() < deadline, "the second worker never started joining"
+            time.sleep(0.05)
+        time.sleep(0.2)  # the join is under way: a is being asked to rejoin
+        for w in workers:
+            w.send_signal(signal.SIGKILL)
+        for w in workers:
+            w.wait(30)
+        before = committed_total(env["bootstrap"], env["group"], env["topic"])
+        workers = [start_worker(env["cfg"], log) for log in (log_a, log_b)]
+        took = _wait_committed_beyond(env, before, workers[0], 60)
+    except BaseException:
+        for w in workers:
+            w.kill()
+        raise
+    print(f"two workers killed during a rebalance, restarted -> first indexed record "
+          f"{took:.1f}s")
+    assert took < RESTART_BOUND_S
+    _finish(env, producer, workers)
