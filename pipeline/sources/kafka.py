@@ -67,6 +67,9 @@ _GENERATION_ERRORS = frozenset({
 # the rebalance to end before being tried again (a cooperative rebalance takes ~1-2 s).
 REBALANCE_HOLD_S = 3.0
 
+# A wait for partitions this long gets one more line, with the likely reason.
+STILL_WAITING_S = 15.0
+
 
 class KafkaFatalError(RuntimeError):
     """librdkafka reported a fatal error (e.g. this member was fenced): the consumer
@@ -115,6 +118,7 @@ class KafkaSource:
         self.fatal: str | None = None
         self._waiting_for: str | None = None
         self._waiting_since = 0.0
+        self._waiting_long = False
         self._closing = False
         try:
             # Fatal errors reach `_error`, which says what happened and what to change
@@ -142,7 +146,27 @@ class KafkaSource:
             return  # leaving on purpose: nothing to wait for
         if why != self._waiting_for:
             self._waiting_for, self._waiting_since = why, time.monotonic()
+            self._waiting_long = False
             log.info("waiting for partitions: %s", why)
+
+    def _still_waiting(self) -> None:
+        """Once per state, if the wait is long: the likely reason, which the worker
+        cannot see directly (a rebalance waits for every member the broker still
+        counts, including one that died without leaving)."""
+        if (self._waiting_for is None or self._waiting_long
+                or time.monotonic() - self._waiting_since < STILL_WAITING_S
+                or not self._waiting_for.startswith(("joining", "rebalancing", "session"))):
+            return  # an idle member (no partition for it) or no broker: said already
+        self._waiting_long = True
+        s = self.settings
+        session = (f"kafka.session_timeout_ms, {s.session_timeout_ms} ms"
+                   if s.group_protocol == "classic"
+                   else "the broker's group.consumer.session.timeout.ms")
+        log.warning("still waiting for partitions after %.0fs: %s; a member that died "
+                    "without leaving holds its partitions until its session expires (%s)%s",
+                    time.monotonic() - self._waiting_since, self._waiting_for, session,
+                    "" if self.instance_id else
+                    "; with kafka.static_membership a restarted worker takes them back at once")
 
     def _waiting_done(self) -> None:
         if self._waiting_for is not None:
@@ -215,6 +239,8 @@ class KafkaSource:
         are committed within ~50 ms instead of after the whole wait (at the end of a
         backlog that delay was the last commit's latency).
         """
+        if self._waiting_for is not None:
+            self._still_waiting()
         batch: list[Message] = []
         size = 0
         remaining = max_records

@@ -118,6 +118,7 @@ def _idle_source() -> tuple[KafkaSource, _IdleConsumer]:
     src.consumer = _IdleConsumer()  # type: ignore[assignment]
     src.assigned = {("t", 0)}
     src.fatal = None
+    src._waiting_for = None
     return src, src.consumer  # type: ignore[return-value]
 
 
@@ -168,6 +169,7 @@ def _committing_source() -> KafkaSource:
     src._refused_at = 0.0
     src._closing = False
     src._waiting_for = None
+    src._waiting_long = False
     src._on_revoke = lambda parts: None
     return src
 
@@ -298,3 +300,22 @@ def test_async_commits_are_retried_if_no_rebalance_callback_comes(
     now[0] += 0.2  # this member's assignment did not change: no callback ever comes
     src.commit_pending(asynchronous=True)
     assert len(src.consumer.commits) == 1
+
+
+def test_a_long_wait_gets_one_more_line_with_the_likely_reason(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(kafka_mod.time, "monotonic", lambda: now[0])
+    src = _committing_source()
+    src.instance_id = None
+    caplog.set_level("INFO", logger="pipeline.sources.kafka")
+    src._wait("joining group g (dynamic member, classic protocol)")
+    for _ in range(100):  # every poll for 30 s
+        now[0] += 0.3
+        src._still_waiting()
+    long = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert long == [
+        "still waiting for partitions after 15s: joining group g (dynamic member, classic "
+        "protocol); a member that died without leaving holds its partitions until its "
+        "session expires (kafka.session_timeout_ms, 10000 ms); with "
+        "kafka.static_membership a restarted worker takes them back at once"]
