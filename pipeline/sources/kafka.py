@@ -123,7 +123,8 @@ class KafkaSource:
         try:
             # Fatal errors reach `_error`, which says what happened and what to change
             # in one line; librdkafka's own line for them would only repeat it.
-            self.consumer = Consumer(conf, logger=LibrdkafkaLogger(reported={"FATAL"}))
+            self._rdlog = LibrdkafkaLogger(reported={"FATAL"})
+            self.consumer = Consumer(conf, logger=self._rdlog)
         except Exception as exc:
             self.release_instance_id()
             raise KafkaConfigError(f"kafka.librdkafka / kafka.group_protocol: {exc}") from exc
@@ -184,8 +185,8 @@ class KafkaSource:
                 # The details are in librdkafka's own (repeat-filtered) log lines; the
                 # state is the same whichever broker or error text this one names.
                 self._wait(f"cannot reach Kafka at {self.settings.bootstrap_servers}")
-        else:
-            log.warning("kafka: %s", err.str())
+        else:  # through librdkafka's repeat filter: an error can recur many times a second
+            self._rdlog.log(logging.WARNING, "%s [%s] %s", "ERROR", "consumer", err.str())
 
     # -- rebalance callbacks (run inside poll/consume, on the worker thread) --
 
