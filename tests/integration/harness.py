@@ -153,7 +153,25 @@ def start_worker(config: Path, log_path: Path,
     )
 
 
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a SIGTERM handler yet (its SigCgt mask, from /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
 def stop_worker(proc: subprocess.Popen[bytes], timeout: float = 60) -> int:
+    """SIGTERM, once the worker handles it: a worker restarted just before a test ends
+    (everything already indexed and committed) may still be importing, and a SIGTERM
+    then kills it (-15) before `run` installs its handler."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not catches_sigterm(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout)
