@@ -38,10 +38,15 @@ class ClientIpPolicy:
         we believe (e.g. the LB subnet). Empty: XFF is never used.
     trusted_hops: how many X-Forwarded-For entries, counted from the right, may be
         examined at most; bounds how far a chain of trusted proxies is followed.
+    envoy_use_remote_address: Envoy runs with `use_remote_address: true`, so it
+        appended the address it saw to X-Forwarded-For: the rightmost entry is that
+        address, not a client's claim. It is the peer when the line has no address
+        field (Envoy's default format), and it is never walked as a hop.
     """
 
     trusted_proxies: tuple[str, ...] = ()
     trusted_hops: int = 1
+    envoy_use_remote_address: bool = False
 
     def __post_init__(self) -> None:
         for cidr in self.trusted_proxies:
@@ -177,6 +182,9 @@ class ClientIpResolver:
         # upstream and local addresses repeat verbatim, so most fields cost one probe.
         self._endpoints: dict[str, tuple[_Addr | None, int | None, bool]] = {}
         self._cache_size = cache_size
+        # Records with no address Envoy saw (`clientip_no_remote_address`): the
+        # summaries name `envoy_use_remote_address` when there are any.
+        self.no_remote_address = 0
 
     def address(self, host: str) -> _Addr | None:
         """Parsed host (no port) from the cache; None when it is not an IP address."""
@@ -257,6 +265,9 @@ class ClientIpResolver:
                         tags.append("clientip_invalid_xff")
                 elif a.ip not in related:
                     related.append(a.ip)
+        # With use_remote_address Envoy appended the address it saw: Envoy's own record.
+        envoy_saw = (entries.pop() if entries and self.policy.envoy_use_remote_address
+                     else None)
         for up in (log.upstream_host, log.upstream_local_address):
             if up and up.startswith("tcp://"):
                 up = up[6:]  # older Envoy wrote upstream hosts as URLs
@@ -267,11 +278,14 @@ class ClientIpResolver:
         if remote is None:
             if direct is not None:
                 remote = direct
+            elif envoy_saw is not None:
+                remote, port = envoy_saw, None
             else:
                 # Nothing Envoy itself saw (e.g. its default format): XFF alone is
                 # client-written, so no address is claimed.
                 if log.downstream_remote_address is None:
                     tags.append("clientip_no_remote_address")
+                    self.no_remote_address += 1
                 return ClientIp(None, None, "none", None, None, related, tags)
         source: IpSource = (
             "proxy_protocol" if direct is not None and direct.ip != remote.ip else "peer")

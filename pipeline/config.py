@@ -186,6 +186,11 @@ class ClientIPSettings(_Section):
         description="CIDRs of load balancers / proxies whose X-Forwarded-For entries are trusted.",
     )
     trusted_hops: int = Field(1, ge=0, le=32)
+    envoy_use_remote_address: bool = Field(
+        False,
+        description="Envoy runs with use_remote_address: true, so the rightmost "
+                    "X-Forwarded-For entry is the address Envoy saw: the client address "
+                    "for formats that log none (Envoy's default), and never a hop.")
 
 
 class AlertRuleSettings(AlertRule):
@@ -242,6 +247,26 @@ class ParseSettings(_Section):
         return v
 
 
+class LimitsSettings(_Section):
+    """What one record may cost: a longer line or field is cut, tagged and counted."""
+
+    max_line_bytes: int = Field(
+        64 * 1024, ge=1024, le=64 * 1024 * 1024,
+        description="Access-log lines (and event.original) are cut to this many UTF-8 "
+                    "bytes before parsing; tagged envoygeo_line_truncated.")
+    max_field_bytes: int = Field(
+        8 * 1024, ge=256, le=64 * 1024 * 1024,
+        description="Each text value parsed from a line is cut to this many UTF-8 bytes; "
+                    "tagged envoygeo_field_truncated, named in envoygeo.truncated.")
+
+    @model_validator(mode="after")
+    def _field_fits_line(self) -> LimitsSettings:
+        if self.max_field_bytes > self.max_line_bytes:
+            raise ValueError(f"max_field_bytes ({self.max_field_bytes}) must not exceed "
+                             f"max_line_bytes ({self.max_line_bytes})")
+        return self
+
+
 class MetricsSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(9108, ge=0, le=65535, description="0 disables the HTTP endpoint.")
@@ -281,6 +306,7 @@ class Settings(BaseModel):
     client_ip: ClientIPSettings = Field(default_factory=ClientIPSettings)
     rates: RatesSettings = Field(default_factory=RatesSettings)
     parse: ParseSettings = Field(default_factory=ParseSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     kibana: KibanaSettings = Field(default_factory=KibanaSettings)

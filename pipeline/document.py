@@ -15,6 +15,34 @@ from pipeline.decode.access_log import AccessLog
 from pipeline.decode.envelope import Envelope
 
 PARSE_FAILURE_TAG = "_envoygeo_parse_failure"
+# Limits (`limits.max_line_bytes`, `limits.max_field_bytes`): what was cut is tagged,
+# and `envoygeo.truncated` names the fields.
+LINE_TRUNCATED_TAG = "envoygeo_line_truncated"
+FIELD_TRUNCATED_TAG = "envoygeo_field_truncated"
+
+
+def ingested_now() -> str:
+    """Now, in the `@timestamp` text form (`event.ingested`, the last `@timestamp` resort)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def timestamp_of(log_ts: float | None, env: Envelope, kafka_ts: float | None,
+                 ingested: str | None) -> tuple[str, str]:
+    """(`@timestamp` text, `envoygeo.timestamp_source`): the first time known of the
+    request's start (log), the collector's (envelope), the Kafka record's (kafka),
+    and when envoygeo read it (ingest).
+
+    Why a fallback at all: a document without `@timestamp` is invisible to every
+    time-filtered view (dashboards, the report, alert rules). Why say which: a Kafka
+    or ingest time is when the line travelled, not when the request ran.
+    """
+    if log_ts is not None:
+        return iso_timestamp(log_ts), "log"
+    if env.timestamp is not None:
+        return iso_timestamp(env.timestamp), "envelope"
+    if kafka_ts is not None:
+        return iso_timestamp(kafka_ts), "kafka"
+    return ingested or ingested_now(), "ingest"
 
 
 _second_prefix: dict[int, str] = {}
@@ -65,18 +93,21 @@ def _common(env: Envelope, doc: dict[str, Any]) -> None:
         doc.setdefault("envoygeo", {})["stream"] = env.stream
 
 
-def build_document(env: Envelope, log: AccessLog, cip: ClientIp) -> dict[str, Any]:
+def build_document(env: Envelope, log: AccessLog, cip: ClientIp, kafka_ts: float | None = None,
+                   ingested: str | None = None, truncated: list[str] | None = None,
+                   line_cut: bool = False) -> dict[str, Any]:
     """The ECS document for a parsed access log.
 
     Runs once per record: each AccessLog attribute is read once into a local, and
     keys are inserted in the same order as always (documents stay byte-identical).
+    `kafka_ts`, `ingested`: the `@timestamp` fallbacks (`timestamp_of`); `truncated`:
+    the fields cut to `limits.max_field_bytes`; `line_cut`: the line was cut.
     """
-    ts = log.start_time
-    if ts is None:
-        ts = env.timestamp
-    doc: dict[str, Any] = {}
-    if ts is not None:
-        doc["@timestamp"] = iso_timestamp(ts)
+    if (ts := log.start_time) is not None:
+        stamp, stamp_source = iso_timestamp(ts), "log"
+    else:
+        stamp, stamp_source = timestamp_of(None, env, kafka_ts, ingested)
+    doc: dict[str, Any] = {"@timestamp": stamp}
 
     ip = cip.ip
     if ip is not None:
@@ -169,15 +200,21 @@ def build_document(env: Envelope, log: AccessLog, cip: ClientIp) -> dict[str, An
         envoy["extra"] = log.extra
     doc["envoy"] = envoy
 
-    envoygeo: dict[str, Any] = {"ip_source": cip.source, "envelope": env.kind}
+    envoygeo: dict[str, Any] = {"ip_source": cip.source, "envelope": env.kind,
+                                "timestamp_source": stamp_source}
     if cip.ip_class is not None:
         envoygeo["ip_class"] = cip.ip_class
     if env.stream is not None:
         envoygeo["stream"] = env.stream
+    if truncated:
+        envoygeo["truncated"] = truncated
     doc["envoygeo"] = envoygeo
     if cip.related:
         doc["related"] = {"ip": cip.related}
     tags = env.tags + cip.tags if cip.tags else env.tags
+    if line_cut or truncated:
+        tags = [*tags, *([LINE_TRUNCATED_TAG] if line_cut else ()),
+                *([FIELD_TRUNCATED_TAG] if truncated else ())]
     if tags:
         doc["tags"] = tags
     if env.kubernetes is not None:
@@ -185,16 +222,24 @@ def build_document(env: Envelope, log: AccessLog, cip: ClientIp) -> dict[str, An
     return doc
 
 
-def build_failure_document(env: Envelope, reason: str) -> dict[str, Any]:
-    """A record that could not be parsed: kept, searchable, and saying why."""
+def build_failure_document(env: Envelope, reason: str, kafka_ts: float | None = None,
+                           ingested: str | None = None, original: str | None = None,
+                           line_cut: bool = False) -> dict[str, Any]:
+    """A record that could not be parsed: kept, searchable, dated and saying why.
+
+    `original`: the record as `event.original` holds it (the caller bounds it to
+    `limits.max_line_bytes`, `line_cut` saying it did cut); default: the line, or the
+    whole record when it has no line.
+    """
+    stamp, stamp_source = timestamp_of(None, env, kafka_ts, ingested)
+    if original is None:
+        original = env.payload if env.payload is not None else env.original
     doc: dict[str, Any] = {
-        "event": {"kind": "pipeline_error",
-                  "original": env.payload if env.payload is not None else env.original},
+        "@timestamp": stamp,
+        "event": {"kind": "pipeline_error", "original": original},
         "error": {"message": reason},
-        "tags": [*env.tags, PARSE_FAILURE_TAG],
-        "envoygeo": {"envelope": env.kind},
+        "tags": [*env.tags, PARSE_FAILURE_TAG, *([LINE_TRUNCATED_TAG] if line_cut else ())],
+        "envoygeo": {"envelope": env.kind, "timestamp_source": stamp_source},
     }
-    if env.timestamp is not None:
-        doc["@timestamp"] = iso_timestamp(env.timestamp)
     _common(env, doc)
     return doc

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -21,6 +20,7 @@ from pipeline.clientip import ClientIpPolicy, ClientIpResolver
 from pipeline.config import Settings
 from pipeline.decode.envelope import decode_envelope
 from pipeline.decode.parser import make_parser
+from pipeline.document import ingested_now
 from pipeline.enrich import geoip as geoip_mod
 from pipeline.enrich.alerts import AlertEngine, AlertRule
 from pipeline.enrich.geoip import GeoIP
@@ -32,7 +32,7 @@ from pipeline.enrich.rates import (
     RatesConfig,
     open_backend,
 )
-from pipeline.process import Processed, RecordProcessor
+from pipeline.process import Limits, Processed, RecordProcessor
 from pipeline.schema import ECS_VERSION
 
 RATE_LATE_TAG = "_envoygeo_rate_late"
@@ -55,8 +55,9 @@ def tune_gc() -> None:
 
 
 def _ingested_now() -> str:
-    """`event.ingested` for a batch: now, in the `@timestamp` text form."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    """`event.ingested` for a batch (and the `@timestamp` of its records with no
+    other time): now, in the `@timestamp` text form."""
+    return ingested_now()
 
 
 class Enriched(NamedTuple):
@@ -114,7 +115,7 @@ class Enricher:
                 processor.parser, processor.resolver,
                 self._geo_source_fragment if geoip is not None else None,
                 geoip.cache_size if geoip is not None else 0,
-                rates.windows if rates is not None else ())
+                rates.windows if rates is not None else (), processor.limits)
             self.native_status = "on" if self._fast is not None else f"off: {why}"
         tune_gc()
 
@@ -124,7 +125,8 @@ class Enricher:
         """Build every stage from the configuration; raises with a reason if one cannot start."""
         parser = make_parser(settings.parse.log_format, settings.parse.json_keys or None)
         policy = ClientIpPolicy(tuple(settings.client_ip.trusted_proxies),
-                                settings.client_ip.trusted_hops)
+                                settings.client_ip.trusted_hops,
+                                settings.client_ip.envoy_use_remote_address)
         g = settings.geoip
         geoip = GeoIP.from_config(g) if (g.city or g.country or g.asn) else None
         rates = alerts = None
@@ -133,8 +135,9 @@ class Enricher:
             if settings.rates.alerts:
                 alerts = AlertEngine(settings.rates.alerts, rates,
                                      lateness_s=settings.rates.lateness_s)
-        return cls(RecordProcessor(parser, ClientIpResolver(policy)), geoip, rates, alerts,
-                   on_rates)
+        limits = Limits(settings.limits.max_line_bytes, settings.limits.max_field_bytes)
+        return cls(RecordProcessor(parser, ClientIpResolver(policy), limits), geoip, rates,
+                   alerts, on_rates)
 
     @classmethod
     def build(cls, processor: RecordProcessor, geoip: GeoIP | None,
@@ -151,21 +154,30 @@ class Enricher:
     # -- batches --
 
     def enrich_records(self, values: Sequence[bytes], flush_partials: bool = True,
+                       kafka_ts: Sequence[float | None] | None = None,
                        ) -> tuple[list[Processed | None], list[dict[str, Any]]]:
-        """One Processed per value (None: a partial line joined into a later one)."""
+        """One Processed per value (None: a partial line joined into a later one).
+
+        `kafka_ts`: each record's Kafka timestamp (`sources.kafka.record_times`), for
+        `@timestamp` when the record has no time of its own; without it, ingest time.
+        """
         process = self.processor.process_record
-        out: list[Processed | None] = [process(v) for v in values]
+        ingested = self.processor.ingested = _ingested_now()
+        out: list[Processed | None] = (
+            [process(v) for v in values] if kafka_ts is None
+            else [process(v, t) for v, t in zip(values, kafka_ts, strict=True)])
         self.records_python += len(out)
         if flush_partials:
             held = [i for i, r in enumerate(out) if r is None]
             for slot, rec in self._flushed_into(held):
                 out[slot] = rec
-        return out, self._enrich(out)
+        return out, self._enrich(out, ingested=ingested)
 
     def flush(self) -> tuple[list[Processed], list[dict[str, Any]]]:
         """End of input: partial lines still held back, enriched like the rest."""
+        ingested = self.processor.ingested = _ingested_now()
         out = self.processor.flush_records()
-        return out, self._enrich(out)  # type: ignore[arg-type]
+        return out, self._enrich(out, ingested=ingested)  # type: ignore[arg-type]
 
     def _enrich(self, out: Sequence[Processed | None], count: bool = True,
                 ingested: str | None = None) -> list[dict[str, Any]]:
@@ -216,18 +228,21 @@ class Enricher:
                 alerts = self.alerts.evaluate(events, counts, self._alert_geo)
         return alerts
 
-    def enrich_batch(self, values: Sequence[bytes]) -> tuple[list[Enriched], list[dict[str, Any]]]:
+    def enrich_batch(self, values: Sequence[bytes],
+                     kafka_ts: Sequence[float | None] | None = None,
+                     ) -> tuple[list[Enriched], list[dict[str, Any]]]:
         """The worker's entry point: serialised documents, one per input value."""
         if self._fast is not None:
-            return self._enrich_batch_native(values)
-        records, alerts = self.enrich_records(values)
+            return self._enrich_batch_native(values, kafka_ts)
+        records, alerts = self.enrich_records(values, kafka_ts=kafka_ts)
         dumps = orjson.dumps
         return [
             Enriched(None, None) if r is None else Enriched(dumps(r.doc), r.error)
             for r in records
         ], alerts
 
-    def _native_batch(self, values: Sequence[bytes]) -> _NativeRun:
+    def _native_batch(self, values: Sequence[bytes],
+                      kafka_ts: Sequence[float | None] | None) -> _NativeRun:
         """A batch through the compiled core, up to (not including) serialisation.
 
         The core writes the documents it can; the records it hands back run through
@@ -249,13 +264,15 @@ class Enricher:
                 self.native_geo_status = "on" if why is None else f"off: {why}"
                 self._native_geo_generation = generation
         hits, native_lookups = core.geo_hits, core.geo_native_lookups
-        ingested = _ingested_now()
+        ingested = self.processor.ingested = _ingested_now()
         batch = core.begin(values if isinstance(values, list) else list(values),
-                           ingested, generation)
+                           ingested, generation,
+                           kafka_ts if kafka_ts is None or isinstance(kafka_ts, list)
+                           else list(kafka_ts))
         if geo is not None:
             geo.external_hits += core.geo_hits - hits
             geo.external_misses += core.geo_native_lookups - native_lookups
-        records = self._python_records(batch, values)
+        records = self._python_records(batch, values, kafka_ts)
         n_python = len(records)  # before flushed lines fill held-back slots (same keys)
         self.records_python += n_python
         self.records_native += len(values) - n_python
@@ -287,7 +304,8 @@ class Enricher:
                     alerts = self.alerts.evaluate(events, counts, self._alert_geo)
         return _NativeRun(batch, records, alerts)
 
-    def _python_records(self, batch: Any, values: Sequence[bytes]
+    def _python_records(self, batch: Any, values: Sequence[bytes],
+                        kafka_ts: Sequence[float | None] | None,
                         ) -> dict[int, Processed | None]:
         """The batch's records the Python path owns, processed in record order.
 
@@ -314,10 +332,11 @@ class Enricher:
                 joined = feed(env)  # as process_record(values[k]) would
                 if joined is not env:  # a piece of the open line: the joiner's now
                     hand_back(batch, k)
-                    records[k] = None if joined is None else record(joined)
+                    records[k] = None if joined is None else record(
+                        joined, None if kafka_ts is None else kafka_ts[k])
                 k += 1
             if i < len(values):
-                records[i] = process(values[i])
+                records[i] = process(values[i], None if kafka_ts is None else kafka_ts[i])
             k = i + 1
         held = sorted(i for i, r in records.items() if r is None)
         for slot, rec in self._flushed_into(held):
@@ -325,9 +344,10 @@ class Enricher:
         return dict(sorted(records.items()))
 
     def _enrich_batch_native(self, values: Sequence[bytes],
+                             kafka_ts: Sequence[float | None] | None,
                              ) -> tuple[list[Enriched], list[dict[str, Any]]]:
         """`enrich_batch` through the compiled core."""
-        batch, records, alerts = self._native_batch(values)
+        batch, records, alerts = self._native_batch(values, kafka_ts)
         fallback = batch.fallback
         docs = batch.finish()
         if not fallback:
@@ -344,18 +364,19 @@ class Enricher:
         return out, alerts
 
     def enrich_bulk(self, values: list[bytes], topics: list[str], partitions: list[int],
-                    offsets: list[int], head: bytes, drop_errors: bool) -> BulkReady | None:
+                    offsets: list[int], head: bytes, drop_errors: bool,
+                    kafka_ts: list[float | None] | None = None) -> BulkReady | None:
         """The worker's compiled path: the batch enriched straight into a `_bulk` body.
 
         Record i's document id is `topics[i]-partitions[i]-offsets[i]` after `head`
         (the action line up to the id, see `ElasticsearchSink.action_head`). Lines that
         could not be parsed are reported in `errors` and, with `drop_errors`, left out
-        of the body (the worker dead-letters them). None: use `enrich_batch` (no
-        compiled core).
+        of the body (the worker dead-letters them). `kafka_ts`: as for `enrich_records`.
+        None: use `enrich_batch` (no compiled core).
         """
         if self._fast is None:
             return None
-        batch, records, alerts = self._native_batch(values)
+        batch, records, alerts = self._native_batch(values, kafka_ts)
         errors: list[tuple[int, str]] = []
         python_docs: dict[int, bytes | None] = {}
         for i, rec in records.items():
@@ -392,9 +413,43 @@ class Enricher:
             return {}
         return geoip_mod.geo_fields(self.geoip.lookup(ip))
 
+    def _counted(self, name: str, python: int) -> int:
+        """A per-record count of the Python path plus the compiled core's."""
+        return python + (getattr(self._fast, name) if self._fast is not None else 0)
+
+    @property
+    def lines_truncated(self) -> int:
+        """Records whose line was cut to `limits.max_line_bytes`."""
+        return self._counted("lines_truncated", self.processor.lines_truncated)
+
+    @property
+    def fields_truncated(self) -> int:
+        """Records with a field cut to `limits.max_field_bytes`."""
+        return self._counted("fields_truncated", self.processor.fields_truncated)
+
+    @property
+    def no_remote_address(self) -> int:
+        """Records whose line holds no address Envoy saw (`clientip_no_remote_address`)."""
+        return self._counted("no_remote_address", self.processor.resolver.no_remote_address)
+
+    def no_remote_address_note(self) -> str:
+        """What a summary says about records with no address Envoy saw ("" if none)."""
+        n = self.no_remote_address
+        if not n:
+            return ""
+        if self.processor.resolver.policy.envoy_use_remote_address:
+            return (f"{n} lines had no address Envoy saw, not even in X-Forwarded-For "
+                    "(does Envoy run with use_remote_address: true?)")
+        return (f"{n} lines had no address Envoy saw (Envoy's default format?): set "
+                "client_ip.envoy_use_remote_address if Envoy runs with "
+                "use_remote_address: true")
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"parsed": self.processor.parsed, "failed": self.processor.failed,
-                               "native": self.native_status}
+                               "native": self.native_status,
+                               "lines_truncated": self.lines_truncated,
+                               "fields_truncated": self.fields_truncated,
+                               "no_remote_address": self.no_remote_address}
         if self._fast is not None:
             out["native_handed_back"] = self._fast.handed_back
             out["native_geoip"] = self.native_geo_status

@@ -31,6 +31,7 @@ from pipeline.decode.envoy_format import (
     envoy_time,
 )
 from pipeline.decode.parser import AutoParser, LineParser
+from pipeline.process import Limits
 from pipeline.schema import ECS_VERSION
 
 try:
@@ -134,8 +135,10 @@ def _table(table: tuple[list[int], list[str]]) -> tuple[list[int], list[str]]:
 
 
 def build_core(parser: LineParser, resolver: ClientIpResolver, geo_lookup: Any,
-               geo_cache_size: int, windows: tuple[int, ...]) -> tuple[Any, str]:
+               geo_cache_size: int, windows: tuple[int, ...],
+               limits: Limits | None = None) -> tuple[Any, str]:
     """(native Core, "") or (None, why not)."""
+    limits = limits or Limits()
     if not available():
         return None, ("switched off (ENVOYGEO_NATIVE=0)" if _native is not None
                       else "not built (no Rust toolchain at install)")
@@ -158,5 +161,9 @@ def build_core(parser: LineParser, resolver: ClientIpResolver, geo_lookup: Any,
         geo_cache_size,
         [f"{w}s" for w in windows],
         ECS_VERSION,
+        resolver.policy.envoy_use_remote_address,
+        limits.max_line_bytes,
+        limits.max_field_bytes,
+        list(_CANONICAL_ORDER),
     )
     return core, ""

@@ -31,7 +31,8 @@ def _kw(name: str, doc: str, array: bool = False) -> Field:
 
 # Source fields of an access-log document (ECS names where ECS has one).
 FIELDS: tuple[Field, ...] = (
-    Field("@timestamp", "date", "Request start (Envoy START_TIME), else the shipper's time."),
+    Field("@timestamp", "date", "Request start (Envoy START_TIME), else the shipper's time, "
+          "else the Kafka record's, else ingest time (envoygeo.timestamp_source says which)."),
     _kw("ecs.version", "ECS version the document follows."),
     _kw("event.kind", "event, or pipeline_error for lines that could not be parsed."),
     _kw("event.category", "ECS category: web.", array=True),
@@ -105,6 +106,10 @@ FIELDS: tuple[Field, ...] = (
     _kw("envoygeo.ip_class", "public, private, loopback, cgnat, link_local, reserved..."),
     _kw("envoygeo.envelope", "Record envelope: fluentbit, fluentd, docker, cri, bare."),
     _kw("envoygeo.stream", "stdout / stderr, when the envelope says."),
+    _kw("envoygeo.timestamp_source", "Where @timestamp came from: log (START_TIME), "
+        "envelope (the shipper's time), kafka (the Kafka record's), ingest (envoygeo's)."),
+    _kw("envoygeo.truncated", "Fields cut to limits.max_field_bytes (tag "
+        "envoygeo_field_truncated; envoygeo_line_truncated: the line was cut).", array=True),
     Field("envoygeo.rate.*", "long", "Requests by this client in the trailing window (e.g. 60s)."),
 )
 

@@ -41,14 +41,17 @@ from pipeline.sinks.elasticsearch import (
     SinkStopped,
 )
 from pipeline.sinks.kafka import KafkaTopicSink, OutRecord
-from pipeline.sources.kafka import KafkaFatalError, KafkaSource
+from pipeline.sources.kafka import KafkaFatalError, KafkaSource, record_times
 
 log = logging.getLogger("envoygeo.worker")
 
 
 class BatchEnricher(Protocol):
-    def enrich_batch(self, values: Sequence[bytes]) -> tuple[list[Enriched], list[dict[str, Any]]]:
-        """One Enriched per value, in order, plus the alerts this batch raised."""
+    def enrich_batch(self, values: Sequence[bytes],
+                     kafka_ts: Sequence[float | None] | None = None,
+                     ) -> tuple[list[Enriched], list[dict[str, Any]]]:
+        """One Enriched per value, in order, plus the alerts this batch raised;
+        `kafka_ts`: each record's Kafka timestamp (`@timestamp`'s fallback)."""
         ...
 
 
@@ -259,6 +262,7 @@ class Worker:
         The next offset per partition is read from the batch's end either way.
         """
         values = [m.value() or b"" for m in msgs]
+        kafka_ts = record_times(msgs)
         enrich_bulk = getattr(self.enricher, "enrich_bulk", None)
         ready = None
         if enrich_bulk is not None:
@@ -266,7 +270,7 @@ class Worker:
             partitions = [m.partition() for m in msgs]
             offsets = [m.offset() for m in msgs]
             ready = enrich_bulk(values, topics, partitions, offsets, self._bulk_head,
-                                self.settings.parse.unparsed == "dead_letter")
+                                self.settings.parse.unparsed == "dead_letter", kafka_ts)
         if ready is not None:
             dead = self._unparsed(msgs, ready.errors)
             items: list[BulkItem] | EncodedBulk = EncodedBulk(
@@ -275,7 +279,7 @@ class Worker:
                           offsets, values))
             alerts = ready.alerts
         else:
-            items, dead, alerts = self._prepare_items(msgs, values)
+            items, dead, alerts = self._prepare_items(msgs, values, kafka_ts)
         # Records of a partition arrive in offset order: its last one here is the newest.
         offsets_done: dict[tuple[str, int], int] = {}
         assigned = len(self.source.assigned) if self.source is not None else 0
@@ -291,10 +295,11 @@ class Worker:
         return Batch(items, dead, alerts, offsets_done, len(msgs))
 
     def _prepare_items(self, msgs: list[Message], values: list[bytes],
+                       kafka_ts: list[float | None],
                        ) -> tuple[list[BulkItem], list[OutRecord], list[dict[str, Any]]]:
         """The batch as BulkItems, through `enrich_batch` (any BatchEnricher)."""
         index = self.settings.elasticsearch.index
-        results, alerts = self.enricher.enrich_batch(values)
+        results, alerts = self.enricher.enrich_batch(values, kafka_ts)
         errors = [(i, r.error) for i, r in enumerate(results) if r.error is not None]
         dead = self._unparsed(msgs, errors)
         skip = {i for i, _ in errors} if dead else set()
@@ -447,11 +452,28 @@ class Worker:
             self.metrics.geoip_cache.labels("miss").set(geo["cache_misses"])
             self.metrics.geoip_reload_failures.set(geo["reload_failures"])
 
+    def _record_notes(self) -> tuple[str, dict[str, int]]:
+        """The progress line's clauses on records that lost something: cut to the
+        limits, or with no address Envoy saw (naming the option that may fix it)."""
+        e = self.enricher
+        counts = {name: getattr(e, name) for name in
+                  ("lines_truncated", "fields_truncated", "no_remote_address")
+                  if isinstance(getattr(e, name, None), int)}
+        text = ""
+        if counts.get("lines_truncated") or counts.get("fields_truncated"):
+            text += (f", {counts['lines_truncated']} lines cut to limits.max_line_bytes, "
+                     f"{counts['fields_truncated']} with fields cut to limits.max_field_bytes")
+        note = getattr(e, "no_remote_address_note", None)
+        if note is not None and (said := note()):
+            text += f"; {said}"
+        return text, counts
+
     def _log_progress(self, final: bool = False) -> None:
         p = self.progress
         elapsed = max(time.monotonic() - p.started, 1e-9)
+        notes, note_counts = self._record_notes()
         log.info(
-            "%s: %d in, %d indexed, %d dead-lettered, %d unparsed, %d alerts, %.0f rec/s%s",
+            "%s: %d in, %d indexed, %d dead-lettered, %d unparsed, %d alerts, %.0f rec/s%s%s",
             "summary" if final else "progress",
             p.records_in,
             p.indexed,
@@ -460,6 +482,7 @@ class Worker:
             p.alerts,
             p.records_in / elapsed,
             ", paused" if self.source is not None and self.source.paused else "",
+            notes,
             extra={
                 "fields": {
                     "records_in": p.records_in,
@@ -467,6 +490,7 @@ class Worker:
                     "dead_lettered": p.dead_lettered,
                     "unparsed": p.unparsed,
                     "alerts": p.alerts,
+                    **note_counts,
                 }
             },
         )

@@ -10,6 +10,8 @@ use crate::scan::is_py_space;
 pub struct Policy {
     pub trusted: Vec<(u8, u128, u128)>,
     pub hops: usize,
+    /// `ClientIpPolicy.envoy_use_remote_address`: the rightmost XFF entry is Envoy's.
+    pub use_remote_address: bool,
     pub v4: (Vec<u128>, Vec<&'static str>),
     pub v6: (Vec<u128>, Vec<&'static str>),
 }
@@ -230,16 +232,19 @@ impl Policy {
                 entries.push(a);
             }
         }
+        // With use_remote_address Envoy appended the address it saw: Envoy's own record.
+        let envoy_saw = if self.use_remote_address { entries.pop().flatten() } else { None };
         for up in [upstream_host, upstream_local] {
             let up = up.filter(|u| !u.is_empty()).map(|u| u.strip_prefix("tcp://").unwrap_or(u));
             if let (Some(ua), _, _) = self.endpoint(up)? {
                 add(&mut related, &ua.ip);
             }
         }
-        let remote = match (remote, &direct) {
-            (Some(r), _) => r,
-            (None, Some(d)) => d.clone(),
-            (None, None) => {
+        let (remote, port) = match (remote, &direct, envoy_saw) {
+            (Some(r), _, _) => (r, port),
+            (None, Some(d), _) => (d.clone(), port),
+            (None, None, Some(e)) => (e, None),
+            (None, None, None) => {
                 if remote_text.is_none() {
                     tags.push("clientip_no_remote_address");
                 }

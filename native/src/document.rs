@@ -22,6 +22,47 @@ pub struct Doc {
     pub tags: Vec<String>,
     pub early_tags: bool,
     pub kubernetes: Option<std::sync::Arc<Vec<u8>>>,
+    /// What the core counts (and takes back off its counters on `hand_back`).
+    pub line_cut: bool,
+    pub fields_cut: bool,
+    pub no_remote: bool,
+}
+
+pub const LINE_TRUNCATED_TAG: &str = "envoygeo_line_truncated";
+pub const FIELD_TRUNCATED_TAG: &str = "envoygeo_field_truncated";
+const NO_REMOTE_TAG: &str = "clientip_no_remote_address";
+
+/// The largest `i <= limit` at a character boundary of `s` (`cut_utf8`'s cut).
+pub fn floor_boundary(s: &str, limit: usize) -> usize {
+    let mut i = limit.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// `pipeline.process.cut_fields` on parsed spans: every text value longer than
+/// `limit` bytes is cut; returns the names of those fields, slots first, in order.
+pub fn cut_fields(line: &str, parsed: &mut Parsed, fmt: &Format, limit: usize,
+                  slot_names: &[String]) -> Vec<String> {
+    let mut names = Vec::new();
+    for (slot, v) in parsed.slots.iter_mut().enumerate() {
+        if let Val::Str(a, b) = *v {
+            if b - a > limit {
+                *v = Val::Str(a, a + floor_boundary(&line[a..b], limit));
+                names.push(slot_names[slot].clone());
+            }
+        }
+    }
+    for (fi, v) in parsed.extras.iter_mut() {
+        if let Val::Str(a, b) = *v {
+            if b - a > limit {
+                *v = Val::Str(a, a + floor_boundary(&line[a..b], limit));
+                names.push(fmt.field(*fi).extra_key.clone());
+            }
+        }
+    }
+    names
 }
 
 /// `document._endpoint`: (host, port), IPv4-mapped hosts in their IPv4 form.
@@ -138,19 +179,44 @@ pub fn build(
     geo: Option<&Geo>,
     ingested: &str,
     clock: &mut IsoClock,
+    kafka_ts: Option<f64>,
+    truncated: &[String],
+    line_cut: bool,
 ) -> Result<Doc, ()> {
     let start = out.len();
     out.push(b'{');
-    let ts = f.t(START_TIME).or(env.ts);
-    if let Some(ts) = ts {
-        key!(out, "@timestamp");
-        out.push(b'"');
-        if !clock.write(out, ts) {
-            return Err(());
+    // `document.timestamp_of`: the event time (also the rate stage's), else when the
+    // record travelled.
+    let log_ts = f.t(START_TIME);
+    let ts = log_ts.or(env.ts);
+    let stamp_source = if log_ts.is_some() {
+        "log"
+    } else if env.ts.is_some() {
+        "envelope"
+    } else if kafka_ts.is_some() {
+        "kafka"
+    } else {
+        "ingest"
+    };
+    key!(out, "@timestamp");
+    match ts.or(kafka_ts) {
+        Some(t) => {
+            out.push(b'"');
+            if !clock.write(out, t) {
+                return Err(());
+            }
+            out.push(b'"');
         }
-        out.push(b'"');
+        None => write_str(out, ingested),
     }
     let mut tags: Vec<String> = cip.tags.iter().map(|t| (*t).to_owned()).collect();
+    let no_remote = cip.tags.contains(&NO_REMOTE_TAG);
+    if line_cut {
+        tags.push(LINE_TRUNCATED_TAG.to_owned());
+    }
+    if !truncated.is_empty() {
+        tags.push(FIELD_TRUNCATED_TAG.to_owned());
+    }
     let early_tags = !tags.is_empty();
     if let Some(ip) = &cip.ip {
         key!(out, "source");
@@ -304,8 +370,21 @@ pub fn build(
     write_str(out, cip.source);
     key!(out, "envelope");
     write_str(out, env.kind);
+    key!(out, "timestamp_source");
+    write_str(out, stamp_source);
     opt_str(out, q!("ip_class"), cip.class);
     opt_str(out, q!("stream"), env.stream.as_deref());
+    if !truncated.is_empty() {
+        key!(out, "truncated");
+        out.push(b'[');
+        for (i, name) in truncated.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(out, name);
+        }
+        out.push(b']');
+    }
 
     let head_end = out.len();
     if !cip.related.is_empty() {
@@ -326,6 +405,9 @@ pub fn build(
         tags,
         early_tags,
         kubernetes,
+        line_cut,
+        fields_cut: !truncated.is_empty(),
+        no_remote,
     })
 }
 

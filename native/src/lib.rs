@@ -95,6 +95,18 @@ struct Core {
     parsed: u64,
     #[pyo3(get)]
     handed_back: u64,
+    /// Records written here whose line / some field was cut (`limits`), and those
+    /// with no address Envoy saw (`clientip_no_remote_address`).
+    #[pyo3(get)]
+    lines_truncated: u64,
+    #[pyo3(get)]
+    fields_truncated: u64,
+    #[pyo3(get)]
+    no_remote_address: u64,
+    max_line_bytes: usize,
+    max_field_bytes: usize,
+    /// AccessLog's field names by slot (`_CANONICAL_ORDER`), for `envoygeo.truncated`.
+    slot_names: Vec<String>,
     rate_keys: Vec<Vec<u8>>,
     ecs_version: String,
     spans: Vec<(usize, usize)>,
@@ -129,7 +141,7 @@ struct Batch {
 #[pymethods]
 impl Core {
     #[new]
-    #[pyo3(signature = (formats, trusted, hops, v4_table, v6_table, geo_lookup, geo_cache_size, rate_keys, ecs_version))]
+    #[pyo3(signature = (formats, trusted, hops, v4_table, v6_table, geo_lookup, geo_cache_size, rate_keys, ecs_version, use_remote_address, max_line_bytes, max_field_bytes, slot_names))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         formats: Vec<(String, Plan)>,
@@ -141,9 +153,16 @@ impl Core {
         geo_cache_size: usize,
         rate_keys: Vec<String>,
         ecs_version: String,
+        use_remote_address: bool,
+        max_line_bytes: usize,
+        max_field_bytes: usize,
+        slot_names: Vec<String>,
     ) -> PyResult<Self> {
         if formats.is_empty() {
             return Err(PyValueError::new_err("no formats"));
+        }
+        if slot_names.len() != scan::SLOTS || max_field_bytes == 0 || max_line_bytes < max_field_bytes {
+            return Err(PyValueError::new_err("slot names or limits out of range"));
         }
         // Rendered once as `"10s":`: they are keys of every document's `envoygeo.rate`.
         let rate_keys = rate_keys
@@ -162,6 +181,7 @@ impl Core {
             policy: Policy {
                 trusted,
                 hops,
+                use_remote_address,
                 v4: table(v4_table.0, v4_table.1),
                 v6: table(v6_table.0, v6_table.1),
             },
@@ -175,6 +195,12 @@ impl Core {
             geo_misses: 0,
             parsed: 0,
             handed_back: 0,
+            lines_truncated: 0,
+            fields_truncated: 0,
+            no_remote_address: 0,
+            max_line_bytes,
+            max_field_bytes,
+            slot_names,
             rate_keys,
             ecs_version,
             spans: Vec::new(),
@@ -190,8 +216,12 @@ impl Core {
     /// The work runs without the GIL (the inputs are copied out first), so the
     /// worker's bulk threads keep Elasticsearch fed while a batch is enriched; only a
     /// GeoIP lookup that Python must answer takes it back.
+    ///
+    /// `kafka_ts`: each record's Kafka timestamp (epoch seconds, None when the broker
+    /// has none), the `@timestamp` of a record whose line and envelope carry no time.
+    #[pyo3(signature = (values, ingested, geo_generation, kafka_ts=None))]
     fn begin(&mut self, py: Python<'_>, values: &Bound<'_, PyList>, ingested: &str,
-             geo_generation: i64) -> PyResult<Batch> {
+             geo_generation: i64, kafka_ts: Option<Vec<Option<f64>>>) -> PyResult<Batch> {
         if geo_generation != self.geo_generation {
             self.geo_cache.clear(); // the database was replaced: forget old answers
             self.geo_generation = geo_generation;
@@ -208,8 +238,11 @@ impl Core {
                 Err(_) => None, // str and others: the Python path
             });
         }
+        if kafka_ts.as_ref().is_some_and(|t| t.len() != spans.len()) {
+            return Err(PyValueError::new_err("one Kafka timestamp (or None) per record"));
+        }
         let ingested = ingested.to_owned();
-        py.allow_threads(|| self.run(&data, &spans, &ingested))
+        py.allow_threads(|| self.run(&data, &spans, &ingested, kafka_ts.as_deref()))
     }
 
     /// Record `index`, written here, goes to the Python path after all: the Python
@@ -218,7 +251,14 @@ impl Core {
     /// Its event is Python's to set again; its bytes stay unused in the arena.
     fn hand_back(&mut self, mut batch: PyRefMut<'_, Batch>, index: usize) -> PyResult<()> {
         match batch.recs.get_mut(index) {
-            Some(rec @ Rec::Native(_)) => *rec = Rec::Python,
+            Some(rec @ Rec::Native(_)) => {
+                if let Rec::Native(doc) = &*rec {
+                    self.lines_truncated -= u64::from(doc.line_cut);
+                    self.fields_truncated -= u64::from(doc.fields_cut);
+                    self.no_remote_address -= u64::from(doc.no_remote);
+                }
+                *rec = Rec::Python;
+            }
             _ => return Err(PyValueError::new_err(format!("record {index} is not a native one"))),
         }
         batch.events[index] = None;
@@ -255,8 +295,8 @@ impl Core {
 }
 
 impl Core {
-    fn run(&mut self, data: &[u8], spans: &[Option<(usize, usize)>], ingested: &str)
-           -> PyResult<Batch> {
+    fn run(&mut self, data: &[u8], spans: &[Option<(usize, usize)>], ingested: &str,
+           kafka_ts: Option<&[Option<f64>]>) -> PyResult<Batch> {
         let n = spans.len();
         let mut batch = Batch {
             recs: Vec::with_capacity(n),
@@ -271,7 +311,8 @@ impl Core {
         };
         for (i, span) in spans.iter().enumerate() {
             let rec = match span {
-                Some((a, b)) => self.record(&mut batch.arena, &data[*a..*b], ingested)?,
+                Some((a, b)) => self.record(&mut batch.arena, &data[*a..*b], ingested,
+                                            kafka_ts.and_then(|t| t[i]))?,
                 None => None,
             };
             match rec {
@@ -284,6 +325,9 @@ impl Core {
                         _ => None,
                     };
                     batch.events.push(ev);
+                    self.lines_truncated += u64::from(doc.line_cut);
+                    self.fields_truncated += u64::from(doc.fields_cut);
+                    self.no_remote_address += u64::from(doc.no_remote);
                     batch.recs.push(Rec::Native(doc));
                     self.parsed += 1;
                 }
@@ -299,14 +343,19 @@ impl Core {
     }
 
     /// None: this record to Python; Some(doc): done here.
-    fn record(&mut self, arena: &mut Vec<u8>, data: &[u8], ingested: &str)
-              -> PyResult<Option<Doc>> {
+    fn record(&mut self, arena: &mut Vec<u8>, data: &[u8], ingested: &str,
+              kafka_ts: Option<f64>) -> PyResult<Option<Doc>> {
         let mut env = match envelope::decode(data, &mut self.kube_cache) {
             Decoded::Ok(env) => env,
             Decoded::Fallback => return Ok(None),
         };
         let kubernetes = env.kubernetes.take();
-        let line = env.payload.as_str();
+        let mut line = env.payload.as_str();
+        // `limits.max_line_bytes`, as `RecordProcessor.record` cuts it.
+        let line_cut = line.len() > self.max_line_bytes;
+        if line_cut {
+            line = &line[..document::floor_boundary(line, self.max_line_bytes)];
+        }
         if !line.is_ascii() || line.trim_start_matches(|c: char| scan::is_py_space(c as u8)).starts_with('{') {
             return Ok(None); // non-ASCII (Unicode \s, \d) or an Envoy JSON line
         }
@@ -324,8 +373,10 @@ impl Core {
             }
         }
         self.spans = spans;
-        let Some((k, parsed)) = found else { return Ok(None) };
+        let Some((k, mut parsed)) = found else { return Ok(None) };
         self.last = k;
+        let truncated = document::cut_fields(line, &mut parsed, &self.formats[k],
+                                             self.max_field_bytes, &self.slot_names);
         let fields = Fields::new(line, &parsed);
         use document::*;
         let Ok(cip) = self.policy.resolve(
@@ -343,7 +394,7 @@ impl Core {
         };
         let start = arena.len();
         let doc = build(arena, &env, kubernetes, &self.formats[k], &fields, cip, geo.as_deref(),
-                        ingested, &mut self.clock);
+                        ingested, &mut self.clock, kafka_ts, &truncated, line_cut);
         if doc.is_err() {
             arena.truncate(start); // the Python path writes this one
         }

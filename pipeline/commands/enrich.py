@@ -17,7 +17,7 @@ from pipeline.enrich.alerts import AlertRule
 from pipeline.enrich.geoip import GeoIP, GeoIPReloadError
 from pipeline.enrich.rates import RatesConfig
 from pipeline.enricher import Enricher
-from pipeline.process import Processed, RecordProcessor
+from pipeline.process import MAX_FIELD_BYTES, MAX_LINE_BYTES, Limits, Processed, RecordProcessor
 
 EPILOG = """\b
 Input: one record per line, each in any envelope (detected per record):
@@ -37,12 +37,22 @@ Client IP: %DOWNSTREAM_REMOTE_ADDRESS% (the PROXY-protocol client when Envoy's
   proxy_protocol listener filter is on). X-Forwarded-For is consulted only when
   that address is in a --trusted-proxy CIDR, right to left, over at most
   --trusted-hops entries; the first untrusted entry is the client.
+  Envoy's default format logs no address Envoy saw: if Envoy runs with
+  use_remote_address: true it appended that address to X-Forwarded-For, and
+  --envoy-use-remote-address takes the rightmost entry as it (then walks on).
+
+\b
+Limits: a line longer than --max-line-bytes is cut (tag envoygeo_line_truncated),
+  a value longer than --max-field-bytes too (tag envoygeo_field_truncated, its
+  name in envoygeo.truncated). Records with no time of their own get the time
+  they were read as @timestamp (envoygeo.timestamp_source: ingest).
 
 \b
 Examples:
   envoygeo enrich access.log
   kubectl logs deploy/istio-ingressgateway | envoygeo enrich --log-format istio
   envoygeo enrich --trusted-proxy 10.0.0.0/8 --trusted-hops 2 lb-logs.txt
+  envoygeo enrich --log-format envoy --envoy-use-remote-address default-format.log
   envoygeo enrich --log-format json \
       --json-keys 'client=downstream_remote_address,ua=user_agent' x.log
   envoygeo enrich --json-keys my-json-format.json x.log   # a json_format block works as is
@@ -91,6 +101,13 @@ def _alert_rule(spec: str) -> AlertRule:
               help="Proxy/LB network whose X-Forwarded-For is believed. Repeatable.")
 @click.option("--trusted-hops", default=1, show_default=True, type=click.IntRange(min=0),
               help="At most this many X-Forwarded-For entries (from the right) are examined.")
+@click.option("--envoy-use-remote-address", is_flag=True, default=False,
+              help="Envoy runs with use_remote_address: true: the rightmost X-Forwarded-For "
+                   "entry is the address Envoy saw (client_ip.envoy_use_remote_address).")
+@click.option("--max-line-bytes", default=MAX_LINE_BYTES, show_default=True,
+              type=click.IntRange(min=1024), help="Lines are cut to this many bytes (tagged).")
+@click.option("--max-field-bytes", default=MAX_FIELD_BYTES, show_default=True,
+              type=click.IntRange(min=1), help="Values are cut to this many bytes (tagged).")
 @click.option("--geoip-city", type=click.Path(exists=True, dir_okay=False),
               help="City .mmdb (GeoIP2/GeoLite2, DB-IP Lite, or ip-location-db flat layout).")
 @click.option("--geoip-country", type=click.Path(exists=True, dir_okay=False),
@@ -107,7 +124,9 @@ def _alert_rule(spec: str) -> AlertRule:
 @click.option("--alerts-out", type=click.File("wb"), default=None,
               help="Write alert documents here (JSON lines); default: count only.")
 def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
-           trusted_proxies: tuple[str, ...], trusted_hops: int, geoip_city: str | None,
+           trusted_proxies: tuple[str, ...], trusted_hops: int,
+           envoy_use_remote_address: bool, max_line_bytes: int, max_field_bytes: int,
+           geoip_city: str | None,
            geoip_country: str | None, geoip_asn: str | None, rates: bool,
            rate_windows: tuple[int, ...], lateness: int, alert_specs: tuple[str, ...],
            alerts_out: BinaryIO | None) -> None:
@@ -119,11 +138,15 @@ def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
     try:
         keys = load_json_keys(json_keys)
         parser = make_parser(log_format, keys)
-        policy = ClientIpPolicy(tuple(trusted_proxies), trusted_hops)
+        policy = ClientIpPolicy(tuple(trusted_proxies), trusted_hops, envoy_use_remote_address)
     except (FormatError, JsonKeysError) as e:
         raise click.BadParameter(str(e)) from e
     except ValueError as e:
         raise click.BadParameter(f"--trusted-proxy: {e}") from e
+    try:
+        limits = Limits(max_line_bytes, max_field_bytes)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-field-bytes") from e
     rules = [_alert_rule(spec) for spec in alert_specs]
     try:
         geoip = (GeoIP.open(geoip_city, geoip_country, geoip_asn)
@@ -132,8 +155,8 @@ def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
                                  lateness_s=lateness) if rates else None)
         if rules and rates_cfg is None:
             raise ValueError("--alert needs --rates")
-        enricher = Enricher.build(RecordProcessor(parser, ClientIpResolver(policy)), geoip,
-                                  rates_cfg, rules)
+        enricher = Enricher.build(RecordProcessor(parser, ClientIpResolver(policy), limits),
+                                  geoip, rates_cfg, rules)
     except (GeoIPReloadError, ValueError) as e:
         raise click.BadParameter(str(e)) from e
     out = sys.stdout.buffer
@@ -168,6 +191,11 @@ def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
         extra += f", GeoIP cache hits {geoip.hits}/{geoip.hits + geoip.misses}"
     if rates_cfg is not None:
         extra += f", {alerts_total} alerts"
+    if enricher.lines_truncated or enricher.fields_truncated:
+        extra += (f", {enricher.lines_truncated} lines cut to --max-line-bytes, "
+                  f"{enricher.fields_truncated} with fields cut to --max-field-bytes")
+    if note := enricher.no_remote_address_note():
+        extra += f"; {note}"
     click.echo(f"envoygeo enrich: {total} records, {proc.parsed} parsed, {proc.failed} failed"
                + extra, err=True)
     sys.exit(1 if proc.failed else 0)

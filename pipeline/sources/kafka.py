@@ -21,7 +21,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from pipeline.config import KafkaSettings
 from pipeline.kafka_log import LibrdkafkaLogger, kafka_logger
@@ -453,6 +460,21 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int = 6,
         return offsets.total(timeout_s)
     finally:
         offsets.close()
+
+
+def record_times(msgs: Iterable[Message]) -> list[float | None]:
+    """Each record's Kafka timestamp in epoch seconds (producer CreateTime or broker
+    LogAppendTime, as the topic says); None where the broker has none.
+
+    The `@timestamp` of a record whose line and envelope carry no time: when it was
+    produced is the best bound on when it happened that Kafka knows.
+    """
+    out: list[float | None] = []
+    append = out.append
+    for msg in msgs:
+        kind, ms = msg.timestamp()
+        append(ms / 1000 if kind != TIMESTAMP_NOT_AVAILABLE else None)
+    return out
 
 
 def consumer_config(settings: KafkaSettings, instance_id: str | None) -> dict[str, Any]:
