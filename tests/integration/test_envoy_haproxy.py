@@ -29,6 +29,7 @@ from pipeline.decode.envoy_format import (
 )
 from pipeline.decode.parser import make_parser
 from pipeline.decode.presets import ENVOY_DEFAULT, ISTIO_DEFAULT, ISTIO_JSON, ISTIO_LEGACY
+from pipeline.enricher import Enricher
 from pipeline.lab.stack import (
     envoy_binary,
     free_port,
@@ -287,6 +288,51 @@ def test_envoy_default_format_parses(logged: dict[str, list[str]]) -> None:
         assert isinstance(log, AccessLog), line
         assert log.response_code == 200 and log.user_agent == "envoygeo-it/1.0"
         assert log.x_forwarded_for
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_default_format_with_envoy_use_remote_address(logged: dict[str, list[str]],
+                                                      native: bool) -> None:
+    """Envoy's default format logs no address Envoy saw. This Envoy runs with
+    `use_remote_address: true`, so it appended that address (the PROXY-protocol client,
+    or HAProxy for the plain listener) to X-Forwarded-For: with
+    `client_ip.envoy_use_remote_address` every line yields the real client, through
+    the compiled core and the Python path alike; without it, none, and counted.
+
+    Real Envoy 1.40, observed here: for a loopback peer it records no peer address of
+    its own (it appends its own interface address when there is no XFF, nothing when
+    there is one), so for those requests the rightmost entry is what Envoy or HAProxy
+    wrote, not the loopback client. An edge Envoy never has loopback peers.
+    """
+    lines = [line.encode() for line in logged["envoy.log"]]
+    loopback_peer = {"v1-real-v6", "xff", "xff-spoof"}  # ::1 client; HAProxy on 127.0.0.1
+    expected = {c[0]: c[5] for c in CASES if c[0] not in loopback_peer}
+    rightmost = {}
+    for line in logged["envoy.log"]:
+        log = make_parser("envoy").parse(line)
+        assert isinstance(log, AccessLog) and log.x_forwarded_for
+        rightmost[_test_id(log)] = log.x_forwarded_for.rsplit(",", 1)[-1].strip()
+    assert rightmost["v1-real-v6"] not in ("::1", "127.0.0.1")  # Envoy's own address
+
+    def run(use_remote: bool) -> tuple[list[dict], Enricher]:
+        policy = ClientIpPolicy(("127.0.0.0/8",), 1, envoy_use_remote_address=use_remote)
+        e = Enricher.build(RecordProcessor(make_parser("envoy"), ClientIpResolver(policy)),
+                           None, None, native=native)
+        assert (e._fast is not None) == native, e.native_status
+        results, _ = e.enrich_batch(lines)
+        return [json.loads(r.document) for r in results], e
+
+    docs, e = run(True)
+    assert e.records_native == (len(lines) if native else 0)
+    got = {d["url"]["query"].partition("t=")[2]: d.get("source", {}).get("ip") for d in docs}
+    assert {k: v for k, v in got.items() if k not in loopback_peer} == expected
+    assert {k: got[k] for k in loopback_peer} == {k: rightmost[k] for k in loopback_peer}
+    assert e.no_remote_address == 0
+
+    docs, e = run(False)
+    assert all("source" not in d for d in docs)
+    assert e.no_remote_address == len(lines)
+    assert "client_ip.envoy_use_remote_address" in e.no_remote_address_note()
 
 
 def test_enrich_pipeline_over_all_logs(logged: dict[str, list[str]]) -> None:

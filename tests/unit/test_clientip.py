@@ -170,3 +170,44 @@ def test_no_remote_address_logged() -> None:
     cip = resolve(LB, x_forwarded_for="81.2.69.142")
     assert cip.ip is None and cip.source == "none"
     assert cip.tags == ["clientip_no_remote_address"] and cip.related == ["81.2.69.142"]
+
+
+# -- client_ip.envoy_use_remote_address ---------------------------------------------
+
+_USE_REMOTE = dict(envoy_use_remote_address=True)
+
+
+def test_default_format_has_no_client_without_the_option() -> None:
+    cip = resolve(ClientIpPolicy(), x_forwarded_for="203.0.113.50,89.160.20.112")
+    assert cip.ip is None and "clientip_no_remote_address" in cip.tags
+
+
+def test_rightmost_xff_entry_is_the_peer_with_the_option() -> None:
+    cip = resolve(ClientIpPolicy(**_USE_REMOTE), x_forwarded_for="203.0.113.50, 89.160.20.112")
+    assert (cip.ip, cip.source, cip.port) == ("89.160.20.112", "peer", None)
+    assert "clientip_no_remote_address" not in cip.tags
+
+
+def test_the_walk_continues_left_of_envoys_entry() -> None:
+    """Envoy saw a trusted LB (its entry, rightmost); the LB's entry left of it names
+    the client."""
+    policy = ClientIpPolicy(("10.0.0.0/8",), 1, envoy_use_remote_address=True)
+    cip = resolve(policy, x_forwarded_for="6.6.6.6, 203.0.113.50, 10.0.0.2")
+    assert (cip.ip, cip.source) == ("203.0.113.50", "x_forwarded_for")
+
+
+def test_envoys_entry_is_never_a_hop_when_the_line_has_the_address() -> None:
+    """With use_remote_address Envoy appended the remote address it logs: without the
+    option that entry uses up trusted_hops=1 and the client is never reached."""
+    fields = dict(downstream_remote_address="10.0.0.2:5555",
+                  x_forwarded_for="203.0.113.50, 10.0.0.2")
+    without = resolve(ClientIpPolicy(("10.0.0.0/8",), 1), **fields)
+    assert without.ip == "10.0.0.2" and "clientip_xff_all_trusted" in without.tags
+    opted = resolve(ClientIpPolicy(("10.0.0.0/8",), 1, envoy_use_remote_address=True), **fields)
+    assert (opted.ip, opted.source) == ("203.0.113.50", "x_forwarded_for")
+
+
+def test_the_option_never_overrides_an_untrusted_peer() -> None:
+    cip = resolve(ClientIpPolicy(("10.0.0.0/8",), 2, envoy_use_remote_address=True),
+                  x_forwarded_for="10.0.0.9, 89.160.20.112")
+    assert (cip.ip, cip.source) == ("89.160.20.112", "peer")  # a spoofed hop is ignored

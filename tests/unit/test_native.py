@@ -35,7 +35,7 @@ from pipeline.enrich.geoip import native_spec as geoip_native_spec
 from pipeline.enrich.rates import RatesConfig
 from pipeline.enrich.rates.memory import MemoryRates
 from pipeline.enricher import Enricher
-from pipeline.process import RecordProcessor
+from pipeline.process import Limits, RecordProcessor
 from pipeline.sinks.elasticsearch import BulkItem, action_head, encode_items
 from tests.mmdb_fixtures import PLACES, write_asn, write_city, write_flat_city
 from tests.unit.decode_samples import sample_lines
@@ -60,8 +60,9 @@ RATES = RatesConfig(windows=(1, 10, 60), lateness_s=5)
 def make_enricher(*, use_native: bool, log_format: str = "auto",
                   policy: ClientIpPolicy | None = None, geo: GeoIP | None = None,
                   rates: RatesConfig | None = RATES,
-                  rules: Sequence[AlertRule] = ()) -> Enricher:
-    proc = RecordProcessor(make_parser(log_format), ClientIpResolver(policy or ClientIpPolicy()))
+                  rules: Sequence[AlertRule] = (), limits: Limits | None = None) -> Enricher:
+    proc = RecordProcessor(make_parser(log_format), ClientIpResolver(policy or ClientIpPolicy()),
+                           limits)
     e = Enricher.build(proc, geo, rates, rules, native=use_native)
     assert (e._fast is not None) == use_native or log_format == "json"
     return e
@@ -69,10 +70,12 @@ def make_enricher(*, use_native: bool, log_format: str = "auto",
 
 def run_both(records: Sequence[bytes], batch: int = 64,
              rates_for: Callable[[bool], RatesConfig] | None = None, *,
-             native: int | None = None, native_min: int | None = None, **kw: Any
+             native: int | None = None, native_min: int | None = None,
+             kafka_ts: Sequence[float | None] | None = None, **kw: Any
              ) -> tuple[list[Any], list[Any], Enricher]:
     """Documents+errors and alerts from both paths; asserts they are identical.
 
+    `kafka_ts`: each record's Kafka timestamp, passed as the worker passes them.
     `native`: how many of the records the compiled core must have written; or, where
     the inputs are random, `native_min` (> 0): at least that many.
     `rates_for(use_native)`: a rate configuration per path (e.g. separate Redis keys).
@@ -89,7 +92,8 @@ def run_both(records: Sequence[bytes], batch: int = 64,
         docs: list[Any] = []
         alerts: list[Any] = []
         for i in range(0, len(records), batch):
-            d, a = e.enrich_batch(list(records[i:i + batch]))
+            d, a = e.enrich_batch(list(records[i:i + batch]),
+                                  None if kafka_ts is None else list(kafka_ts[i:i + batch]))
             docs += d
             alerts += a
         outs.append((docs, alerts))

@@ -72,19 +72,50 @@ _remote = st.one_of(_address, st.builds(_endpoint, st.sampled_from(
      "203.0.113.7"]), st.integers(0, 65535), st.integers(0, 3)))
 
 
+# Envoy's default format logs no address Envoy saw: only XFF (client_ip.
+# envoy_use_remote_address reads Envoy's own entry from it).
+XFF_ONLY = compile_format("%START_TIME%|%RESPONSE_CODE%|%REQ(X-FORWARDED-FOR)%\n")
+
+
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(_remote, _address, _xff), min_size=1, max_size=8),
-       st.lists(st.sampled_from(_TRUSTED), max_size=5, unique=True), st.integers(0, 4))
+       st.lists(st.sampled_from(_TRUSTED), max_size=5, unique=True), st.integers(0, 4),
+       st.booleans())
 def test_client_ip_policies_identical(requests: list[tuple[str, str, str]],
-                                      trusted: list[str], hops: int) -> None:
+                                      trusted: list[str], hops: int, use_remote: bool) -> None:
     records = [ADDRESSES.render({
         "DOWNSTREAM_REMOTE_ADDRESS": remote, "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": peer,
         "START_TIME": "2026-11-29T01:13:00.665Z", "RESPONSE_CODE": "200",
         "REQ(X-FORWARDED-FOR)": xff}).encode() + b"\n" for remote, peer, xff in requests]
     docs, _, _ = run_both(records, batch=3, log_format=ADDRESSES.source,
-                          policy=ClientIpPolicy(tuple(trusted), hops), native=len(records))
+                          policy=ClientIpPolicy(tuple(trusted), hops, use_remote),
+                          native=len(records))
     for d in docs:  # what the examples reached (--hypothesis-show-statistics)
         event(f"ip_source {orjson.loads(d.document)['envoygeo'].get('ip_source')}")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_xff, min_size=1, max_size=8),
+       st.lists(st.sampled_from(_TRUSTED), max_size=5, unique=True), st.integers(0, 4),
+       st.booleans())
+def test_default_format_envoy_use_remote_address_identical(
+        chains: list[str], trusted: list[str], hops: int, use_remote: bool) -> None:
+    """No address field in the line: with the option the rightmost XFF entry is the
+    peer (then the walk), without it no client at all; both paths alike, counted alike."""
+    records = [XFF_ONLY.render({"START_TIME": "2026-11-29T01:13:00.665Z",
+                                "RESPONSE_CODE": "200", "REQ(X-FORWARDED-FOR)": xff}).encode()
+               + b"\n" for xff in chains]
+    docs, _, e = run_both(records, batch=3, log_format=XFF_ONLY.source,
+                          policy=ClientIpPolicy(tuple(trusted), hops, use_remote),
+                          native=len(records))
+    missing = 0
+    for d in docs:
+        doc = orjson.loads(d.document)
+        missing += "clientip_no_remote_address" in doc.get("tags", [])
+        if not use_remote:
+            assert "source" not in doc
+        event(f"use_remote {use_remote} ip_source {doc['envoygeo'].get('ip_source')}")
+    assert e.no_remote_address == e._fast.no_remote_address == missing
 
 
 # -- GeoIP --
