@@ -31,7 +31,7 @@ class Limits:
         UTF-8 bytes before it is parsed: a runaway line costs a bounded parse and a
         bounded document, and is still indexed (tagged) rather than lost.
     max_field_bytes: each text value parsed from the line (user agent, path, XFF,
-        any extra) is cut to this many bytes, so a 20 MB header is an 8 KiB field.
+        any extra) is cut to this many bytes, so a 30 KB header is an 8 KiB field.
     """
 
     max_line_bytes: int = MAX_LINE_BYTES
