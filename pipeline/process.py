@@ -127,7 +127,9 @@ class RecordProcessor:
     def record(self, env: Envelope, kafka_ts: float | None = None) -> Processed:
         payload = env.payload
         if env.error is not None or payload is None:
-            original = cut_utf8(env.original, self.limits.max_line_bytes)
+            # `event.original` (the line, else the whole record), bounded like a line.
+            original = cut_utf8(payload if payload is not None else env.original,
+                                self.limits.max_line_bytes)
             return self._failure(env, env.error or "no access-log payload", kafka_ts,
                                  original)
         line_cut = False

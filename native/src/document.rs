@@ -376,14 +376,7 @@ pub fn build(
     opt_str(out, q!("stream"), env.stream.as_deref());
     if !truncated.is_empty() {
         key!(out, "truncated");
-        out.push(b'[');
-        for (i, name) in truncated.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(out, name);
-        }
-        out.push(b']');
+        str_array(out, truncated);
     }
 
     let head_end = out.len();
@@ -413,6 +406,18 @@ pub fn build(
 
 pub const RATE_LATE_TAG: &str = "_envoygeo_rate_late";
 
+/// `["a","b"]`: a JSON array of strings.
+fn str_array(out: &mut Vec<u8>, items: &[String]) {
+    out.push(b'[');
+    for (i, t) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, t);
+    }
+    out.push(b']');
+}
+
 /// The rest of the document once rates are known, written to `out` (cleared first):
 /// the document is the arena's `doc.head` followed by `out`.
 pub fn finish(out: &mut Vec<u8>, arena: &[u8], doc: &mut Doc, rate_keys: &[Vec<u8>],
@@ -438,14 +443,7 @@ pub fn finish(out: &mut Vec<u8>, arena: &[u8], doc: &mut Doc, rate_keys: &[Vec<u
     }
     let write_tags = |out: &mut Vec<u8>, tags: &[String]| {
         key!(out, "tags");
-        out.push(b'[');
-        for (i, t) in tags.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(out, t);
-        }
-        out.push(b']');
+        str_array(out, tags);
     };
     if doc.early_tags {
         write_tags(out, &doc.tags);

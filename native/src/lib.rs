@@ -375,8 +375,13 @@ impl Core {
         self.spans = spans;
         let Some((k, mut parsed)) = found else { return Ok(None) };
         self.last = k;
-        let truncated = document::cut_fields(line, &mut parsed, &self.formats[k],
-                                             self.max_field_bytes, &self.slot_names);
+        // A line no longer than the field limit has no field to cut (the common case).
+        let truncated = if line.len() > self.max_field_bytes {
+            document::cut_fields(line, &mut parsed, &self.formats[k], self.max_field_bytes,
+                                 &self.slot_names)
+        } else {
+            Vec::new()
+        };
         let fields = Fields::new(line, &parsed);
         use document::*;
         let Ok(cip) = self.policy.resolve(
