@@ -473,8 +473,13 @@ def record_times(msgs: Iterable[Message]) -> list[float | None]:
     append = out.append
     for msg in msgs:
         kind, ms = msg.timestamp()
-        append(ms / 1000 if kind != TIMESTAMP_NOT_AVAILABLE else None)
+        # A producer may set any int64: outside 1970..9999 it is no time at all.
+        append(ms / 1000 if kind != TIMESTAMP_NOT_AVAILABLE and 0 <= ms <= _LAST_MS
+               else None)
     return out
+
+
+_LAST_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last `@timestamp` we write
 
 
 def consumer_config(settings: KafkaSettings, instance_id: str | None) -> dict[str, Any]:

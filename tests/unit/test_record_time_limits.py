@@ -15,6 +15,11 @@ from types import SimpleNamespace
 import orjson
 import pytest
 from click.testing import CliRunner
+from confluent_kafka import (
+    TIMESTAMP_CREATE_TIME,
+    TIMESTAMP_LOG_APPEND_TIME,
+    TIMESTAMP_NOT_AVAILABLE,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +31,7 @@ from pipeline.decode.parser import make_parser
 from pipeline.document import iso_timestamp
 from pipeline.enricher import Enricher
 from pipeline.process import Limits, RecordProcessor, cut_utf8
+from pipeline.sources.kafka import record_times
 from pipeline.worker import Worker
 from tests.unit.test_native import _need_native, run_both  # noqa: F401 - autouse fixture
 from tests.unit.test_samples_in_envelopes import WRAPPERS
@@ -95,6 +101,20 @@ def test_log_time_wins_and_rates_keep_event_time() -> None:
     assert untimed["envoygeo"]["timestamp_source"] == "kafka"
     assert untimed["source"]["ip"] == "89.160.20.112"
     assert "rate" not in untimed["envoygeo"]
+
+
+def test_kafka_record_times() -> None:
+    """What the worker hands the enricher: seconds, or None where Kafka has no time (or
+    a producer set one no `@timestamp` can hold)."""
+    msgs = [SimpleNamespace(timestamp=lambda t=t: t) for t in [
+        (TIMESTAMP_CREATE_TIME, 1795900000250), (TIMESTAMP_LOG_APPEND_TIME, 1000),
+        (TIMESTAMP_NOT_AVAILABLE, -1), (TIMESTAMP_CREATE_TIME, -5),
+        (TIMESTAMP_CREATE_TIME, 2**62)]]
+    assert record_times(msgs) == [KAFKA_TS, 1.0, None, None, None]  # type: ignore[arg-type]
+    records = [WRAPPERS["bare"](NO_TIME_LINE)[0]] * 2
+    docs, _, _ = run_both(records, kafka_ts=record_times(msgs[3:5]),  # type: ignore[arg-type]
+                          log_format=NO_TIME, native=2)
+    assert [_stamp(d) for d in _docs(docs)] == [(INGESTED, "ingest")] * 2
 
 
 def test_enrich_command_dates_records_without_time_at_ingest(tmp_path) -> None:
