@@ -26,6 +26,23 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+# Loggers of the Elasticsearch client that say something at INFO for every request
+# ("POST http://...:9200/_bulk [status:200 duration:0.012s]"): hundreds of lines a
+# minute that tell an operator nothing the metrics do not. Their INFO becomes DEBUG;
+# their warnings (a node failing, a retry) stay.
+CHATTY_INFO_LOGGERS = ("elastic_transport.transport", "elastic_transport.node_pool")
+
+
+class DemoteInfo(logging.Filter):
+    """Turns an INFO record into DEBUG, dropped unless DEBUG is enabled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup_logging(level: str = "INFO", json: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -34,3 +51,7 @@ def setup_logging(level: str = "INFO", json: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in CHATTY_INFO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DemoteInfo) for f in logger.filters):
+            logger.addFilter(DemoteInfo())

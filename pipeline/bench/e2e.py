@@ -41,6 +41,7 @@ from pipeline.bench.core import corpus
 from pipeline.bench.enrich_micro import default_geoip_path
 from pipeline.config import load_settings
 from pipeline.enricher import Enricher
+from pipeline.kafka_log import kafka_logger
 from pipeline.setup import ensure_topics, install_templates
 from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, make_client
 from pipeline.sinks.kafka import produce_waiting
@@ -65,7 +66,8 @@ def _produce(bootstrap: str, topic: str, records: list[bytes]) -> None:
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50,
-                         "compression.type": "lz4", "enable.idempotence": True})
+                         "compression.type": "lz4", "enable.idempotence": True},
+                        logger=kafka_logger())
     for i, value in enumerate(records):
         produce_waiting(producer, topic, value, str(i).encode(), wait_s=0.1)
     if producer.flush(120):
@@ -76,7 +78,8 @@ def _delete_topics(bootstrap: str, topics: list[str]) -> None:
     """The run's topics go too: a broker's per-request costs grow with its partitions."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})  # alive until the futures end
+    # alive until the futures end
+    admin = AdminClient({"bootstrap.servers": bootstrap}, logger=kafka_logger())
     for future in admin.delete_topics(topics, operation_timeout=30).values():
         try:
             future.result()

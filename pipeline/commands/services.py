@@ -6,11 +6,14 @@ import sys
 
 import click
 
+from pipeline.kafka_log import kafka_logger
+
 
 def _kafka(bootstrap: str) -> str:
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 3000})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 3000},
+                        logger=kafka_logger())
     meta = admin.list_topics(timeout=5)
     brokers = ", ".join(f"{b.host}:{b.port}" for b in meta.brokers.values())
     return f"brokers {brokers}, {len(meta.topics)} topics"

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Producer
 
+from pipeline.kafka_log import kafka_logger
 from pipeline.sinks.kafka import produce_waiting
 
 DEFAULT_KUBERNETES: dict[str, Any] = {
@@ -56,7 +57,8 @@ class FileShipper:
         self.shipped = 0
         self.errors: list[str] = []
         self._producer = Producer(
-            {"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True}
+            {"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True},
+            logger=kafka_logger(),
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shipper", daemon=True)

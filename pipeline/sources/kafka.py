@@ -285,14 +285,12 @@ class KafkaSource:
     def pause(self) -> None:
         if not self.paused:
             self.consumer.pause(self._assigned_partitions())
-            self.paused = True
-            log.warning("paused fetching: the sink cannot keep up or is down")
+            self.paused = True  # the worker says why, when it is worth saying
 
     def resume(self) -> None:
         if self.paused:
             self.consumer.resume(self._assigned_partitions())
             self.paused = False
-            log.info("resumed fetching")
 
     def serve(self, timeout_s: float) -> None:
         """Serve callbacks (rebalances, stats) without taking records while paused."""
