@@ -6,6 +6,7 @@ process without metric name clashes.
 
 from __future__ import annotations
 
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -17,36 +18,120 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
+
+from pipeline import __version__
+
+# `<name>_created` series double every counter's series count and no dashboard reads them.
+disable_created_metrics()
+
+# Why a record was not parsed, as a label: a small fixed set (the full reason is in the
+# document's error.message). Matched by the reason's start; the reference reasons are
+# LineError texts (decode/), envelope errors (decode/envelope.py) and process.py's.
+UNPARSED_REASONS: tuple[tuple[str, str], ...] = (
+    ("line does not match the ", "format_mismatch"),
+    ("line matches no known format", "unknown_format"),
+    ("invalid JSON access log", "invalid_json"),
+    ("JSON access log is not an object", "invalid_json"),
+    ("JSON object has none of the access-log fields", "not_an_access_log"),
+    ("empty record", "empty_record"),
+    ("no access-log payload", "no_payload"),
+    ("envelope decoder failed", "bad_envelope"),
+    ("parser error", "parser_bug"),
+)
+UNPARSED_REASON_LABELS = tuple(dict.fromkeys(label for _, label in UNPARSED_REASONS)) + ("other",)
+# Where a dead letter came from (the `envoygeo.stage` header of the record).
+DEAD_LETTER_STAGES = ("parse", "index")
+
+
+def unparsed_reason(error: str) -> str:
+    """The label of an unparse reason: one of UNPARSED_REASON_LABELS."""
+    for prefix, label in UNPARSED_REASONS:
+        if error.startswith(prefix):
+            return label
+    return "other"
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The worker's metrics. Counters are exposed with `_total` (prometheus_client adds
+    it); every label has a small fixed value set, listed in the README."""
+
+    def __init__(self, native: bool | None = None) -> None:
         r = self.registry = CollectorRegistry()
+        # CPU, memory, open files of the process; Python version; GC passes.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Info("envoygeo_build", "Version of the running worker.", registry=r)
+        self.set_build_info(native)
         self.records_in = Counter("envoygeo_records_in", "Records read from Kafka.", registry=r)
+        self.bytes_in = Counter(
+            "envoygeo_kafka_bytes_in", "Bytes of the Kafka record values read.", registry=r
+        )
+        self.records_processed = Counter(
+            "envoygeo_records_processed",
+            "Records enriched, by path: native (the compiled core) or python.",
+            ["path"],
+            registry=r,
+        )
         self.records_out = Counter(
             "envoygeo_records_indexed", "Documents Elasticsearch accepted.", registry=r
         )
         self.records_failed = Counter(
             "envoygeo_records_unparsed",
-            "Records no access-log format matched, by reason.",
+            "Records no access-log format matched, by reason (fixed set; see README).",
             ["reason"],
+            registry=r,
+        )
+        self.records_truncated = Counter(
+            "envoygeo_records_truncated",
+            "Records cut to limits.max_line_bytes (what=line) or with fields cut to "
+            "limits.max_field_bytes (what=field).",
+            ["what"],
+            registry=r,
+        )
+        self.no_envoy_address = Counter(
+            "envoygeo_records_without_envoy_address",
+            "Parsed lines holding no address Envoy saw (see client_ip.envoy_use_remote_address).",
             registry=r,
         )
         self.dead_lettered = Counter(
             "envoygeo_records_dead_lettered",
-            "Records written to the dead-letter topic.",
-            ["reason"],
+            "Records written to the dead-letter topic, by the stage that gave up on them.",
+            ["stage"],
             registry=r,
         )
         self.bulk_seconds = Histogram(
             "envoygeo_bulk_seconds",
-            "Latency of one _bulk request.",
+            "Latency of one _bulk request, by outcome (ok, partial: some items to retry, "
+            "error: the request failed).",
             ["outcome"],
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.bytes_out = Counter(
+            "envoygeo_es_bytes_out", "Bytes of _bulk request bodies sent, retries included.",
+            registry=r,
+        )
+        self.es_item_errors = Counter(
+            "envoygeo_es_item_errors",
+            "Bulk items Elasticsearch answered with an error, by HTTP status (429/5xx are "
+            "retried; other 4xx are dead-lettered).",
+            ["status"],
+            registry=r,
+        )
+        self.es_retries = Counter(
+            "envoygeo_es_item_retries",
+            "Bulk items sent again (after a 429/5xx item status or a failed request).",
+            registry=r,
         )
         self.batch_size = Histogram(
             "envoygeo_batch_records",
@@ -60,10 +145,13 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
-        self.geoip_cache = Gauge(
-            "envoygeo_geoip_cache_lookups", "GeoIP cache lookups so far.", ["result"], registry=r
+        self.geoip_cache = Counter(
+            "envoygeo_geoip_cache_lookups",
+            "GeoIP cache lookups, by result (hit, miss).",
+            ["result"],
+            registry=r,
         )
-        self.geoip_reload_failures = Gauge(
+        self.geoip_reload_failures = Counter(
             "envoygeo_geoip_reload_failures",
             "Replaced GeoIP files refused (corrupt); the old database stays in use.",
             registry=r,
@@ -75,15 +163,56 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
         )
         self.alerts = Counter(
-            "envoygeo_alerts", "Per-IP rate alerts emitted.", ["rule"], registry=r
+            "envoygeo_alerts", "Per-IP rate alerts emitted, by rule.", ["rule"], registry=r
         )
         self.paused = Gauge(
             "envoygeo_paused", "1 while fetching is paused (backpressure).", registry=r
         )
         self.inflight = Gauge("envoygeo_inflight_batches", "Batches being indexed.", registry=r)
+        # Every fixed-label child exists from the start (at 0), so rate() has a series
+        # before the first event and dashboards show 0, not "no data".
+        for path in ("native", "python"):
+            self.records_processed.labels(path)
+        for reason in UNPARSED_REASON_LABELS:
+            self.records_failed.labels(reason)
+        for what in ("line", "field"):
+            self.records_truncated.labels(what)
+        for stage in DEAD_LETTER_STAGES:
+            self.dead_lettered.labels(stage)
+        for result in ("hit", "miss"):
+            self.geoip_cache.labels(result)
+        self._seen: dict[tuple[MetricWrapperBase, str], int] = {}
 
-    def on_bulk(self, seconds: float, size: int, outcome: str) -> None:
+    def set_build_info(self, native: bool | None) -> None:
+        self.build_info.info({
+            "version": __version__,
+            "native": "unknown" if native is None else ("true" if native else "false"),
+            "python": platform.python_version(),
+        })
+
+    def catch_up(self, counter: MetricWrapperBase, total: int, label: str = "") -> None:
+        """Advance a counter to a cumulative total counted elsewhere (the enricher, the
+        GeoIP reader): only the growth since the last call is added, so the series
+        stays a counter (monotonic) however often this is called."""
+        key = (counter, label)
+        last = self._seen.get(key, 0)
+        if total > last:
+            child = counter.labels(label) if label else counter
+            child.inc(total - last)  # type: ignore[attr-defined]
+            self._seen[key] = total
+
+    # -- the Elasticsearch sink's observer (sinks.elasticsearch.BulkObserver) --
+
+    def on_bulk(self, seconds: float, docs: int, outcome: str, nbytes: int = 0) -> None:
         self.bulk_seconds.labels(outcome).observe(seconds)
+        self.bytes_out.inc(nbytes)
+
+    def on_item_errors(self, statuses: list[int]) -> None:
+        for status in statuses:
+            self.es_item_errors.labels(str(status)).inc()
+
+    def on_retry(self, items: int) -> None:
+        self.es_retries.inc(items)
 
     def on_stats(self, stats: dict[str, Any]) -> None:
         """librdkafka statistics -> lag per partition (the consumer's own view)."""

@@ -33,7 +33,7 @@ from confluent_kafka import Message, TopicPartition
 
 from pipeline.config import Settings
 from pipeline.enricher import Enriched
-from pipeline.metrics import Metrics, StatusServer
+from pipeline.metrics import Metrics, StatusServer, unparsed_reason
 from pipeline.sinks.elasticsearch import (
     BulkItem,
     ElasticsearchSink,
@@ -44,6 +44,9 @@ from pipeline.sinks.kafka import KafkaTopicSink, OutRecord
 from pipeline.sources.kafka import KafkaFatalError, KafkaSource, record_times
 
 log = logging.getLogger("envoygeo.worker")
+# A bulk request out this long while fetching is paused is worth a warning: the usual
+# backpressure pause lasts as long as one bulk request (tens to hundreds of ms).
+STALL_WARN_S = 10.0
 
 
 class BatchEnricher(Protocol):
@@ -72,6 +75,10 @@ class Progress:
     unparsed: int = 0
     alerts: int = 0
     started: float = field(default_factory=time.monotonic)
+    # Where the previous progress line stood: its rate is over the last interval, so a
+    # drop shows at once rather than diluted into the lifetime average.
+    last_at: float = field(default_factory=time.monotonic)
+    last_in: int = 0
 
 
 def document_id(topic: str, partition: int, offset: int) -> str:
@@ -125,7 +132,9 @@ class Worker:
         self.settings = settings
         self.enricher = enricher
         self.metrics = metrics or Metrics()
-        self.sink = sink or ElasticsearchSink(settings.elasticsearch, on_bulk=self.metrics.on_bulk)
+        status = getattr(enricher, "native_status", None)
+        self.metrics.set_build_info(None if status is None else status == "on")
+        self.sink = sink or ElasticsearchSink(settings.elasticsearch, observer=self.metrics)
         self.side = side or KafkaTopicSink(
             settings.kafka.bootstrap_servers, extra=_security(settings.kafka.librdkafka)
         )
@@ -139,6 +148,7 @@ class Worker:
         self.source: KafkaSource | None = None
         self.status: StatusServer | None = None
         self._bulk_head = self.sink.action_head(settings.elasticsearch.index)
+        self._paused_since, self._pause_said = 0.0, False
 
     # -- lifecycle --
 
@@ -197,13 +207,11 @@ class Worker:
                     # partitions' prefetched records), so it is kept for a sink that
                     # really stalls; group heartbeats go on in librdkafka's thread.
                     if not wait([self._inflight[0][0]], cfg.worker.backpressure_wait_s).done:
-                        self.source.pause()
-                        self.metrics.paused.set(1)
+                        self._pause()
                         self.source.serve(0.2)
                     continue
                 if self.source.paused:
-                    self.source.resume()
-                    self.metrics.paused.set(0)
+                    self._resume()
                 msgs = self.source.poll_batch(
                     cfg.kafka.batch_max_records,
                     cfg.kafka.batch_max_bytes,
@@ -228,6 +236,39 @@ class Worker:
             return 1
         return 0
 
+    def _pause(self) -> None:
+        """Stop fetching while the oldest bulk request is still out; say so only when
+        it is news to an operator: Elasticsearch refuses writes, or a request has been
+        out for STALL_WARN_S. A short pause while a slow bulk finishes is ordinary
+        backpressure (counted by envoygeo_paused, logged at DEBUG)."""
+        assert self.source is not None
+        now = time.monotonic()
+        if not self.source.paused:
+            self.source.pause()
+            self.metrics.paused.set(1)
+            self._paused_since, self._pause_said = now, False
+            log.debug("paused fetching: %d batch(es) being indexed", len(self._inflight))
+        if self._pause_said:
+            return
+        if not self.sink.writable.is_set():
+            log.warning("paused fetching: Elasticsearch is not accepting writes (%s); "
+                        "resuming when it does", self.sink.last_error)
+            self._pause_said = True
+        elif now - self._paused_since >= STALL_WARN_S:
+            log.warning("paused fetching: the oldest bulk request has been out for %.0fs "
+                        "(Elasticsearch slow or overloaded)", now - self._paused_since)
+            self._pause_said = True
+
+    def _resume(self) -> None:
+        assert self.source is not None
+        self.source.resume()
+        self.metrics.paused.set(0)
+        paused_for = time.monotonic() - self._paused_since
+        if self._pause_said:
+            log.info("resumed fetching after %.1fs paused", paused_for)
+        else:
+            log.debug("resumed fetching after %.1fs paused", paused_for)
+
     def _start_grace_timer(self) -> None:
         """Set `abort` once shutdown_grace_s have passed (idempotent)."""
         if self._grace_timer is None:
@@ -246,6 +287,7 @@ class Worker:
         if self.source is not None:
             self.source.close()
         self.side.close()
+        self._publish_enricher_stats()
         self._log_progress(final=True)
         if self.status:
             self.status.close()
@@ -291,7 +333,9 @@ class Worker:
                     break
         self.progress.records_in += len(msgs)
         self.metrics.records_in.inc(len(msgs))
+        self.metrics.bytes_in.inc(sum(map(len, values)))
         self.metrics.batch_size.observe(len(msgs))
+        self._publish_record_counts()
         return Batch(items, dead, alerts, offsets_done, len(msgs))
 
     def _prepare_items(self, msgs: list[Message], values: list[bytes],
@@ -317,7 +361,7 @@ class Worker:
         dead: list[OutRecord] = []
         for i, error in errors:
             self.progress.unparsed += 1
-            self.metrics.records_failed.labels(_reason_label(error)).inc()
+            self.metrics.records_failed.labels(unparsed_reason(error)).inc()
             if dead_letter_unparsed:
                 dead.append(dead_letter(msgs[i], "parse", error))
         return dead
@@ -444,13 +488,30 @@ class Worker:
         return True, f"ok: {state}"
 
     def _publish_enricher_stats(self) -> None:
-        """GeoIP cache counters as gauges (the enricher counts; we only read)."""
+        """GeoIP cache counters (the enricher counts; we only read). At each progress
+        line, not per batch: `stats()` builds a dict of every stage's figures."""
         stats = getattr(self.enricher, "stats", None)
         geo = stats().get("geoip") if stats is not None else None
         if geo:
-            self.metrics.geoip_cache.labels("hit").set(geo["cache_hits"])
-            self.metrics.geoip_cache.labels("miss").set(geo["cache_misses"])
-            self.metrics.geoip_reload_failures.set(geo["reload_failures"])
+            m = self.metrics
+            m.catch_up(m.geoip_cache, geo["cache_hits"], "hit")
+            m.catch_up(m.geoip_cache, geo["cache_misses"], "miss")
+            m.catch_up(m.geoip_reload_failures, geo["reload_failures"])
+
+    def _publish_record_counts(self) -> None:
+        """Per batch: records by path, cut records, lines without an Envoy-seen address
+        (cumulative attributes of the enricher, read as they are: a few integers)."""
+        e, m = self.enricher, self.metrics
+        for counter, attr, label in (
+            (m.records_processed, "records_native", "native"),
+            (m.records_processed, "records_python", "python"),
+            (m.records_truncated, "lines_truncated", "line"),
+            (m.records_truncated, "fields_truncated", "field"),
+            (m.no_envoy_address, "no_remote_address", ""),
+        ):
+            value = getattr(e, attr, None)
+            if isinstance(value, int):
+                m.catch_up(counter, value, label)
 
     def _record_notes(self) -> tuple[str, dict[str, int]]:
         """The progress line's clauses on records that lost something: cut to the
@@ -470,17 +531,26 @@ class Worker:
 
     def _log_progress(self, final: bool = False) -> None:
         p = self.progress
-        elapsed = max(time.monotonic() - p.started, 1e-9)
+        now = time.monotonic()
+        elapsed = max(now - p.started, 1e-9)
+        average = p.records_in / elapsed
+        if final:
+            rate = f"{average:.0f} rec/s average over {elapsed:.0f}s"
+            current = average
+        else:
+            current = (p.records_in - p.last_in) / max(now - p.last_at, 1e-9)
+            rate = f"{current:.0f} rec/s over the last {now - p.last_at:.0f}s"
+            p.last_at, p.last_in = now, p.records_in
         notes, note_counts = self._record_notes()
         log.info(
-            "%s: %d in, %d indexed, %d dead-lettered, %d unparsed, %d alerts, %.0f rec/s%s%s",
+            "%s: %d in, %d indexed, %d dead-lettered, %d unparsed, %d alerts, %s%s%s",
             "summary" if final else "progress",
             p.records_in,
             p.indexed,
             p.dead_lettered,
             p.unparsed,
             p.alerts,
-            p.records_in / elapsed,
+            rate,
             ", paused" if self.source is not None and self.source.paused else "",
             notes,
             extra={
@@ -490,15 +560,12 @@ class Worker:
                     "dead_lettered": p.dead_lettered,
                     "unparsed": p.unparsed,
                     "alerts": p.alerts,
+                    "records_per_s": round(current, 1),
+                    "records_per_s_average": round(average, 1),
                     **note_counts,
                 }
             },
         )
-
-
-def _reason_label(error: str) -> str:
-    """A short, low-cardinality label for metrics (the full reason goes to the document)."""
-    return error.split(":", 1)[0][:40]
 
 
 def _security(librdkafka: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from elastic_transport import ConnectionError as TransportConnectionError
@@ -167,6 +167,30 @@ def encode_items(items: Sequence[BulkItem], op: bytes = b"index") -> EncodedBulk
     return EncodedBulk(b"".join(parts), ends, items.__getitem__)
 
 
+class BulkObserver(Protocol):
+    """What the sink reports as it goes (the worker's Metrics implements it)."""
+
+    def on_bulk(self, seconds: float, docs: int, outcome: str, nbytes: int) -> None:
+        """One request: its latency, documents, outcome (ok|partial|error), body bytes."""
+
+    def on_item_errors(self, statuses: list[int]) -> None:
+        """The error statuses of the items of one response (retried or rejected)."""
+
+    def on_retry(self, items: int) -> None:
+        """Items about to be sent again."""
+
+
+class _Unobserved:
+    def on_bulk(self, seconds: float, docs: int, outcome: str, nbytes: int) -> None:
+        pass
+
+    def on_item_errors(self, statuses: list[int]) -> None:
+        pass
+
+    def on_retry(self, items: int) -> None:
+        pass
+
+
 class ElasticsearchSink:
     """Writes batches of BulkItems; thread-safe (the client's connection pool is)."""
 
@@ -174,7 +198,7 @@ class ElasticsearchSink:
         self,
         settings: ElasticsearchSettings,
         client: Elasticsearch | None = None,
-        on_bulk: Callable[[float, int, str], None] | None = None,
+        observer: BulkObserver | None = None,
     ) -> None:
         self.settings = settings
         self.client = client or make_client(settings)
@@ -182,7 +206,7 @@ class ElasticsearchSink:
         self.writable = threading.Event()
         self.writable.set()
         self.last_error = ""
-        self._on_bulk = on_bulk or (lambda seconds, size, outcome: None)
+        self._observer: BulkObserver = observer or _Unobserved()
         # Data streams accept only `create`; a replayed record then answers 409, which
         # means "already indexed" because the id is derived from the Kafka position.
         self._op = b"create" if settings.data_stream else b"index"
@@ -223,13 +247,14 @@ class ElasticsearchSink:
         while pending:
             retry: list[int] = []
             started = time.perf_counter()
+            body = enc.lines(pending)
             try:
                 response = self.client.bulk(
-                    operations=enc.lines(pending),
+                    operations=body,
                     filter_path="errors,items.*.status,items.*.error",
                 )
             except (TransportConnectionError, ConnectionTimeout, TransportError) as exc:
-                self._failed(f"{type(exc).__name__}: {exc}", started, len(pending))
+                self._failed(f"{type(exc).__name__}: {exc}", started, len(pending), len(body))
                 _release(exc)
                 retry = list(pending)
             except ApiError as exc:
@@ -238,30 +263,36 @@ class ElasticsearchSink:
                 # retrying would turn into an endless loop, so it surfaces.
                 if exc.meta.status not in RETRYABLE:
                     raise
-                self._failed(f"HTTP {exc.meta.status}: {exc.message}", started, len(pending))
+                self._failed(f"HTTP {exc.meta.status}: {exc.message}", started, len(pending),
+                             len(body))
                 _release(exc)
                 retry = list(pending)
             else:
-                body = response.body
-                if body.get("errors"):
-                    for j, result in zip(pending, body["items"], strict=True):
+                answer = response.body
+                if answer.get("errors"):
+                    statuses: list[int] = []
+                    for j, result in zip(pending, answer["items"], strict=True):
                         outcome = next(iter(result.values()))
                         status = outcome.get("status", 200)
                         if status < 300 or status in self._done_statuses:
                             continue
+                        statuses.append(status)
                         if status in RETRYABLE:
                             retry.append(j)
                         else:
                             rejected.append(Rejection(enc.describe(j), status,
                                                       _reason(outcome.get("error"))))
+                    self._observer.on_item_errors(statuses)
                 outcome_label = "partial" if retry else "ok"
-                self._on_bulk(time.perf_counter() - started, len(pending), outcome_label)
+                self._observer.on_bulk(time.perf_counter() - started, len(pending),
+                                       outcome_label, len(body))
                 if not retry:
                     self.writable.set()
                     self.last_error = ""
             if not retry:
                 break
             pending = retry
+            self._observer.on_retry(len(pending))
             delay = self._backoff(attempt)
             attempt += 1
             log.warning(
@@ -278,10 +309,10 @@ class ElasticsearchSink:
                 time.sleep(delay)
         return rejected
 
-    def _failed(self, message: str, started: float, size: int) -> None:
+    def _failed(self, message: str, started: float, size: int, nbytes: int) -> None:
         self.writable.clear()
         self.last_error = message
-        self._on_bulk(time.perf_counter() - started, size, "error")
+        self._observer.on_bulk(time.perf_counter() - started, size, "error", nbytes)
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter, so a fleet does not retry in lockstep."""
