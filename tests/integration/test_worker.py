@@ -226,11 +226,25 @@ def test_metrics_health_and_readiness(env: dict[str, Any]) -> None:
                if line and not line.startswith("#")}
     assert metrics["envoygeo_records_in_total"] == 300
     assert metrics["envoygeo_records_indexed_total"] == 300
-    assert metrics['envoygeo_geoip_cache_lookups{result="hit"}'] >= 290
+    assert metrics['envoygeo_geoip_cache_lookups_total{result="hit"}'] >= 290
     assert metrics["envoygeo_rate_backend_seconds_count"] >= 1
     assert metrics['envoygeo_bulk_seconds_count{outcome="ok"}'] >= 1
     lags = [v for k, v in metrics.items() if k.startswith("envoygeo_consumer_lag{")]
     assert lags and all(v >= 0 for v in lags)
+    # Which path wrote the documents, as the banner says; bytes both ways; the process.
+    native = os.environ.get("ENVOYGEO_NATIVE", "1") != "0"
+    processed = {path: metrics[f'envoygeo_records_processed_total{{path="{path}"}}']
+                 for path in ("native", "python")}
+    want = {"native": 300, "python": 0} if native else {"native": 0, "python": 300}
+    assert processed == want, processed
+    assert f'native="{str(native).lower()}"' in next(
+        k for k in metrics if k.startswith("envoygeo_build_info{"))
+    assert metrics["envoygeo_kafka_bytes_in_total"] > 300 * 100
+    assert metrics["envoygeo_es_bytes_out_total"] > metrics["envoygeo_kafka_bytes_in_total"]
+    assert metrics["process_cpu_seconds_total"] > 0
+    build = [k for k in metrics if k.startswith("envoygeo_build_info{")]
+    assert len(build) == 1 and 'version="' in build[0], build
+    assert not [k for k in metrics if k.endswith("_created") or "_created{" in k]
 
 
 def test_data_stream_mode_replays_without_duplicates(tmp_path: Path, kafka_bootstrap: str,
