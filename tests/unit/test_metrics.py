@@ -246,3 +246,39 @@ def test_elasticsearch_client_request_lines_are_debug() -> None:
         assert last["message"] == "POST again" and last["log.level"] == "debug"
     finally:
         setup_logging("INFO")
+
+
+def exported_series(m: Metrics) -> set[str]:
+    """Every series name /metrics can carry, labelled families without children included."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                "info": ("_info",), "gauge": ("",)}
+    names: set[str] = set()
+    for fam in m.registry.collect():
+        names.update(fam.name + s for s in suffixes.get(fam.type, ("",)))
+        names.update(s.name for s in fam.samples)
+    return names
+
+
+def test_grafana_dashboard_queries_only_exported_metrics() -> None:
+    path = ROOT / "dashboards" / "grafana" / "envoygeo-worker.json"
+    dash = orjson.loads(path.read_bytes())
+    assert dash["schemaVersion"] >= 36 and dash["uid"] and dash["title"]
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    exported = exported_series(Metrics(native=True))
+    used: set[str] = set()
+    for panel in dash["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"\b((?:envoygeo|process|python)_[a-z_]+)\b", target["expr"]))
+            assert names, target["expr"]
+            missing = names - exported
+            assert not missing, f"{panel['title']}: {missing} not exported"
+            used |= names
+    # Every envoygeo family appears somewhere on the dashboard.
+    families = {n for n in exported if n.startswith("envoygeo_")}
+    by_family = {re.sub(r"_(total|bucket|sum|count|info)$", "", n) for n in families}
+    shown = {re.sub(r"_(total|bucket|sum|count|info)$", "", n) for n in used}
+    assert by_family - shown == set(), by_family - shown
