@@ -396,7 +396,8 @@ def _pydantic_problems(exc: ValidationError) -> list[sources.Problem]:
                 f"; known: {', '.join(fields)}" if fields else ""))
         elif not isinstance(err.get("input"), dict | list) and err["type"] not in (
                 "value_error", "assertion_error") and not _is_secret(key):
-            shown = repr(err.get("input"))
+            value = err.get("input")
+            shown = repr(url_without_password(value) if isinstance(value, str) else value)
             msg += f" (got {shown[:77] + '...' if len(shown) > 80 else shown})"
         problems.append((key, msg))
     return problems
@@ -406,8 +407,25 @@ def _is_secret(key: str) -> bool:
     return key in SECRET_KEYS or "password" in key or "secret" in key
 
 
+def url_without_password(url: str) -> str:
+    """`scheme://user:***@host...`: a password inside a URL (a Redis URL, an
+    Elasticsearch host) is as secret as one in its own key."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password is None:
+        return url
+    netloc = parts.netloc.replace(f":{password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
 def masked(settings: Settings) -> dict[str, Any]:
-    """The effective configuration with every secret replaced by '***'."""
+    """The effective configuration with every secret replaced by '***', including
+    passwords inside URLs."""
     data = settings.model_dump(mode="json")
 
     def walk(node: Any) -> Any:
@@ -415,6 +433,8 @@ def masked(settings: Settings) -> dict[str, Any]:
             return {k: ("***" if v and _is_secret(k) else walk(v)) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v) for v in node]
+        if isinstance(node, str) and "://" in node:
+            return url_without_password(node)
         return node
 
     return walk(data)  # type: ignore[no-any-return]

@@ -18,7 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pipeline.config import ConfigError, Settings, explain, load_settings
+from pipeline.config import (
+    ConfigError,
+    Settings,
+    explain,
+    load_settings,
+    url_without_password,
+)
 from pipeline.config_sources import Problem
 
 
@@ -248,7 +254,7 @@ def probe_redis(settings: Settings, timeout_s: float) -> str:
     """PING with the URL's credentials (rates.backend: redis)."""
     import redis
 
-    where = _without_password(settings.rates.redis_url)
+    where = url_without_password(settings.rates.redis_url)
     client = redis.Redis.from_url(settings.rates.redis_url, socket_connect_timeout=timeout_s,
                                   socket_timeout=timeout_s)
     try:
@@ -259,13 +265,3 @@ def probe_redis(settings: Settings, timeout_s: float) -> str:
     finally:
         client.close()
     return f"{where}: redis {version}"
-
-
-def _without_password(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()

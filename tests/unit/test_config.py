@@ -80,6 +80,28 @@ kafka:
     assert "hunter2" not in repr(shown) and "s3cret" not in repr(shown)
 
 
+def test_passwords_inside_urls_are_masked(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis URL or an Elasticsearch host carrying credentials (often templated from a
+    Secret with ${VAR}) is shown with the password masked, in check-config's output and
+    in the error naming a bad value."""
+    monkeypatch.setenv("REDIS_PW", "s3cr3tpw")
+    path = _write(tmp_path, """
+elasticsearch:
+  hosts: [https://elastic:hunter2@es.example:9200]
+rates:
+  redis_url: redis://envoygeo:${REDIS_PW}@redis.example:6379/0
+""")
+    shown = masked(load_settings(path))
+    assert shown["elasticsearch"]["hosts"] == ["https://elastic:***@es.example:9200"]
+    assert shown["rates"]["redis_url"] == "redis://envoygeo:***@redis.example:6379/0"
+    assert "hunter2" not in repr(shown) and "s3cr3tpw" not in repr(shown)
+    bad = _write(tmp_path, "metrics:\n  port: http://u:hunter2@x:1\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(bad)
+    assert "metrics.port" in str(err.value) and "hunter2" not in str(err.value)
+
+
 @pytest.mark.parametrize("servers", ["kafka:notaport", "not a url", "a:9092,,b:9092", "k:0"])
 def test_bad_bootstrap_servers_are_named(servers: str) -> None:
     with pytest.raises(ConfigError) as err:
