@@ -295,6 +295,45 @@ class KibanaSettings(_Section):
     verify_certs: bool = True
 
 
+class ForwardSettings(_Section):
+    """`envoygeo forward`: a Fluent Forward protocol v1 server (Fluent Bit's and Fluentd's
+    `forward` outputs point at it) that relays every event to Kafka, one record each.
+    The limits bound memory: a chunk over them gets no ack, so the shipper resends it."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(24224, ge=0, le=65535, description="TCP port (24224: Fluentd's).")
+    mode: Literal["relay", "direct"] = Field(
+        "relay", description="relay: produce to Kafka for the workers. direct (index into "
+                             "Elasticsearch without Kafka) is not built yet.")
+    topic: str | None = Field(
+        None, min_length=1, description="Kafka topic relayed to (default: kafka.topics[0], "
+                                        "the worker's first topic).")
+    shared_key: SecretStr | None = Field(
+        None, description="When set, clients must pass the HELO/PING/PONG handshake with "
+                          "this key (Fluent Bit/Fluentd `shared_key`).")
+    self_hostname: str | None = Field(
+        None, min_length=1, description="Name sent in PONG (default: the host name).")
+    max_chunk_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+        description="Largest frame accepted, on the wire and after gunzip; a larger one is "
+                    "refused (no ack, connection closed).")
+    max_inflight_chunks: int = Field(
+        64, ge=1, description="Chunks waiting for Kafka at once, all connections; one more "
+                              "is refused (no ack, connection closed) and the shipper resends.")
+    max_connections: int = Field(1024, ge=1)
+    metrics_port: int = Field(
+        9109, ge=0, le=65535, description="/metrics, /healthz, /readyz on metrics.host "
+                                          "(0 disables them).")
+    shutdown_grace_s: float = Field(
+        30.0, gt=0, description="SIGTERM: how long in-flight chunks get to reach Kafka.")
+
+    @model_validator(mode="after")
+    def _built(self) -> ForwardSettings:
+        if self.mode == "direct":
+            raise ValueError("mode direct is not built yet; use relay (through Kafka)")
+        return self
+
+
 class Settings(BaseModel):
     """Every section; read by `load_settings` (file, ${VAR}, then ENVOYGEO_* variables)."""
 
@@ -310,6 +349,7 @@ class Settings(BaseModel):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     kibana: KibanaSettings = Field(default_factory=KibanaSettings)
+    forward: ForwardSettings = Field(default_factory=ForwardSettings)
 
 
 class ConfigError(Exception):
