@@ -79,6 +79,62 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class KafkaSecuritySettings(_Section):
+    """How the worker authenticates to Kafka and encrypts the connection, for the common
+    cases; `pipeline.kafka_security` maps it onto librdkafka for every Kafka client.
+    Anything rarer goes in `kafka.librdkafka`, whose keys win over these."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = Field(
+        None, description="File holding the SASL password (a Kubernetes Secret volume); "
+                          "one trailing newline is ignored.")
+    ca_file: Path | None = Field(
+        None, description="PEM CA certificate(s) the broker's certificate must chain to "
+                          "(default: librdkafka's, usually the system store).")
+    cert_file: Path | None = Field(None, description="PEM client certificate (mTLS).")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file.")
+    key_password: SecretStr | None = None
+    key_password_file: Path | None = None
+
+    @field_validator("password_file", "ca_file", "cert_file", "key_file", "key_password_file")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        # Read at connect time by librdkafka (or at start, the password): checked now,
+        # so the error names the key instead of surfacing as a handshake failure.
+        if v is not None:
+            try:
+                with v.open("rb") as f:
+                    f.read(1)
+            except OSError as exc:
+                raise ValueError(f"cannot read {v}: {exc.strerror}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecuritySettings:
+        sasl = self.protocol.startswith("SASL_")
+        tls = self.protocol.endswith("SSL")
+        for secret in ("password", "key_password"):
+            if getattr(self, secret) is not None and getattr(self, f"{secret}_file") is not None:
+                raise ValueError(f"set {secret} or {secret}_file, not both")
+        if sasl and not self.username:
+            raise ValueError(f"protocol {self.protocol} needs username")
+        if sasl and self.password is None and self.password_file is None:
+            raise ValueError(f"protocol {self.protocol} needs password or password_file")
+        if not sasl and (self.username or self.password or self.password_file):
+            raise ValueError(f"username/password are only used with SASL_PLAINTEXT or "
+                             f"SASL_SSL, not {self.protocol}")
+        files = ("ca_file", "cert_file", "key_file", "key_password", "key_password_file")
+        if not tls and any(getattr(self, f) is not None for f in files):
+            raise ValueError(f"{'/'.join(files[:3])} are only used with SSL or SASL_SSL, "
+                             f"not {self.protocol}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class KafkaSettings(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     topics: list[str] = Field(default_factory=lambda: ["envoy-access-logs"])
@@ -120,9 +176,11 @@ class KafkaSettings(_Section):
                     "Each commit is a group-coordinator write; a crash replays at most "
                     "this much more, which overwrites by document id.")
     statistics_interval_ms: int = Field(5000, ge=0, description="0 disables lag metrics.")
+    security: KafkaSecuritySettings = Field(default_factory=KafkaSecuritySettings)
     librdkafka: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
-        description="Passed to librdkafka as is: security.protocol, sasl.*, ssl.*, ...",
+        description="Passed to librdkafka as is (any client property); a key set here "
+                    "wins over the one kafka.security maps to.",
     )
 
     @field_validator("topic_pattern")
@@ -444,6 +502,8 @@ def _pydantic_problems(exc: ValidationError) -> list[sources.Problem]:
 
 
 def _is_secret(key: str) -> bool:
+    if key.endswith("_file"):
+        return False  # where a secret is (password_file), not the secret
     return key in SECRET_KEYS or "password" in key or "secret" in key
 
 

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pipeline.kafka_security import classify
+
 # Parts of a librdkafka line that change between otherwise identical repeats.
 _VARIABLE = re.compile(r"\s*\((?:after \d+ms[^)]*|\d+ identical error\(s\) suppressed)\)")
 _THREAD = re.compile(r"^\[thrd:[^\]]*\]:\s*")
@@ -45,12 +47,17 @@ class LibrdkafkaLogger:
     def __init__(self, logger: logging.Logger | None = None, *, first_repeat_s: float = 10.0,
                  max_repeat_s: float = 300.0, quiet_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic,
-                 reported: frozenset[str] | set[str] = frozenset()) -> None:
+                 reported: frozenset[str] | set[str] = frozenset(),
+                 security_reported: bool = False) -> None:
         """`reported`: facilities the client's owner reports itself (e.g. FATAL, which
         the consumer's error callback turns into one line with the remedy); their
-        librdkafka lines go to DEBUG instead of saying the same thing twice."""
+        librdkafka lines go to DEBUG instead of saying the same thing twice.
+        `security_reported`: the same for refused handshakes and credentials
+        (`pipeline.kafka_security.classify`), which the worker reports as one line
+        naming the cause before it exits."""
         self._logger = logger or logging.getLogger("envoygeo.kafka.librdkafka")
         self._reported = frozenset(reported)
+        self._security_reported = security_reported
         self._first, self._max, self._quiet = first_repeat_s, max_repeat_s, quiet_s
         self._clock = clock
         self._repeats: dict[tuple[str, str], _Repeat] = {}
@@ -62,7 +69,9 @@ class LibrdkafkaLogger:
                 self._logger.log(level, fmt, *args)
             return
         facility, client, raw = (str(a) for a in args)
-        if facility in self._reported:
+        if facility in self._reported or (
+                self._security_reported and level >= logging.WARNING
+                and classify(None, raw) is not None):
             level = logging.DEBUG
             if not self._logger.isEnabledFor(level):
                 return
@@ -105,3 +114,15 @@ def kafka_logger() -> LibrdkafkaLogger:
     if _shared is None:
         _shared = LibrdkafkaLogger()
     return _shared
+
+
+_worker_side: LibrdkafkaLogger | None = None
+
+
+def worker_side_logger() -> LibrdkafkaLogger:
+    """The adapter of the worker's producers: its consumer reports refused handshakes
+    and credentials (one line, then the worker exits), so theirs go to DEBUG."""
+    global _worker_side
+    if _worker_side is None:
+        _worker_side = LibrdkafkaLogger(security_reported=True)
+    return _worker_side

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from pipeline.config import (
     ConfigError,
+    KafkaSettings,
     Settings,
     explain,
     load_settings,
@@ -168,6 +169,16 @@ class _Collect:
     def why(self) -> str:
         return f" ({self.errors[0]})" if self.errors else ""
 
+    def refusal(self, k: KafkaSettings) -> str | None:
+        """A refused handshake or password among them, said as the worker says it."""
+        from pipeline.kafka_security import classify, describe_failure
+
+        for text in self.errors:
+            kind = classify(None, text)
+            if kind is not None:
+                return describe_failure(kind, k, text, 0)
+        return None
+
 
 def probe_kafka(settings: Settings, timeout_s: float) -> str:
     """Metadata and the group coordinator, with the worker's own librdkafka settings."""
@@ -189,6 +200,9 @@ def probe_kafka(settings: Settings, timeout_s: float) -> str:
             meta = consumer.list_topics(timeout=timeout_s)
         except KafkaException as exc:
             consumer.poll(0)  # serves the error and log callbacks that say why
+            refused = collect.refusal(k)
+            if refused:
+                raise ProbeFailed(refused) from None
             if not collect.errors and time.monotonic() - start >= timeout_s * 0.9:
                 collect.errors.append(f"no answer within {timeout_s:g} s")
             raise ProbeFailed(f"{k.bootstrap_servers}: {exc.args[0].str()}{collect.why()}") \

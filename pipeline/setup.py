@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic
 from elasticsearch import Elasticsearch
 
 from pipeline.config import Settings
 from pipeline.kafka_log import kafka_logger
+from pipeline.kafka_security import RefusalLog, client_config
 from pipeline.schema import component_templates, index_templates
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,13 @@ def missing_templates(es: Elasticsearch, settings: Settings) -> list[str]:
 def ensure_topics(settings: Settings, source_too: bool = True) -> list[str]:
     """Create the topics envoygeo owns (dead-letter, alerts) and, for demos, the source."""
     k = settings.kafka
-    conf: dict[str, Any] = {"bootstrap.servers": k.bootstrap_servers}
-    conf.update({key: v for key, v in k.librdkafka.items()
-                 if key.startswith(("security.protocol", "sasl.", "ssl."))})
-    admin = AdminClient(conf, logger=kafka_logger())
-    existing = set(admin.list_topics(timeout=15).topics)
+    refusals = RefusalLog(forward=kafka_logger())
+    admin = AdminClient(client_config(k), logger=refusals)
+    try:
+        existing = set(admin.list_topics(timeout=15).topics)
+    except Exception as exc:  # a refused handshake or password: say which, not "transport"
+        admin.poll(0)  # serves the queued log lines that say why
+        raise RuntimeError(refusals.explain(k) or str(exc)) from None
     wanted = [k.dead_letter_topic, k.alerts_topic]
     if source_too and not k.topic_pattern:
         wanted += k.topics

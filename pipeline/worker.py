@@ -135,9 +135,7 @@ class Worker:
         status = getattr(enricher, "native_status", None)
         self.metrics.set_build_info(None if status is None else status == "on")
         self.sink = sink or ElasticsearchSink(settings.elasticsearch, observer=self.metrics)
-        self.side = side or KafkaTopicSink(
-            settings.kafka.bootstrap_servers, extra=_security(settings.kafka.librdkafka)
-        )
+        self.side = side or KafkaTopicSink.for_worker(settings.kafka)
         self.stopping = threading.Event()  # stop fetching, drain, commit
         self.abort = threading.Event()  # grace period over: give up on unfinished batches
         self.progress = Progress()
@@ -566,9 +564,3 @@ class Worker:
                 }
             },
         )
-
-
-def _security(librdkafka: dict[str, Any]) -> dict[str, Any]:
-    """The producer shares the consumer's connection and security settings."""
-    keep = ("security.protocol", "sasl.", "ssl.", "client.id")
-    return {k: v for k, v in librdkafka.items() if k.startswith(keep)}

@@ -16,7 +16,9 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
-from pipeline.kafka_log import kafka_logger
+from pipeline.config import KafkaSettings
+from pipeline.kafka_log import LibrdkafkaLogger, kafka_logger, worker_side_logger
+from pipeline.kafka_security import client_config
 from pipeline.sinks.elasticsearch import SinkStopped
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,16 @@ class OutRecord:
 
 
 class KafkaTopicSink:
+    @classmethod
+    def for_worker(cls, k: KafkaSettings) -> KafkaTopicSink:
+        """The worker's dead-letter/alerts producer: the consumer's brokers and
+        security settings; refused handshakes are the consumer's to report."""
+        conf = client_config(k)
+        return cls(conf.pop("bootstrap.servers"), extra=conf, logger=worker_side_logger())
+
     def __init__(
-        self, bootstrap: str, extra: Mapping[str, Any] | None = None, retry_backoff_s: float = 1.0
+        self, bootstrap: str, extra: Mapping[str, Any] | None = None, retry_backoff_s: float = 1.0,
+        logger: LibrdkafkaLogger | None = None,
     ) -> None:
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
@@ -61,7 +71,7 @@ class KafkaTopicSink:
             "delivery.timeout.ms": 30000,
         }
         conf.update(extra or {})
-        self._producer = Producer(conf, logger=kafka_logger())
+        self._producer = Producer(conf, logger=logger or kafka_logger())
         self._retry_backoff_s = retry_backoff_s
         self._lock = threading.Lock()  # send() is called from the bulk threads
 

@@ -32,6 +32,12 @@ from confluent_kafka import (
 
 from pipeline.config import KafkaSettings
 from pipeline.kafka_log import LibrdkafkaLogger, kafka_logger
+from pipeline.kafka_security import (
+    SECURITY_GRACE_S,
+    classify,
+    describe_failure,
+    librdkafka_security,
+)
 from pipeline.sources.instance_id import InstanceSlot, default_instance_id
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,51 @@ class KafkaFatalError(RuntimeError):
 class KafkaConfigError(ValueError):
     """A `kafka.*` setting librdkafka cannot use; the message names the key."""
 
+
+class SecurityRefusals:
+    """Handshake and authentication refusals (`pipeline.kafka_security.classify`),
+    fatal once they have lasted SECURITY_GRACE_S with no sign of a working connection
+    (an assignment, a fetched record or a confirmed commit clears them).
+
+    Why not fatal at once: a broker that is being restarted or reconfigured may refuse
+    a connection or two while it loads its users and certificates. Why fatal at all:
+    librdkafka retries them forever (every 50 ms for a failed handshake), and a worker
+    that hangs "waiting for partitions" hides a wrong password or CA from whoever
+    deployed it; exiting with the cause makes it visible (CrashLoopBackOff, the log).
+    """
+
+    def __init__(self, settings: KafkaSettings, grace_s: float = SECURITY_GRACE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._settings, self._grace, self._clock = settings, grace_s, clock
+        self._first: float | None = None
+        self._last = 0.0
+        self._kind, self._text = "", ""
+
+    @property
+    def active(self) -> bool:
+        return self._first is not None
+
+    def seen(self, err: KafkaError) -> bool:
+        """Note the error if it is a refusal; True if it was."""
+        kind = classify(err, err.str())
+        if kind is None:
+            return False
+        now = self._clock()
+        if self._first is None or now - self._last > self._grace:
+            self._first = now  # a new episode (an old one that stopped does not count)
+        self._last, self._kind, self._text = now, kind, err.str()
+        return True
+
+    def clear(self) -> None:
+        self._first = None
+
+    def verdict(self) -> str | None:
+        """The one-line reason to exit, once the refusals have lasted the grace."""
+        if self._first is None or self._last - self._first < self._grace:
+            return None
+        return describe_failure(self._kind, self._settings, self._text,
+                                self._last - self._first)
+
 Partitions = list[TopicPartition]
 
 
@@ -129,10 +180,12 @@ class KafkaSource:
         self._waiting_since = 0.0
         self._waiting_long = False
         self._closing = False
+        self._refused = SecurityRefusals(settings)
         try:
             # Fatal errors reach `_error`, which says what happened and what to change
-            # in one line; librdkafka's own line for them would only repeat it.
-            self._rdlog = LibrdkafkaLogger(reported={"FATAL"})
+            # in one line; librdkafka's own line for them would only repeat it. So do
+            # refused handshakes and credentials (SecurityRefusals).
+            self._rdlog = LibrdkafkaLogger(reported={"FATAL"}, security_reported=True)
             self.consumer = Consumer(conf, logger=self._rdlog)
         except Exception as exc:
             self.release_instance_id()
@@ -188,9 +241,11 @@ class KafkaSource:
         """librdkafka's error callback (served inside poll/consume on this thread)."""
         if err.fatal() or err.code() == KafkaError._FATAL:
             self.fatal = _fatal_message(err, self.settings, self.instance_id)
+        elif self._refused.seen(err):
+            pass  # reported once, by _check_refused, if it lasts
         elif err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT,
                             KafkaError._RESOLVE):
-            if not self.assigned:
+            if not self.assigned and not self._refused.active:
                 # The details are in librdkafka's own (repeat-filtered) log lines; the
                 # state is the same whichever broker or error text this one names.
                 self._wait(f"cannot reach Kafka at {self.settings.bootstrap_servers}")
@@ -200,6 +255,7 @@ class KafkaSource:
     # -- rebalance callbacks (run inside poll/consume, on the worker thread) --
 
     def _assign(self, consumer: Consumer, partitions: Partitions) -> None:
+        self._refused.clear()  # the group coordinator answered: the connection works
         self._rebalanced()
         self.assigned.update((tp.topic, tp.partition) for tp in partitions)
         log.info("assigned %s", _names(partitions))
@@ -257,8 +313,7 @@ class KafkaSource:
         slices = max(4, math.ceil(timeout_s / 0.05))  # a slow trickle still meets the bound
         for _ in range(slices):
             msgs = self.consumer.consume(remaining, timeout_s / slices)
-            if self.fatal is not None:
-                raise KafkaFatalError(self.fatal)
+            self._check_refused(bool(msgs))
             for msg in msgs:
                 err = msg.error()
                 if err is not None:
@@ -295,13 +350,22 @@ class KafkaSource:
     def serve(self, timeout_s: float) -> None:
         """Serve callbacks (rebalances, stats) without taking records while paused."""
         msgs = self.consumer.consume(1, timeout_s)
-        if self.fatal is not None:
-            raise KafkaFatalError(self.fatal)
+        self._check_refused(bool(msgs))
         for msg in msgs:
             # Paused partitions deliver nothing; anything here arrived before the pause
             # and must not be skipped, so seek back to it.
             if msg.error() is None:
                 self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+
+    def _check_refused(self, answered: bool) -> None:
+        """Raise KafkaFatalError for a fatal error or for security refusals that
+        outlasted their grace; anything fetched proves the connection works."""
+        if answered:
+            self._refused.clear()
+        if self.fatal is None:
+            self.fatal = self._refused.verdict()
+        if self.fatal is not None:
+            raise KafkaFatalError(self.fatal)
 
     def _assigned_partitions(self) -> Partitions:
         return [TopicPartition(t, p) for t, p in sorted(self.assigned)]
@@ -372,6 +436,7 @@ class KafkaSource:
             elif err.code() != KafkaError._NO_OFFSET:
                 log.warning("commit failed (will retry): %s", err)
             return
+        self._refused.clear()
         self._rebalanced()
         self._confirm(partitions)
 
@@ -496,6 +561,7 @@ def consumer_config(settings: KafkaSettings, instance_id: str | None) -> dict[st
     }
     if instance_id:
         conf["group.instance.id"] = instance_id
+    conf.update(librdkafka_security(settings.security))
     if settings.group_protocol == "consumer":
         conf["group.protocol"] = "consumer"
         clash = sorted(k for k in settings.librdkafka if k in CLASSIC_ONLY)

@@ -13,7 +13,7 @@ import pytest
 from pipeline.config import KafkaSettings
 from pipeline.metrics import Metrics
 from pipeline.sources import kafka as kafka_mod
-from pipeline.sources.kafka import KafkaSource
+from pipeline.sources.kafka import KafkaSource, SecurityRefusals
 from pipeline.worker import Batch, Worker
 
 
@@ -119,6 +119,7 @@ def _idle_source() -> tuple[KafkaSource, _IdleConsumer]:
     src.assigned = {("t", 0)}
     src.fatal = None
     src._waiting_for = None
+    src._refused = SecurityRefusals(KafkaSettings())
     return src, src.consumer  # type: ignore[return-value]
 
 
@@ -171,6 +172,7 @@ def _committing_source() -> KafkaSource:
     src._waiting_for = None
     src._waiting_long = False
     src._on_revoke = lambda parts: None
+    src._refused = SecurityRefusals(src.settings)
     return src
 
 
