@@ -64,7 +64,7 @@ class Metrics:
     """The worker's metrics. Counters are exposed with `_total` (prometheus_client adds
     it); every label has a small fixed value set, listed in the README."""
 
-    def __init__(self, native: bool | None = None) -> None:
+    def __init__(self, native: bool = False) -> None:
         r = self.registry = CollectorRegistry()
         # CPU, memory, open files of the process; Python version; GC passes.
         ProcessCollector(registry=r)
@@ -128,7 +128,15 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        # Retries twice over: requests (how often the sink backed off and tried again,
+        # what to alert on) and the items in them (the work redone; a failed request
+        # resends all its items, a partial one only those answered 429/5xx).
         self.es_retries = Counter(
+            "envoygeo_es_retries",
+            "Bulk requests sent again after a failed request or 429/5xx item statuses.",
+            registry=r,
+        )
+        self.es_item_retries = Counter(
             "envoygeo_es_item_retries",
             "Bulk items sent again (after a 429/5xx item status or a failed request).",
             registry=r,
@@ -183,10 +191,11 @@ class Metrics:
             self.geoip_cache.labels(result)
         self._seen: dict[tuple[MetricWrapperBase, str], int] = {}
 
-    def set_build_info(self, native: bool | None) -> None:
+    def set_build_info(self, native: bool) -> None:
+        """`native`: the compiled core enriches (the worker sets it from its enricher)."""
         self.build_info.info({
             "version": __version__,
-            "native": "unknown" if native is None else ("true" if native else "false"),
+            "native": "true" if native else "false",
             "python": platform.python_version(),
         })
 
@@ -212,7 +221,8 @@ class Metrics:
             self.es_item_errors.labels(str(status)).inc()
 
     def on_retry(self, items: int) -> None:
-        self.es_retries.inc(items)
+        self.es_retries.inc()
+        self.es_item_retries.inc(items)
 
     def on_stats(self, stats: dict[str, Any]) -> None:
         """librdkafka statistics -> lag per partition (the consumer's own view)."""

@@ -132,8 +132,7 @@ class Worker:
         self.settings = settings
         self.enricher = enricher
         self.metrics = metrics or Metrics()
-        status = getattr(enricher, "native_status", None)
-        self.metrics.set_build_info(None if status is None else status == "on")
+        self.metrics.set_build_info(getattr(enricher, "native_status", None) == "on")
         self.sink = sink or ElasticsearchSink(settings.elasticsearch, observer=self.metrics)
         self.side = side or KafkaTopicSink.for_worker(settings.kafka)
         self.stopping = threading.Event()  # stop fetching, drain, commit
@@ -236,9 +235,10 @@ class Worker:
 
     def _pause(self) -> None:
         """Stop fetching while the oldest bulk request is still out; say so only when
-        it is news to an operator: Elasticsearch refuses writes, or a request has been
-        out for STALL_WARN_S. A short pause while a slow bulk finishes is ordinary
-        backpressure (counted by envoygeo_paused, logged at DEBUG)."""
+        it is news to an operator: Elasticsearch refuses writes, or fetching has been
+        paused for STALL_WARN_S with the oldest batch still undelivered. A short pause
+        while a slow bulk finishes is ordinary backpressure (counted by envoygeo_paused,
+        logged at DEBUG)."""
         assert self.source is not None
         now = time.monotonic()
         if not self.source.paused:
@@ -253,8 +253,11 @@ class Worker:
                         "resuming when it does", self.sink.last_error)
             self._pause_said = True
         elif now - self._paused_since >= STALL_WARN_S:
-            log.warning("paused fetching: the oldest bulk request has been out for %.0fs "
-                        "(Elasticsearch slow or overloaded)", now - self._paused_since)
+            # The oldest batch has been out longer still (backpressure_wait_s before the
+            # pause); delivering it includes its dead letters and alerts to Kafka.
+            log.warning("paused fetching for %.0fs: the oldest batch is still being "
+                        "delivered (Elasticsearch slow or overloaded, or the dead-letter "
+                        "or alerts topic not taking records)", now - self._paused_since)
             self._pause_said = True
 
     def _resume(self) -> None:

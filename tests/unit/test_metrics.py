@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+from elastic_transport import ConnectionError as TransportConnectionError
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -62,9 +63,23 @@ def test_build_info_and_process_collectors() -> None:
     s = samples(Metrics(native=False))
     info = [k for k in s if k.startswith("envoygeo_build_info{")]
     assert len(info) == 1 and 'native="false"' in info[0] and 'version="0.1.0"' in info[0]
+    assert s[info[0]] == 1
     assert "process_cpu_seconds_total" in s and "process_resident_memory_bytes" in s
     assert any(k.startswith("python_info{") for k in s)
     assert any(k.startswith("python_gc_collections_total{") for k in s)
+
+
+@pytest.mark.parametrize(("enricher", "native"), [
+    (SimpleNamespace(native_status="on"), "true"),
+    (SimpleNamespace(native_status="off: ENVOYGEO_NATIVE=0"), "false"),
+    (object(), "false"),  # an enricher that does not say: not the compiled core
+])
+def test_build_info_native_is_true_or_false(enricher: object, native: str) -> None:
+    """The worker sets `native` from its enricher; the label is never anything else."""
+    worker = Worker(load_settings(), enricher=enricher, sink=SimpleNamespace(  # type: ignore[arg-type]
+        action_head=lambda index: b""), side=object())  # type: ignore[arg-type]
+    info = [k for k in samples(worker.metrics) if k.startswith("envoygeo_build_info{")]
+    assert len(info) == 1 and f'native="{native}"' in info[0], info
 
 
 def test_catch_up_only_adds_growth() -> None:
@@ -110,22 +125,26 @@ def test_fixed_label_series_exist_at_zero() -> None:
 
 def test_sink_reports_bytes_retries_and_item_errors() -> None:
     m = Metrics()
-    client = ScriptedClient([{"id1": 429, "id2": 400}, {}])
+    # A 429 and a 400 item, the 429 resent; that request fails, and is sent again.
+    client = ScriptedClient([{"id1": 429, "id2": 400},
+                             TransportConnectionError("refused"), {}])
     sink = ElasticsearchSink(
         ElasticsearchSettings(retry_initial_backoff_ms=1, retry_max_backoff_ms=2),
         client=client, observer=m)  # type: ignore[arg-type]
     items = [BulkItem("idx", f"id{i}", b'{"a":%d}' % i, b"raw", f"t/0/{i}") for i in range(3)]
     rejected = sink.write(items)
     assert [r.status for r in rejected] == [400]
-    assert client.calls == [["id0", "id1", "id2"], ["id1"]]
+    assert client.calls == [["id0", "id1", "id2"], ["id1"], ["id1"]]
     s = samples(m)
     assert s['envoygeo_es_item_errors_total{status="429"}'] == 1
     assert s['envoygeo_es_item_errors_total{status="400"}'] == 1
-    assert s["envoygeo_es_item_retries_total"] == 1
+    assert s["envoygeo_es_retries_total"] == 2
+    assert s["envoygeo_es_item_retries_total"] == 2
     first = sum(len(b'{"index":{"_index":"idx","_id":"idX"}}\n{"a":0}\n') for _ in range(3))
     retry = len(b'{"index":{"_index":"idx","_id":"id1"}}\n{"a":1}\n')
-    assert s["envoygeo_es_bytes_out_total"] == first + retry
+    assert s["envoygeo_es_bytes_out_total"] == first + 2 * retry
     assert s['envoygeo_bulk_seconds_count{outcome="partial"}'] == 1
+    assert s['envoygeo_bulk_seconds_count{outcome="error"}'] == 1
     assert s['envoygeo_bulk_seconds_count{outcome="ok"}'] == 1
 
 
@@ -192,7 +211,8 @@ def test_short_backpressure_pause_is_not_a_warning(caplog: pytest.LogCaptureFixt
     worker._pause()
     worker._resume()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "has been out for 11s" in warnings[0], warnings
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "paused fetching for 11s: the oldest batch is still being delivered"), warnings
     assert any(r.levelno == logging.INFO and "resumed fetching after 11.0s" in r.getMessage()
                for r in caplog.records)
 
@@ -259,6 +279,41 @@ def exported_series(m: Metrics) -> set[str]:
     return names
 
 
+_PROMQL_TOKEN = re.compile(
+    r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<sel>\{(?:"(?:[^"\\]|\\.)*"|[^}"])*\})'
+    r"|(?P<range>\[[^\]]*\])"
+    r"|(?P<num>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|(?P<id>[A-Za-z_:][A-Za-z0-9_:]*)|(?P<op>.))")
+_LABEL_LIST = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+_KEYWORDS = _LABEL_LIST | {"bool", "and", "or", "unless", "offset"}
+
+
+def promql_selectors(expr: str) -> list[tuple[str, str]]:
+    """Every metric a PromQL expression reads, with its `{...}` matchers ("" if none).
+
+    A small tokenizer, not a regex on a name prefix: functions and aggregations are the
+    identifiers followed by `(`, `by` or `without`; label names are inside `by (...)` and
+    friends or inside the matchers; any other identifier (`up`, a typo) is a metric."""
+    tokens = [(m.lastgroup, m.group(m.lastgroup or "")) for m in _PROMQL_TOKEN.finditer(expr)]
+    out: list[tuple[str, str]] = []
+    labels = False
+    for i, (kind, text) in enumerate(tokens):
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else (None, "")
+        if labels:
+            labels = text != ")"
+        elif kind == "id" and text in _LABEL_LIST:
+            labels = nxt[1] == "("
+        elif kind == "id" and text not in _KEYWORDS and nxt[1] not in ("(", "by", "without"):
+            out.append((text, nxt[1] if nxt[0] == "sel" else ""))
+    return out
+
+
+def test_promql_selectors() -> None:
+    expr = ('histogram_quantile(0.99, sum by (le) (rate(a_bucket{job=~"$job", x="y}"}'
+            '[$__rate_interval]))) / on (instance) group_left (v) b_info > bool 1e-9 or up')
+    assert promql_selectors(expr) == [("a_bucket", '{job=~"$job", x="y}"}'),
+                                      ("b_info", ""), ("up", "")]
+
+
 def test_grafana_dashboard_queries_only_exported_metrics() -> None:
     path = ROOT / "dashboards" / "grafana" / "envoygeo-worker.json"
     dash = orjson.loads(path.read_bytes())
@@ -277,6 +332,19 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
             missing = names - exported
             assert not missing, f"{panel['title']}: {missing} not exported"
             used |= names
+    # Parsed, not matched by prefix: every metric any query reads is exported, and each
+    # one is scoped to the dashboard's `job` variable (a query without it would mix in
+    # other jobs' series and ignore the selector the operator picked).
+    ids = [panel["id"] for panel in dash["panels"]]
+    assert len(ids) == len(set(ids)), ids
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            selectors = promql_selectors(target["expr"])
+            assert selectors, target["expr"]
+            for name, matchers in selectors:
+                assert name in exported, f"{panel['title']}: {name} is not exported"
+                assert 'job=~"$job"' in matchers, f"{panel['title']}: {name}{matchers}"
+    assert variables["job"]["query"] == "label_values(envoygeo_build_info, job)"
     # Every envoygeo family appears somewhere on the dashboard.
     families = {n for n in exported if n.startswith("envoygeo_")}
     by_family = {re.sub(r"_(total|bucket|sum|count|info)$", "", n) for n in families}
