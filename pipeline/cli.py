@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": ("pipeline.commands.bench:bench", "Benchmarks: parse, core pipeline, end to end."),
     "run": ("pipeline.commands.worker:run", "The worker: Kafka -> enrich -> Elasticsearch."),
+    "forward": (
+        "pipeline.commands.forward:forward",
+        "Fluent Forward protocol server (Fluent Bit/Fluentd forward outputs) -> Kafka.",
+    ),
     "setup": ("pipeline.commands.worker:setup", "Install index templates, create topics."),
     "check-config": (
         "pipeline.commands.worker:check_config",

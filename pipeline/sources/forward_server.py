@@ -1,0 +1,488 @@
+"""The forward server: Fluent Bit / Fluentd `forward` outputs in, one Kafka record per event out.
+
+Delivery: a chunk that asks for an ack (`chunk` option) is answered `{"ack": chunk}` only
+once Kafka has acknowledged every one of its records (idempotent producer, acks=all), so
+the shipper's at-least-once guarantee holds end to end: whatever fails (Kafka refuses a
+record, the process dies, a limit is hit) leaves the chunk unacknowledged and the
+shipper sends it again. A chunk that is refused also has its connection closed, so the
+shipper notices at once instead of after its ack timeout.
+
+The Kafka value is the JSON Fluent Bit's kafka output writes (`format json`,
+`timestamp_key @timestamp` as epoch seconds first, then the record's keys), the
+envelope the worker already reads on its fastest path (`pipeline.decode.envelope`); the
+tag goes in the `fluent.tag` header. JSON rather than msgpack because the worker does
+not decode msgpack values, and orjson writes a record in well under a microsecond.
+
+Bounded memory: one frame per connection is buffered (at most `max_chunk_bytes`, also
+after gunzip), and at most `max_inflight_chunks` chunks wait for Kafka at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import orjson
+from confluent_kafka import Producer
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from pipeline.sinks.kafka import produce_waiting
+from pipeline.sources.forward import (
+    BAD_INPUT_REASONS,
+    EventTime,
+    ForwardError,
+    Frame,
+    Time,
+    TooLarge,
+    ack,
+    decode_frame,
+    helo,
+    parse_ping,
+    ping_ok,
+    pong,
+    unpacker,
+)
+
+log = logging.getLogger("envoygeo.forward")
+
+REFUSED_REASONS = ("too_large", "inflight_limit", "kafka_error", "draining")
+TAG_HEADER = "fluent.tag"
+
+
+class ForwardMetrics:
+    """The forward server's metrics, in their own registry (as `pipeline.metrics`)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.connections = Counter("envoygeo_forward_connections",
+                                   "Client connections accepted.", registry=r)
+        self.connections_refused = Counter(
+            "envoygeo_forward_connections_refused",
+            "Connections closed at once because forward.max_connections were open.",
+            registry=r)
+        self.open_connections = Gauge("envoygeo_forward_open_connections",
+                                      "Client connections open now.", registry=r)
+        self.bytes_in = Counter("envoygeo_forward_bytes_in", "Bytes read from clients.",
+                                registry=r)
+        self.events_in = Counter("envoygeo_forward_events_received",
+                                 "Events decoded, by event mode.", ["mode"], registry=r)
+        self.events_relayed = Counter("envoygeo_forward_events_relayed",
+                                      "Events Kafka acknowledged.", registry=r)
+        self.events_failed = Counter(
+            "envoygeo_forward_events_failed",
+            "Events Kafka did not take (their chunk is not acked, so the shipper resends).",
+            registry=r)
+        self.chunks_acked = Counter("envoygeo_forward_chunks_acked",
+                                    "Chunks answered with an ack.", registry=r)
+        self.chunks_refused = Counter(
+            "envoygeo_forward_chunks_refused",
+            "Frames not relayed (no ack, connection closed), by reason: too_large, "
+            "inflight_limit, kafka_error, draining.", ["reason"], registry=r)
+        self.bad_input = Counter(
+            "envoygeo_forward_bad_input",
+            "Connections closed on input the protocol does not allow, by reason.",
+            ["reason"], registry=r)
+        self.inflight = Gauge("envoygeo_forward_inflight_chunks",
+                              "Chunks waiting for Kafka.", registry=r)
+        for mode in ("Message", "Forward", "PackedForward", "CompressedPackedForward"):
+            self.events_in.labels(mode)
+        for reason in REFUSED_REASONS:
+            self.chunks_refused.labels(reason)
+        for reason in BAD_INPUT_REASONS:
+            self.bad_input.labels(reason)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def relay_value(time_: Time, record: dict[Any, Any]) -> bytes:
+    """Fluent Bit's kafka output JSON for one event: `@timestamp` (epoch seconds) first."""
+    ts = time_.timestamp if type(time_) is EventTime else float(time_)  # type: ignore[arg-type]
+    try:
+        return orjson.dumps({"@timestamp": ts, **record}, default=_json_default,
+                            option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        # A str with bytes that are not UTF-8 (kept by surrogateescape): replaced, so
+        # the record is still relayed; the worker tags invalid UTF-8 of its own input.
+        return orjson.dumps({"@timestamp": ts, **_valid_utf8(record)}, default=_json_default,
+                            option=orjson.OPT_NON_STR_KEYS)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if hasattr(value, "timestamp"):  # EventTime, msgpack.Timestamp inside a record
+        ts = value.timestamp
+        return ts() if callable(ts) else ts
+    return repr(value)
+
+
+def _valid_utf8(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_valid_utf8(k): _valid_utf8(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_valid_utf8(v) for v in value]
+    return value
+
+
+class _Chunk:
+    """One frame's records on their way to Kafka; done when every one is reported."""
+
+    __slots__ = ("conn", "frame_mode", "chunk", "left", "total", "failed", "error",
+                 "_lock", "_done")
+
+    def __init__(self, conn: _Connection, frame: Frame, done: Callable[[_Chunk], None]) -> None:
+        self.conn = conn
+        self.frame_mode = frame.mode
+        self.chunk = frame.chunk
+        self.total = self.left = len(frame.entries)
+        self.failed = 0
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._done = done
+
+    def delivered(self, err: Any, msg: Any) -> None:
+        # Delivery reports come from the poll thread (or the loop thread while it waits
+        # for room in the producer's queue): counted under a lock, finished on the loop.
+        with self._lock:
+            if err is not None:
+                self.failed += 1
+                self.error = self.error or str(err)
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            self._done(self)
+
+
+@dataclass(slots=True)
+class ServerOptions:
+    host: str
+    port: int
+    topic: str
+    max_chunk_bytes: int
+    max_inflight_chunks: int
+    max_connections: int
+    shared_key: str | None = None
+    self_hostname: str = ""
+
+
+class ForwardServer:
+    """The listening socket, its connections and the chunks in flight to Kafka."""
+
+    def __init__(self, options: ServerOptions, producer: Producer,
+                 metrics: ForwardMetrics | None = None) -> None:
+        self.options = options
+        self.producer = producer
+        self.metrics = metrics or ForwardMetrics()
+        self.self_hostname = options.self_hostname or socket.gethostname()
+        self.inflight = 0
+        self.relayed = self.acked = 0  # totals for the summary line
+        self.draining = False
+        self.kafka_ok = True
+        self.port = options.port
+        self._conns: set[_Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._headers_cache: dict[str, list[tuple[str, bytes]]] = {}
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(
+            lambda: _Connection(self), self.options.host, self.options.port,
+            reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    async def drain(self, grace_s: float) -> bool:
+        """SIGTERM: stop accepting and reading, let the chunks in flight reach Kafka (and
+        be acked), then close every connection. False if the grace ran out first."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.stop_reading()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+            finished = True
+        except TimeoutError:
+            finished = False
+        for conn in list(self._conns):
+            conn.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        return finished
+
+    # -- called by connections --
+
+    def relay(self, conn: _Connection, frame: Frame) -> bool:
+        """Hand a frame's events to Kafka; False (nothing produced) when refused."""
+        m = self.metrics
+        m.events_in.labels(frame.mode).inc(len(frame.entries))
+        if self.draining:
+            return self._refuse(conn, frame, "draining", "the server is shutting down")
+        if self.inflight >= self.options.max_inflight_chunks:
+            return self._refuse(conn, frame, "inflight_limit",
+                                f"{self.inflight} chunks already wait for Kafka "
+                                f"(forward.max_inflight_chunks)")
+        chunk = _Chunk(conn, frame, self._delivered_threadsafe)
+        if not frame.entries:
+            self._finish(chunk)
+            return True
+        self.inflight += 1
+        m.inflight.set(self.inflight)
+        self._idle.clear()
+        headers = self._headers_cache.get(frame.tag)
+        if headers is None:
+            if len(self._headers_cache) > 10000:
+                self._headers_cache.clear()
+            headers = self._headers_cache[frame.tag] = [
+                (TAG_HEADER, frame.tag.encode("utf-8", "replace"))]
+        topic, producer, report = self.options.topic, self.producer, chunk.delivered
+        for time_, record in frame.entries:
+            try:
+                produce_waiting(producer, topic, relay_value(time_, record), None, headers,
+                                on_delivery=report)
+            except Exception as exc:  # e.g. a record over message.max.bytes
+                report(exc, None)
+        return True
+
+    def _refuse(self, conn: _Connection, frame: Frame, reason: str, why: str) -> bool:
+        self.metrics.chunks_refused.labels(reason).inc()
+        log.warning("%s: refused a %s chunk of %d event(s) (tag %s): %s; no ack, closing the "
+                    "connection so the client resends it", conn.peer, frame.mode,
+                    len(frame.entries), frame.tag, why,
+                    extra={"fields": {"forward.refused": reason}})
+        conn.close()
+        return False
+
+    def _delivered_threadsafe(self, chunk: _Chunk) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._finish_inflight, chunk)
+
+    def _finish_inflight(self, chunk: _Chunk) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.set(self.inflight)
+        if self.inflight == 0:
+            self._idle.set()
+        self._finish(chunk)
+
+    def _finish(self, chunk: _Chunk) -> None:
+        m = self.metrics
+        m.events_relayed.inc(chunk.total - chunk.failed)
+        self.relayed += chunk.total - chunk.failed
+        if chunk.failed:
+            self.kafka_ok = False
+            m.events_failed.inc(chunk.failed)
+            m.chunks_refused.labels("kafka_error").inc()
+            log.error("%s: Kafka did not take %d of the %d event(s) of a chunk (%s); no ack, "
+                      "closing the connection so the client resends it", chunk.conn.peer,
+                      chunk.failed, chunk.total, chunk.error,
+                      extra={"fields": {"forward.refused": "kafka_error"}})
+            chunk.conn.close()
+            return
+        self.kafka_ok = True
+        if chunk.chunk is not None:
+            chunk.conn.write(ack(chunk.chunk))
+            m.chunks_acked.inc()
+            self.acked += 1
+
+    def bad_input(self, conn: _Connection, reason: str, why: str) -> None:
+        self.metrics.bad_input.labels(reason).inc()
+        log.warning("%s: %s; closing the connection", conn.peer, why,
+                    extra={"fields": {"forward.bad_input": reason}})
+
+    def opened(self, conn: _Connection) -> bool:
+        if len(self._conns) >= self.options.max_connections:
+            self.metrics.connections_refused.inc()
+            log.warning("%s: refused: %d connections open (forward.max_connections)",
+                        conn.peer, len(self._conns))
+            return False
+        self._conns.add(conn)
+        self.metrics.connections.inc()
+        self.metrics.open_connections.set(len(self._conns))
+        return True
+
+    def closed(self, conn: _Connection) -> None:
+        self._conns.discard(conn)
+        self.metrics.open_connections.set(len(self._conns))
+
+
+class _Connection(asyncio.Protocol):
+    """One client: msgpack objects in, HELO/PONG/acks out."""
+
+    def __init__(self, server: ForwardServer) -> None:
+        self.server = server
+        opts = server.options
+        self.max_frame = opts.max_chunk_bytes
+        # The stream buffer holds at most one frame plus one read.
+        self.unpacker = unpacker(opts.max_chunk_bytes + 256 * 1024)
+        self.fed = 0
+        self.done = 0  # stream offset where the last whole object ended
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.nonce: bytes | None = None  # set while the handshake is pending
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if not self.server.opened(self):
+            self.closing = True
+            transport.abort()
+            return
+        if self.server.options.shared_key is not None:
+            self.nonce = os.urandom(16)
+            transport.write(helo(self.nonce))
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.server.metrics.bytes_in.inc(len(data))
+        self.fed += len(data)
+        try:
+            self.unpacker.feed(data)
+        except Exception:  # BufferFull: one frame larger than the limit
+            self._too_large(f"a frame over {self.max_frame} bytes (forward.max_chunk_bytes)")
+            return
+        while not self.closing:
+            try:
+                obj = self.unpacker.unpack()
+            except msgpack.OutOfData:
+                return
+            except Exception as exc:
+                self._bad("malformed", f"malformed msgpack after byte {self.done}: {exc!r}")
+                return
+            end = self.unpacker.tell()
+            size, self.done = end - self.done, end
+            if size > self.max_frame:
+                self._too_large(f"a frame of {size} bytes, over {self.max_frame} "
+                                "(forward.max_chunk_bytes)")
+                return
+            self._handle(obj)
+
+    def _handle(self, obj: Any) -> None:
+        server = self.server
+        if self.nonce is not None:
+            self._handshake(obj)
+            return
+        try:
+            frame = decode_frame(obj, self.max_frame)
+        except TooLarge as exc:
+            self._too_large(str(exc))
+            return
+        except ForwardError as exc:
+            self._bad(exc.reason, str(exc))
+            return
+        server.relay(self, frame)
+
+    def _handshake(self, obj: Any) -> None:
+        server = self.server
+        key = server.options.shared_key
+        assert key is not None and self.nonce is not None
+        try:
+            ping = parse_ping(obj)
+        except ForwardError as exc:
+            self._bad(exc.reason, str(exc))
+            return
+        ok = ping_ok(ping, self.nonce, key)
+        reason = "" if ok else "shared_key mismatch"
+        self.write(pong(ping, self.nonce, key, server.self_hostname, ok, reason))
+        if ok:
+            self.nonce = None
+            return
+        self._bad("auth_failed", f"client {ping.hostname!r} sent a wrong shared key "
+                                 "(answered PONG false)")
+
+    def _too_large(self, why: str) -> None:
+        self.server.metrics.chunks_refused.labels("too_large").inc()
+        log.warning("%s: refused %s; no ack, closing the connection", self.peer, why,
+                    extra={"fields": {"forward.refused": "too_large"}})
+        self.close()
+
+    def _bad(self, reason: str, why: str) -> None:
+        self.server.bad_input(self, reason, why)
+        self.close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def stop_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def close(self) -> None:
+        """Close after what is written (a PONG false, acks) has gone out."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closing and self.fed > self.done:
+            self.server.bad_input(
+                self, "disconnect_mid_frame",
+                f"client disconnected mid-frame ({self.fed - self.done} bytes of "
+                "an unfinished frame dropped; never acked, so an acking client resends it)")
+        self.closing = True
+        self.server.closed(self)
+
+
+def serve_status(metrics: ForwardMetrics, server: ForwardServer, host: str,
+                 port: int) -> Any:
+    """/metrics, /healthz, /readyz through the worker's StatusServer (it only asks its
+    metrics object for render())."""
+    from pipeline.metrics import StatusServer
+
+    def ready() -> tuple[bool, str]:
+        if server.draining:
+            return False, "draining"
+        if not server.serving:
+            return False, "not listening"
+        if not server.kafka_ok:
+            return False, "Kafka refused the last chunk's records"
+        return True, f"listening on {server.port}, relaying to {server.options.topic}"
+
+    status = StatusServer(metrics, host, port, ready)  # type: ignore[arg-type]
+    status.start()
+    return status
+
+
+def heartbeat(status: Any, interval_s: float = 1.0) -> Callable[[], None]:
+    """The loop's beat for /healthz; returns a stopper."""
+    stop = threading.Event()
+    loop = asyncio.get_running_loop()
+
+    def tick() -> None:
+        if not stop.is_set():
+            status.beat()
+            loop.call_later(interval_s, tick)
+
+    tick()
+    return stop.set
