@@ -1,8 +1,9 @@
 """The forward protocol decoder and server against what a real Fluent Bit 5.1.1 sent.
 
-The streams are `../shared/samples/fluent-bit-5.1.1/forward-*-conn1.bin`, captured byte
-for byte (see its README); the expected events come from the CRI file Fluent Bit
-tailed (`expected-records.jsonl`), not from our own decoder.
+The streams are `../shared/samples/fluent-bit-5.1.1/forward-*-conn1.bin` (copied to
+tests/data/fluent-bit-5.1.1), captured byte for byte (see its README); the expected
+events come from the CRI file Fluent Bit tailed (`expected-records.jsonl`), not from our
+own decoder.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ from pipeline.sources.forward_server import (
     relay_value,
 )
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "samples" / "fluent-bit-5.1.1"
-if not SAMPLES.is_dir():
-    SAMPLES = Path("/work/shared/samples/fluent-bit-5.1.1")
+# A copy of the forward captures (and the expected records) lives in tests/data, so the
+# tests run from any clone; test_the_copies_are_the_captures checks it against the original.
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "fluent-bit-5.1.1"
+ORIGINAL = Path(__file__).resolve().parents[3] / "shared" / "samples" / "fluent-bit-5.1.1"
 VARIANTS = ("default", "ack", "gzip-ack", "time-int", "shared-key")
 TAG = ("kube.tmp.fbcap.var.log.containers.istio-ingressgateway-7d9f_istio-system_istio-proxy-"
        "2d5c06badcc7858d23943757e433975579fd4f34d2cdfa8c2a69a3f33f6af282.log")
@@ -54,7 +56,6 @@ CHUNK = "ofUIM6hKShPK5FrtqBdklA=="
 SHARED_KEY = "fbcap-shared-secret"
 BIG = 64 * 1024 * 1024
 
-pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason="Fluent Bit captures not present")
 
 
 def _cri_ns(stamp: str) -> tuple[int, int]:
@@ -88,6 +89,12 @@ def objects(data: bytes) -> list[Any]:
 def frames(variant: str) -> list[Frame]:
     return [decode_frame(o, BIG) for o in objects(stream(variant))
             if not (isinstance(o, list) and o and o[0] == "PING")]
+
+
+@pytest.mark.skipif(not ORIGINAL.is_dir(), reason="no ../shared/samples next to this clone")
+def test_the_copies_are_the_captures() -> None:
+    for copy in SAMPLES.iterdir():
+        assert copy.read_bytes() == (ORIGINAL / copy.name).read_bytes(), copy.name
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
