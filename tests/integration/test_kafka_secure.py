@@ -33,6 +33,7 @@ from tests.integration.harness import (
     log_messages,
     produce,
     read_topic,
+    service,
     start_worker,
     stop_worker,
     wait_for_committed,
@@ -213,6 +214,32 @@ def test_password_from_environment_and_setup_refusal(setup_env: dict[str, Any]) 
     shown = envoygeo("check-config", "-c", str(cfg),
                      env={"ENVOYGEO_KAFKA__SECURITY__PASSWORD": env["password"]})
     assert shown.returncode == 0 and "password: '***'" in shown.stdout, shown.stdout
+
+
+def test_a_restarting_broker_is_waited_for_not_a_refusal(setup_env: dict[str, Any]) -> None:
+    """While the broker restarts the worker sees refused TCP connections, not refused
+    handshakes or credentials: it waits, rejoins and goes on indexing.
+
+    This broker is this module's own (no other test uses it), so restarting it is safe.
+    """
+    env = setup_env
+    cfg = config(env, "restart.yaml", SASL_SSL, sasl_security())
+    assert envoygeo("setup", "-c", str(cfg)).returncode == 0
+    produce(INTERNAL, env["topic"], access_records(10))
+    log = env["tmp"] / "worker.log"
+    worker = start_worker(cfg, log)
+    try:
+        assert wait_for_count(env["es"], env["index"], 10, timeout_s=60, procs=[worker]) == 10
+        service("kafka-secure", "stop")
+        time.sleep(2)
+        service("kafka-secure", "start")
+        produce(INTERNAL, env["topic"], access_records(10, start=10))
+        assert wait_for_count(env["es"], env["index"], 20, timeout_s=90, procs=[worker]) == 20
+        assert wait_for_committed(INTERNAL, env["group"], env["topic"], 20, timeout_s=60) == 20
+    finally:
+        assert stop_worker(worker) == 0
+        CAPTURED.append(log.read_text())
+    assert not [m for m in log_messages(log) if m.startswith("kafka:")]
 
 
 def test_the_password_appears_in_no_output(secure_kafka: str) -> None:
