@@ -79,6 +79,39 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def check_readable(path: Path | None) -> Path | None:
+    """A file a client reads later (a CA, a key, a secret), opened now, so a missing or
+    unreadable one is an error naming its key at start, not a handshake failure."""
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def read_secret(path: Path) -> str:
+    """A secret file's text (a Kubernetes Secret volume, `echo pw > file`): one trailing
+    newline is not part of it."""
+    text = path.read_text()
+    return text[:-1] if text.endswith("\n") else text
+
+
+def secret_value(inline: SecretStr | None, path: Path | None) -> str | None:
+    """The secret set inline (or by its ENVOYGEO_* variable) or in its `*_file`."""
+    if inline is not None:
+        return inline.get_secret_value()
+    return read_secret(path) if path is not None else None
+
+
+def _one_of(model: BaseModel, *secrets: str) -> None:
+    """`password` or `password_file`, not both: which one would win is not obvious."""
+    for secret in secrets:
+        if getattr(model, secret) is not None and getattr(model, f"{secret}_file") is not None:
+            raise ValueError(f"set {secret} or {secret}_file, not both")
+
+
 class KafkaSecuritySettings(_Section):
     """How the worker authenticates to Kafka and encrypts the connection, for the common
     cases; `pipeline.kafka_security` maps it onto librdkafka for every Kafka client.
@@ -104,13 +137,7 @@ class KafkaSecuritySettings(_Section):
     def _readable(cls, v: Path | None) -> Path | None:
         # Read at connect time by librdkafka (or at start, the password): checked now,
         # so the error names the key instead of surfacing as a handshake failure.
-        if v is not None:
-            try:
-                with v.open("rb") as f:
-                    f.read(1)
-            except OSError as exc:
-                raise ValueError(f"cannot read {v}: {exc.strerror}") from None
-        return v
+        return check_readable(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaSecuritySettings:
@@ -202,11 +229,22 @@ class KafkaSettings(_Section):
 
 class ElasticsearchSettings(_Section):
     hosts: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:9200"])
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(
+        None, description="Encoded API key (base64 of id:api_key), sent as "
+                          "`Authorization: ApiKey ...`; wins over username/password.")
+    api_key_file: Path | None = Field(
+        None, description="File holding the encoded API key (a Kubernetes Secret volume).")
     username: str | None = None
     password: SecretStr | None = None
-    ca_certs: Path | None = None
-    verify_certs: bool = True
+    password_file: Path | None = Field(
+        None, description="File holding the basic-auth password; one trailing newline "
+                          "is ignored.")
+    ca_certs: Path | None = Field(
+        None, description="PEM CA certificate(s) the server's certificate must chain to "
+                          "(default: the system trust store).")
+    verify_certs: bool = Field(
+        True, description="false turns certificate and host name verification off "
+                          "(a warning is logged at start); for tests only.")
     index: str = Field("envoygeo-logs", description="Index (or alias / data stream) written to.")
     alerts_index: str = "envoygeo-alerts"
     data_stream: bool = False
@@ -231,6 +269,24 @@ class ElasticsearchSettings(_Section):
 
             hosts_to_node_configs([host])
         return v
+
+    @field_validator("api_key_file", "password_file")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        return check_readable(v)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> ElasticsearchSettings:
+        _one_of(self, "password", "api_key")
+        if (self.password is not None or self.password_file is not None) and not self.username:
+            raise ValueError("password/password_file need username")
+        return self
+
+    def api_key_value(self) -> str | None:
+        return secret_value(self.api_key, self.api_key_file)
+
+    def password_value(self) -> str | None:
+        return secret_value(self.password, self.password_file)
 
 
 class GeoIPSettings(GeoIPConfig):
@@ -273,6 +329,22 @@ class RatesSettings(RatesConfig):
 
         parse_url(v)
         return v
+
+    @field_validator("redis_password_file", "redis_ca_file")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        return check_readable(v)
+
+    @model_validator(mode="after")
+    def _redis_secrets(self) -> RatesSettings:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.redis_url)
+        if self.redis_password_file is not None and url.password is not None:
+            raise ValueError("set the password in redis_url or redis_password_file, not both")
+        if self.redis_ca_file is not None and url.scheme != "rediss":
+            raise ValueError("redis_ca_file is only used with a rediss:// (TLS) redis_url")
+        return self
 
     @model_validator(mode="after")
     def _rules_use_configured_windows(self) -> RatesSettings:
@@ -347,10 +419,28 @@ class KibanaSettings(_Section):
     url: str | None = Field(None, description="Kibana / OpenSearch Dashboards base URL.")
     space: str | None = Field(None, description="Kibana space id (default space when unset).")
     api_key: SecretStr | None = None
+    api_key_file: Path | None = None
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = None
     ca_certs: Path | None = None
     verify_certs: bool = True
+
+    @field_validator("api_key_file", "password_file")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        return check_readable(v)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> KibanaSettings:
+        _one_of(self, "password", "api_key")
+        return self
+
+    def api_key_value(self) -> str | None:
+        return secret_value(self.api_key, self.api_key_file)
+
+    def password_value(self) -> str | None:
+        return secret_value(self.password, self.password_file)
 
 
 class ForwardSettings(_Section):

@@ -244,7 +244,9 @@ def probe_elasticsearch(settings: Settings, timeout_s: float) -> str:
     """The cluster answers with the configured auth/CA, and the index templates `run`
     requires are in place (the same `missing_templates` check)."""
     from elastic_transport import TransportError
+    from elasticsearch import ApiError
 
+    from pipeline.service_errors import describe_elasticsearch_error
     from pipeline.setup import missing_templates
     from pipeline.sinks.elasticsearch import make_client
 
@@ -255,8 +257,8 @@ def probe_elasticsearch(settings: Settings, timeout_s: float) -> str:
         try:
             info = es.info()
             missing = missing_templates(es, settings)
-        except TransportError as exc:  # str() of a connection error is only its class
-            raise ProbeFailed(f"{where}: {type(exc).__name__}: {exc.message}") from None
+        except (TransportError, ApiError) as exc:  # the words `run` would exit with
+            raise ProbeFailed(describe_elasticsearch_error(exc, cfg)) from None
     if missing:
         raise ProbeFailed(f"{where}: no envoygeo index template covers {', '.join(missing)} "
                           "(`envoygeo setup` installs them; `run` refuses to start without)")
@@ -268,14 +270,17 @@ def probe_redis(settings: Settings, timeout_s: float) -> str:
     """PING with the URL's credentials (rates.backend: redis)."""
     import redis
 
+    from pipeline.enrich.rates.redis import connect
+    from pipeline.service_errors import describe_redis_error
+
     where = url_without_password(settings.rates.redis_url)
-    client = redis.Redis.from_url(settings.rates.redis_url, socket_connect_timeout=timeout_s,
-                                  socket_timeout=timeout_s)
+    client = connect(settings.rates, socket_connect_timeout=timeout_s,
+                     socket_timeout=timeout_s)
     try:
         info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
         version = info["redis_version"]
     except redis.RedisError as exc:
-        raise ProbeFailed(f"{where}: {type(exc).__name__}: {exc}") from None
+        raise ProbeFailed(describe_redis_error(exc, settings.rates)) from None
     finally:
         client.close()
     return f"{where}: redis {version}"

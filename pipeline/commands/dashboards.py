@@ -108,9 +108,8 @@ def _rules(settings: Settings, threshold: int | None, window: str | None) -> lis
 
 def _target(k: KibanaSettings, flavour: Flavour, insecure: bool) -> Target:
     return Target(url=k.url or "", flavour=flavour, space=k.space,
-                  api_key=k.api_key.get_secret_value() if k.api_key else None,
-                  username=k.username,
-                  password=k.password.get_secret_value() if k.password else None,
+                  api_key=k.api_key_value(), username=k.username,
+                  password=k.password_value(),
                   verify_tls=k.verify_certs and not insecure,
                   ca_certs=str(k.ca_certs) if k.ca_certs else None)
 

@@ -39,12 +39,13 @@ def report(config_path: Path | None, index: str | None, alerts_index: str | None
     Connection and index names come from the configuration, e.g.
     `envoygeo report -c config.yaml --since 7d -o week.html`.
     """
-    from elastic_transport import TlsError, TransportError
+    from elastic_transport import TransportError
     from elasticsearch import ApiError
 
     from pipeline.dashboards.names import IndexNames
     from pipeline.report.query import fetch, matching_indices, since_to_range
     from pipeline.report.render import render
+    from pipeline.service_errors import describe_elasticsearch_error
     from pipeline.sinks.elasticsearch import make_client
 
     try:
@@ -69,15 +70,8 @@ def report(config_path: Path | None, index: str | None, alerts_index: str | None
                        "empty: is elasticsearch.index the index the worker writes "
                        "(or --index)?", err=True)
         data = fetch(es, index, alerts_index, since, top)
-    except TlsError as e:
-        cause: BaseException = e
-        while cause.__cause__ is not None:  # the ssl error under the transport's
-            cause = cause.__cause__
-        click.echo(f"error: Elasticsearch at {where}: TLS failed ({cause}): set "
-                   "elasticsearch.ca_certs to the CA that signed its certificate", err=True)
-        sys.exit(1)
     except (TransportError, ApiError) as e:
-        click.echo(f"error: Elasticsearch at {where}: {e}", err=True)
+        click.echo(f"error: {describe_elasticsearch_error(e, es_settings)}", err=True)
         sys.exit(1)
     finally:
         es.close()

@@ -109,6 +109,7 @@ def setup(config_path: Path | None, no_topics: bool) -> None:
     Example:
       envoygeo setup -c config.yaml && envoygeo check-config -c config.yaml --connect
     """
+    from pipeline.service_errors import describe_elasticsearch_error
     from pipeline.setup import ensure_topics, install_templates
     from pipeline.sinks.elasticsearch import make_client
 
@@ -118,7 +119,8 @@ def setup(config_path: Path | None, no_topics: bool) -> None:
             for line in install_templates(es, settings):
                 click.echo(f"installed {line}")
     except Exception as exc:  # report which service and why, not a traceback
-        click.echo(f"envoygeo setup: Elasticsearch {settings.elasticsearch.hosts}: {exc}", err=True)
+        click.echo(f"envoygeo setup: "
+                   f"{describe_elasticsearch_error(exc, settings.elasticsearch)}", err=True)
         sys.exit(3)
     if not no_topics:
         try:
@@ -158,6 +160,7 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
     from pipeline.enricher import Enricher
     from pipeline.logs import setup_logging
     from pipeline.metrics import Metrics
+    from pipeline.service_errors import describe_elasticsearch_error
     from pipeline.setup import missing_templates
     from pipeline.sinks.elasticsearch import make_client
     from pipeline.worker import Worker
@@ -167,13 +170,17 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
     try:
         with make_client(settings.elasticsearch) as es:
             missing = missing_templates(es, settings)
-    except Exception as exc:  # unreachable cluster: say so plainly, exit non-zero
-        click.echo(f"envoygeo: cannot reach Elasticsearch at {settings.elasticsearch.hosts}: "
-                   f"{exc}", err=True)
+    except Exception as exc:  # unreachable or refusing cluster: one line, exit non-zero
+        click.echo(f"envoygeo: {describe_elasticsearch_error(exc, settings.elasticsearch)}",
+                   err=True)
         sys.exit(3)
     if missing:
         click.echo(f"envoygeo: no envoygeo index template covers {', '.join(missing)} "
                    "(source.ip would not be an `ip` field); run `envoygeo setup` first.", err=True)
+        sys.exit(3)
+    redis_refused = _redis_refusal(settings)
+    if redis_refused:
+        click.echo(f"envoygeo: {redis_refused}", err=True)
         sys.exit(3)
     metrics = Metrics()
     try:
@@ -186,3 +193,23 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
     if early_stop:
         worker.stop(f"signal {signal.Signals(early_stop[0]).name} during start-up")
     sys.exit(worker.run())
+
+
+def _redis_refusal(settings: Settings) -> str | None:
+    """With rates.backend: redis, one PING before the worker starts: a wrong password or
+    an untrusted certificate would otherwise fail the first batch, after Kafka joined."""
+    if not (settings.rates.enabled and settings.rates.backend == "redis"):
+        return None
+    import redis
+
+    from pipeline.enrich.rates.redis import connect
+    from pipeline.service_errors import describe_redis_error
+
+    client = connect(settings.rates, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return describe_redis_error(exc, settings.rates)
+    finally:
+        client.close()
+    return None

@@ -25,7 +25,7 @@ from elastic_transport import ConnectionTimeout, TransportError
 from elasticsearch import ApiError, Elasticsearch
 from elasticsearch.serializer import NdjsonSerializer, OrjsonSerializer
 
-from pipeline.config import ElasticsearchSettings
+from pipeline.config import ElasticsearchSettings, url_without_password
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +72,34 @@ class BulkBodySerializer(NdjsonSerializer):
         return super().dumps(data)
 
 
+_warned_unverified = False
+
+
+def warn_unverified(settings: ElasticsearchSettings) -> None:
+    """verify_certs: false is a choice to be seen: one warning per process."""
+    global _warned_unverified
+    if not _warned_unverified:
+        _warned_unverified = True
+        log.warning("elasticsearch.verify_certs is false: the certificates of %s are not "
+                    "verified (anyone on the path can read and change the traffic)",
+                    ", ".join(url_without_password(h) for h in settings.hosts))
+
+
 def make_client(settings: ElasticsearchSettings) -> Elasticsearch:
     """The official client, with our retry policy instead of its own."""
     auth: dict[str, Any] = {}
-    if settings.api_key is not None:
-        auth["api_key"] = settings.api_key.get_secret_value()
+    api_key = settings.api_key_value()
+    if api_key is not None:
+        auth["api_key"] = api_key
     elif settings.username is not None:
-        password = settings.password.get_secret_value() if settings.password else ""
-        auth["basic_auth"] = (settings.username, password)
+        auth["basic_auth"] = (settings.username, settings.password_value() or "")
     tls: dict[str, Any] = {}
     if settings.ca_certs is not None:
         tls["ca_certs"] = str(settings.ca_certs)
     if not settings.verify_certs:
-        tls["verify_certs"] = False
+        # Said once, in our log, instead of urllib3's warning on every request.
+        tls.update(verify_certs=False, ssl_show_warn=False)
+        warn_unverified(settings)
     return Elasticsearch(
         settings.hosts,
         request_timeout=settings.request_timeout_s,

@@ -34,6 +34,7 @@ enricher counts no event outside it (its document carries no rates).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, field_validator
@@ -57,7 +58,15 @@ class RatesConfig(BaseModel):
     # memory backend
     max_ips: int = Field(default=1_000_000, ge=1)
     # redis backend
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="redis://[user[:password]@]host:port/db, rediss:// for TLS.")
+    redis_password_file: Path | None = Field(
+        default=None, description="File holding the password of the URL's user (a "
+                                  "Kubernetes Secret volume) instead of the URL.")
+    redis_ca_file: Path | None = Field(
+        default=None, description="PEM CA certificate(s) a rediss:// server's certificate "
+                                  "must chain to (default: the system trust store).")
     key_prefix: str = "envoygeo"
     key_ttl_slack_s: int = Field(default=600, ge=0)
 

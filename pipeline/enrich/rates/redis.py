@@ -136,6 +136,20 @@ return table.concat(out, ',')
 """
 
 
+def connect(cfg: RatesConfig, **options: Any) -> redis_lib.Redis:
+    """The client for `rates.redis_url` plus what a URL cannot carry well: the password
+    from `rates.redis_password_file` and the CA of a rediss:// server. Certificates are
+    always verified (redis-py's default for rediss://). The backend, `run`'s start-up
+    check and `check-config --connect` all connect here."""
+    from pipeline.config import read_secret
+
+    if cfg.redis_password_file is not None:
+        options["password"] = read_secret(cfg.redis_password_file)
+    if cfg.redis_ca_file is not None:
+        options["ssl_ca_certs"] = str(cfg.redis_ca_file)
+    return redis_lib.Redis.from_url(cfg.redis_url, **options)
+
+
 class RedisRates:
     """See module docstring and `pipeline.enrich.rates` for the exact semantics."""
 
@@ -172,7 +186,7 @@ class RedisRates:
     @classmethod
     def from_config(cls, cfg: RatesConfig) -> RedisRates:
         return cls(
-            redis_lib.Redis.from_url(cfg.redis_url),
+            connect(cfg),
             cfg.windows,
             cfg.lateness_s,
             cfg.key_prefix,
