@@ -39,9 +39,10 @@ import yaml
 
 from pipeline.bench.core import corpus
 from pipeline.bench.enrich_micro import default_geoip_path
-from pipeline.config import load_settings
+from pipeline.config import KafkaSettings, load_settings
 from pipeline.enricher import Enricher
 from pipeline.kafka_log import kafka_logger
+from pipeline.kafka_security import client_config
 from pipeline.setup import ensure_topics, install_templates
 from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, make_client
 from pipeline.sinks.kafka import produce_waiting
@@ -62,11 +63,11 @@ def _config(path: Path, bootstrap: str, es_url: str, topic: str, index: str, gro
     return path
 
 
-def _produce(bootstrap: str, topic: str, records: list[bytes]) -> None:
+def _produce(kafka: KafkaSettings, topic: str, records: list[bytes]) -> None:
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50,
-                         "compression.type": "lz4", "enable.idempotence": True},
+    producer = Producer(client_config(kafka, **{"linger.ms": 50, "compression.type": "lz4",
+                                                "enable.idempotence": True}),
                         logger=kafka_logger())
     for i, value in enumerate(records):
         produce_waiting(producer, topic, value, str(i).encode(), wait_s=0.1)
@@ -74,12 +75,12 @@ def _produce(bootstrap: str, topic: str, records: list[bytes]) -> None:
         raise click.ClickException("could not load the corpus into Kafka")
 
 
-def _delete_topics(bootstrap: str, topics: list[str]) -> None:
+def _delete_topics(kafka: KafkaSettings, topics: list[str]) -> None:
     """The run's topics go too: a broker's per-request costs grow with its partitions."""
     from confluent_kafka.admin import AdminClient
 
     # alive until the futures end
-    admin = AdminClient({"bootstrap.servers": bootstrap}, logger=kafka_logger())
+    admin = AdminClient(client_config(kafka), logger=kafka_logger())
     for future in admin.delete_topics(topics, operation_timeout=30).values():
         try:
             future.result()
@@ -129,7 +130,7 @@ class _Drain(NamedTuple):
     es_cpu: float | None  # CPU us per record, the Elasticsearch node
 
 
-def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
+def _drain_rate(kafka: KafkaSettings, group: str, topic: str, n: int,
                 procs: list[subprocess.Popen[bytes]], timeout_s: float,
                 es_pids: list[int]) -> _Drain:
     """Records per second from the first committed offset to the n-th, and the CPU the
@@ -138,7 +139,7 @@ def _drain_rate(bootstrap: str, group: str, topic: str, n: int,
     first_cpu: tuple[float | None, float | None] = (None, None)
     worker_pids = [p.pid for p in procs]
     deadline = time.monotonic() + timeout_s
-    offsets = CommittedOffsets(bootstrap, group, topic)
+    offsets = CommittedOffsets(kafka.bootstrap_servers, group, topic, conf=client_config(kafka))
     try:
         while time.monotonic() < deadline:
             for p in procs:
@@ -216,7 +217,7 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
     install_templates(es, settings.model_copy(update={"elasticsearch": settings.elasticsearch
                                                       .model_copy(update={"index": prefix})}))
     ensure_topics(settings)
-    _produce(bootstrap, topic, records)
+    _produce(settings.kafka, topic, records)
     results: dict[str, list[float]] = {"ceiling": [], "1 worker": [], "2 workers": []}
     ratios: dict[str, list[float]] = {"1 worker": [], "2 workers": []}
     # CPU microseconds per document: the ceiling's client, the workers (all processes).
@@ -269,7 +270,7 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                     for i in range(workers)]
                 label = f"{workers} worker{'s' if workers > 1 else ''}"
                 try:
-                    drain = _drain_rate(bootstrap, group, topic, len(records), procs, 600,
+                    drain = _drain_rate(settings.kafka, group, topic, len(records), procs, 600,
                                         es_pids)
                     worker_rates[label] = drain.rate
                     if drain.worker_cpu is not None:
@@ -296,7 +297,7 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
         if not keep:
             for index in created:
                 drop(index)
-            _delete_topics(bootstrap, [topic, f"{topic}-dlq", f"{topic}-alerts"])
+            _delete_topics(settings.kafka, [topic, f"{topic}-dlq", f"{topic}-alerts"])
     med = {k: statistics.median(v) for k, v in results.items()}
     click.echo(f"elasticsearch bulk ceiling   {med['ceiling']:>10,.0f} docs/s  (pre-built, "
                f"median of {runs})")

@@ -85,18 +85,19 @@ def forward(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
 
 def producer_config(settings: Any) -> dict[str, Any]:
     """The relay's producer: idempotent (a retried batch is not written twice), acks=all
-    (an ack means the record is replicated), kafka.librdkafka on top (security, ...)."""
+    (an ack means the record is replicated), kafka.security mapped, kafka.librdkafka on top."""
+    from pipeline.kafka_security import client_config
+
     k = settings.kafka
-    conf: dict[str, Any] = {
-        "bootstrap.servers": k.bootstrap_servers,
+    conf = client_config(k, **{  # brokers and kafka.security
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
         "batch.size": 1024 * 1024,
         "compression.type": "lz4",
         "delivery.timeout.ms": 30000,
-    }
-    conf.update(k.librdkafka)
+    })
+    conf.update(k.librdkafka)  # all of it: producer settings too, not only the connection's
     return conf
 
 

@@ -125,6 +125,7 @@ def run_demo(
     from elasticsearch import Elasticsearch
 
     from pipeline.config import load_settings
+    from pipeline.kafka_security import client_config
     from pipeline.setup import ensure_topics, install_templates
     from pipeline.sinks.elasticsearch import make_client
 
@@ -163,7 +164,8 @@ def run_demo(
                 f"Envoy 1.40; sending {len(traffic)} requests from "
                 f"{len({c for c, *_ in traffic})} clients"
             )
-            shipper = FileShipper(stack.access_log, bootstrap, topic).start()
+            shipper = FileShipper(stack.access_log, bootstrap, topic,
+                                  conf=client_config(settings.kafka)).start()
             interval, next_at = 1.0 / plan.pace_per_s, time.monotonic()
             for client, path, version, paced in traffic:
                 if paced:

@@ -51,13 +51,16 @@ def fluent_bit_record(
 class FileShipper:
     """Follows a file from its start, producing every complete line; stop() drains."""
 
-    def __init__(self, path: Path, bootstrap: str, topic: str) -> None:
+    def __init__(self, path: Path, bootstrap: str, topic: str,
+                 conf: dict[str, Any] | None = None) -> None:
+        """`conf`: more client settings (a secured cluster's, `client_config`)."""
         self.path = path
         self.topic = topic
         self.shipped = 0
         self.errors: list[str] = []
         self._producer = Producer(
-            {"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True},
+            {"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
+             **(conf or {})},
             logger=kafka_logger(),
         )
         self._stop = threading.Event()

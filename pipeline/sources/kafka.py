@@ -497,9 +497,11 @@ class CommittedOffsets:
     (for tests and benchmarks: building a client per reading is what costs, on both
     sides of the connection, and a benchmark's own load is measured with the rest)."""
 
-    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int = 6) -> None:
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group},
-                                  logger=kafka_logger())
+    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int = 6,
+                 conf: dict[str, Any] | None = None) -> None:
+        """`conf`: more client settings (a secured cluster's, `client_config`)."""
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                                   **(conf or {})}, logger=kafka_logger())
         self._tps = [TopicPartition(topic, p) for p in range(partitions)]
 
     def per_partition(self, timeout_s: float = 30) -> list[int]:
