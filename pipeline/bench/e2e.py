@@ -86,6 +86,7 @@ def _delete_topics(kafka: KafkaSettings, topics: list[str]) -> None:
             future.result()
         except Exception as exc:  # best effort: say so, do not fail the figures
             click.echo(f"could not delete a benchmark topic: {exc}", err=True)
+    admin.poll(0)  # hand librdkafka's queued log lines to the logger (served by poll only)
 
 
 def _cpu_seconds(pids: list[int]) -> float | None:

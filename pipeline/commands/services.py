@@ -14,7 +14,12 @@ def _kafka(bootstrap: str) -> str:
 
     admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 3000},
                         logger=kafka_logger())
-    meta = admin.list_topics(timeout=5)
+    try:
+        meta = admin.list_topics(timeout=5)
+    finally:
+        # librdkafka's lines reach the logger only when the client is served: without
+        # this, why the broker did not answer (refused, TLS, auth) would never be said.
+        admin.poll(0)
     brokers = ", ".join(f"{b.host}:{b.port}" for b in meta.brokers.values())
     return f"brokers {brokers}, {len(meta.topics)} topics"
 
