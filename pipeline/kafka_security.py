@@ -202,3 +202,20 @@ class RefusalLog:
 
     def explain(self, k: KafkaSettings) -> str | None:
         return describe_failure(self.kind, k, self.text, 0) if self.kind else None
+
+
+# librdkafka property -> the kafka.security key that sets it (for error messages).
+_SOURCE_KEY = {"ssl.ca.location": "ca_file", "ssl.certificate.location": "cert_file",
+               "ssl.key.location": "key_file", "ssl.key.password": "key_password",
+               "sasl.mechanism": "sasl_mechanism", "sasl.username": "username",
+               "sasl.password": "password", "security.protocol": "protocol"}
+
+
+def setting_named_by(message: str, k: KafkaSettings) -> str:
+    """The key to blame for a librdkafka error that names a property: the
+    `kafka.security` one that set it, unless `kafka.librdkafka` set it explicitly."""
+    for prop, field in _SOURCE_KEY.items():
+        if prop in message and prop not in k.librdkafka \
+                and k.security.protocol != "PLAINTEXT":
+            return f"kafka.security.{field}"
+    return "kafka.librdkafka"

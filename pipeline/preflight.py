@@ -89,7 +89,10 @@ def _librdkafka_problems(settings: Settings) -> list[Problem]:
     try:
         Consumer(conf, logger=_Discard()).close()
     except KafkaException as exc:
-        return [("kafka.librdkafka", exc.args[0].str())]
+        from pipeline.kafka_security import setting_named_by
+
+        why = exc.args[0].str()
+        return [(setting_named_by(why, settings.kafka), why)]
     return []
 
 

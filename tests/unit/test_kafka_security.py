@@ -222,3 +222,19 @@ def test_the_worker_logger_leaves_refusals_to_the_one_line(
         plain.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#producer-2", SASL_TEXT)
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.ERROR, REFUSED), (logging.ERROR, SASL_TEXT)]
+
+
+def test_a_file_librdkafka_cannot_use_is_blamed_on_its_security_key(tmp_path: Path) -> None:
+    """check-config / run: librdkafka's verdict on the files names the key that set them."""
+    from pipeline.preflight import local_problems
+
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    s = load_settings(None, {"ENVOYGEO_KAFKA__SECURITY__PROTOCOL": "SSL",
+                             "ENVOYGEO_KAFKA__SECURITY__CA_FILE": str(bad)})
+    [(key, why)] = local_problems(s)
+    assert key == "kafka.security.ca_file"
+    assert "ssl.ca.location failed" in why
+    s = load_settings(None, {"ENVOYGEO_KAFKA__LIBRDKAFKA__SECURITY.PROTOCOL": "SSL",
+                             "ENVOYGEO_KAFKA__LIBRDKAFKA__SSL.CA.LOCATION": str(bad)})
+    assert [key for key, _ in local_problems(s)] == ["kafka.librdkafka"]
