@@ -442,3 +442,24 @@ def test_pack_keeps_non_utf8_strings() -> None:
     u.feed(b"\xa2\xff\xfe")
     (value,) = list(u)
     assert pack(value) == b"\xa2\xff\xfe"
+
+
+def test_readme_lists_every_forward_metric() -> None:
+    """The README's forward metrics table names every envoygeo_forward_* family with its
+    labels, and nothing else."""
+    import re
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    exported = {}
+    for metric in vars(ForwardMetrics()).values():
+        if isinstance(metric, MetricWrapperBase):
+            suffix = "_total" if metric._type == "counter" else ""
+            exported[metric._name + suffix] = set(metric._labelnames)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Forward protocol"):]
+    section = section[:section.index("\n## ")]
+    rows = re.findall(r"^\| `(envoygeo_\w+)(?:\{([^}]*)\})?` \|", section, re.M)
+    listed = {name: set(filter(None, (x.strip() for x in (labels or "").split(","))))
+              for name, labels in rows}
+    assert listed == exported and len(exported) == 11
