@@ -120,9 +120,7 @@ def test_overlays_differ_where_they_should(tools: dict[str, str]) -> None:
 def test_worker_deployment_matches_its_config(tools: dict[str, str]) -> None:
     docs = _docs(_build(tools, "aws-elb"))
     dep = _find(docs, "Deployment", "envoygeo")
-    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"
-             and d["metadata"]["name"].startswith("envoygeo-config")]
-    settings = load_settings_from_text(cm["data"]["config.yaml"])
+    settings = _worker_settings(docs)
     pod = dep["spec"]["template"]["spec"]
     (worker,) = pod["containers"]
     assert worker["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -133,19 +131,118 @@ def test_worker_deployment_matches_its_config(tools: dict[str, str]) -> None:
     assert pod["enableServiceLinks"] is False  # no ENVOYGEO_METRICS_PORT=tcp://... noise
     assert worker["securityContext"]["readOnlyRootFilesystem"] is True
     assert worker["resources"]["requests"] and worker["resources"]["limits"]
-    env = {e["name"]: e for e in worker["env"]}
-    assert env["ENVOYGEO_ELASTICSEARCH__API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert not [e for e in worker.get("env", []) if "valueFrom" in e]  # secrets are files
     assert settings.rates.backend == "redis" and "envoygeo-redis" in settings.rates.redis_url
     assert str(settings.geoip.city).startswith("/var/lib/geoip/")
     assert not any(d["kind"] == "CronJob" for d in docs)  # each pod refreshes its own
 
 
-# -- scheduling: GeoIP without shared storage, readiness, the Helm-owned gateway -------
-
-def _worker_settings(docs: list[dict[str, Any]]) -> Any:
+def test_credentials_come_from_secrets_never_the_configmap(tools: dict[str, str]) -> None:
+    """Kafka SCRAM password and CA, the Elasticsearch CA and API key, the Redis password:
+    each from a Secret (file or secretKeyRef); the ConfigMap holds none of them, and the
+    Redis server demands the password the worker is given."""
+    docs = _docs(_build(tools, "aws-nlb"))
+    settings = _worker_settings(docs)
+    sec = settings.kafka.security
+    assert (sec.protocol, sec.sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert str(sec.password_file).endswith("/etc/envoygeo/secrets/kafka/password")
+    assert str(sec.ca_file).endswith("/etc/envoygeo/secrets/kafka/ca.crt")
+    assert str(settings.elasticsearch.ca_certs).endswith(
+        "/etc/envoygeo/secrets/elasticsearch/ca.crt")
+    assert str(settings.elasticsearch.api_key_file).endswith(
+        "/etc/envoygeo/secrets/elasticsearch/api-key")
+    assert str(settings.rates.redis_password_file).endswith("/etc/envoygeo/secrets/redis/password")
+    assert "@" not in settings.rates.redis_url  # no password in the URL
+    mounts = _secret_mounts(docs)
+    assert {s["secretName"] for s in mounts.values()} == {"envoygeo-kafka",
+                                                         "envoygeo-elasticsearch",
+                                                         "envoygeo-redis"}
+    assert all(s["defaultMode"] == 0o440 for s in mounts.values())
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap"
              and d["metadata"]["name"].startswith("envoygeo-config")]
-    return load_settings_from_text(cm["data"]["config.yaml"])
+    text = cm["data"]["config.yaml"]
+    assert not re.search(r"^\s*(password|api_key|sasl\.password):", text, re.M), text
+    redis = _find(docs, "Deployment", "envoygeo-redis")["spec"]["template"]["spec"]
+    (server,) = redis["containers"]
+    args = server["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    env = _env(server)
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "envoygeo-redis",
+                                                                  "key": "password"}
+    assert env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"]["name"] == "envoygeo-redis"
+    assert not any(d["kind"] == "Secret" for d in docs)  # referenced, never shipped
+
+
+def test_network_policy_allows_what_the_config_uses(tools: dict[str, str]) -> None:
+    """The worker's egress: DNS, and the ports of Kafka, Elasticsearch and Redis as its
+    config names them, HTTPS to public addresses (geoipupdate); nothing else. Redis
+    admits the workers only."""
+    docs = _docs(_build(tools, "aws-nlb"))
+    settings = _worker_settings(docs)
+    policy = _find(docs, "NetworkPolicy", "envoygeo")
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    egress_ports = {(p["protocol"], p["port"]) for rule in policy["spec"]["egress"]
+                    for p in rule["ports"]}
+    kafka_port = int(settings.kafka.bootstrap_servers.rsplit(":", 1)[1])
+    es_port = int(settings.elasticsearch.hosts[0].rsplit(":", 1)[1])
+    redis_port = int(settings.rates.redis_url.rsplit(":", 1)[1].split("/")[0])
+    assert egress_ports == {("UDP", 53), ("TCP", 53), ("TCP", kafka_port), ("TCP", es_port),
+                            ("TCP", redis_port), ("TCP", 443)}
+    https = next(r for r in policy["spec"]["egress"] if r["ports"][0]["port"] == 443)
+    assert "10.0.0.0/8" in https["to"][0]["ipBlock"]["except"]
+    ingress_ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ingress_ports == {settings.metrics.port}
+    redis_policy = _find(docs, "NetworkPolicy", "envoygeo-redis")
+    (rule,) = redis_policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "envoygeo"}}}]
+    assert redis_policy["spec"]["egress"] == []
+
+
+# -- scheduling: GeoIP without shared storage, readiness, the Helm-owned gateway -------
+
+def _secret_mounts(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """mountPath -> the Secret volume the worker container mounts there."""
+    pod = _find(docs, "Deployment", "envoygeo")["spec"]["template"]["spec"]
+    (worker,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]]["secret"] for m in worker["volumeMounts"]
+            if "secret" in volumes[m["name"]]}
+
+
+def _worker_settings(docs: list[dict[str, Any]]) -> Any:
+    """The worker's settings as its pod sees them: environment variables from Secrets
+    set (a placeholder per key), and every file path the config names under a Secret
+    volume present (the Secret's keys, in a scratch copy of the mount). A path under no
+    Secret mount, or a key the volume does not project, fails here as in the pod."""
+    import tempfile
+
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"
+             and d["metadata"]["name"].startswith("envoygeo-config")]
+    text = cm["data"]["config.yaml"]
+    pod = _find(docs, "Deployment", "envoygeo")["spec"]["template"]["spec"]
+    (worker,) = pod["containers"]
+    saved = dict(os.environ)
+    with tempfile.TemporaryDirectory() as scratch:
+        for e in worker.get("env", []):
+            if "secretKeyRef" in e.get("valueFrom", {}):
+                os.environ[e["name"]] = "secret-" + e["valueFrom"]["secretKeyRef"]["key"]
+        for path in sorted(set(re.findall(r"(/etc/envoygeo/secrets/[\w./-]+)", text))):
+            mount = next((m for m in _secret_mounts(docs) if path.startswith(m + "/")), None)
+            assert mount is not None, f"{path} is under no Secret volume mount"
+            secret = _secret_mounts(docs)[mount]
+            key = path[len(mount) + 1:]
+            projected = [i["path"] for i in secret.get("items", [])]
+            assert not projected or key in projected, f"{key} not projected from {secret}"
+            target = Path(scratch + path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(f"placeholder {key}\n")
+        try:
+            return load_settings_from_text(text.replace("/etc/envoygeo/secrets/",
+                                                        scratch + "/etc/envoygeo/secrets/"))
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
