@@ -198,6 +198,12 @@ class Worker:
                 self._reap()
                 if self._fatal is not None:
                     break
+                # Here, not after fetching: while paused the loop never gets that far, and
+                # a progress line ("0 rec/s ..., paused") is what an outage should show.
+                if time.monotonic() >= next_progress:
+                    self._publish_enricher_stats()
+                    self._log_progress()
+                    next_progress = time.monotonic() + cfg.metrics.progress_interval_s
                 if len(self._inflight) >= cfg.worker.max_inflight_batches:
                     # Usually the oldest bulk is about to finish: wait for it first.
                     # Pausing costs a refetch on resume (librdkafka drops the paused
@@ -217,10 +223,6 @@ class Worker:
                 )
                 if msgs:
                     self._submit(self._prepare(msgs))
-                if time.monotonic() >= next_progress:
-                    self._publish_enricher_stats()
-                    self._log_progress()
-                    next_progress = time.monotonic() + cfg.metrics.progress_interval_s
         except KafkaFatalError as exc:
             # One clear line (e.g. fenced by another worker with the same static member
             # id), no traceback: the consumer cannot go on, the process exits 1.

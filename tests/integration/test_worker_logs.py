@@ -47,7 +47,7 @@ def test_backpressure_pauses_are_not_warnings(tmp_path: Path, kafka_bootstrap: s
                        topic=topic, group=f"{topic}-group", index=index, extra={
                            "worker": {"max_inflight_batches": 1, "backpressure_wait_s": 0.001},
                            "kafka": {"batch_max_records": 200},
-                           "metrics": {"progress_interval_s": 1}})
+                           "metrics": {"progress_interval_s": 0.1}})
     setup_worker_env(cfg)
     n = 3000
     produce(kafka_bootstrap, topic, access_records(n))
@@ -71,6 +71,8 @@ def test_backpressure_pauses_are_not_warnings(tmp_path: Path, kafka_bootstrap: s
     progress = [e for e in entries if str(e["message"]).startswith("progress: ")]
     assert progress and all(" rec/s over the last " in str(e["message"]) for e in progress)
     assert all("records_per_s" in e and "records_per_s_average" in e for e in progress)
+    # Progress goes on while paused, and says so (it used to stop until the resume).
+    assert any(str(e["message"]).endswith(", paused") for e in progress), progress
     summary = [e for e in entries if str(e["message"]).startswith("summary: ")]
     assert len(summary) == 1 and " rec/s average over " in str(summary[0]["message"])
 
