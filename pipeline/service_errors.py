@@ -115,10 +115,15 @@ def describe_redis_error(exc: BaseException, cfg: RatesConfig) -> str:
         return (f"redis: TLS handshake with {where} failed ({tls[1]}) - check that "
                 f"rates.redis_url says rediss:// only for a TLS port")
     if isinstance(exc, redis.AuthenticationError):
-        return (f"redis: authentication failed at {where} ({str(exc).rstrip('.')}) - check the user in "
-                f"rates.redis_url and its password (in the URL or rates.redis_password_file)")
+        return (f"redis: authentication failed at {where} ({str(exc).rstrip('.')}) - check "
+                f"the user in rates.redis_url and its password (in the URL or "
+                f"rates.redis_password_file)")
     if isinstance(exc, redis.ResponseError) and "NOPERM" in str(exc):
         return (f"redis: permission denied at {where} ({exc}) - the ACL user needs "
                 f"+@all (or +@scripting +@write +@read) on keys {cfg.key_prefix}*")
     text = " ".join(str(exc).split())
-    return f"redis: cannot use {where}: {type(exc).__name__}: {text}"
+    hint = ""
+    if (cfg.redis_url.startswith("redis://") and isinstance(exc, redis.ConnectionError)
+            and ("reset by peer" in text or "closed by server" in text)):
+        hint = " (a TLS port? then rediss://)"
+    return f"redis: cannot use {where}: {type(exc).__name__}: {text}{hint}"

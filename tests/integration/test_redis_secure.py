@@ -148,7 +148,8 @@ NEGATIVE: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]], str]] = [
      r"trust store\) - check rates\.redis_url's host / rates\.redis_ca_file"),
     ("plaintext-url", lambda e: rates(e, redis_ca_file=None,
                                       redis_url=f"redis://envoygeo@127.0.0.1:{PORT}/0"),
-     rf"redis: cannot use redis://envoygeo@127\.0\.0\.1:{PORT}/0: ConnectionError: .*"),
+     rf"redis: cannot use redis://envoygeo@127\.0\.0\.1:{PORT}/0: ConnectionError: .* \(a TLS "
+     r"port\? then rediss://\)"),
 ]
 
 EXIT_WITHIN_S = 10.0
