@@ -466,8 +466,9 @@ class ForwardSettings(_Section):
         description="Largest frame accepted, on the wire and after gunzip; a larger one is "
                     "refused (no ack, connection closed).")
     max_inflight_chunks: int = Field(
-        64, ge=1, description="Chunks waiting for Kafka at once, all connections; one more "
-                              "is refused (no ack, connection closed) and the shipper resends.")
+        64, ge=1, description="Chunks with an ack request waiting for Kafka at once, all "
+                              "connections; one more is refused (no ack, connection closed) "
+                              "and the shipper resends it.")
     max_connections: int = Field(1024, ge=1)
     metrics_port: int = Field(
         9109, ge=0, le=65535, description="/metrics, /healthz, /readyz on metrics.host "

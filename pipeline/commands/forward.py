@@ -96,6 +96,9 @@ def producer_config(settings: Any) -> dict[str, Any]:
         "batch.size": 1024 * 1024,
         "compression.type": "lz4",
         "delivery.timeout.ms": 30000,
+        # Bounds what frames sent without an ack request can queue (chunks with one are
+        # bounded by forward.max_inflight_chunks): produce() waits while it is full.
+        "queue.buffering.max.kbytes": 256 * 1024,
     })
     conf.update(k.librdkafka)  # all of it: producer settings too, not only the connection's
     return conf

@@ -14,7 +14,8 @@ tag goes in the `fluent.tag` header. JSON rather than msgpack because the worker
 not decode msgpack values, and orjson writes a record in well under a microsecond.
 
 Bounded memory: one frame per connection is buffered (at most `max_chunk_bytes`, also
-after gunzip), and at most `max_inflight_chunks` chunks wait for Kafka at once.
+after gunzip), at most `max_inflight_chunks` chunks wait for their ack at once, and
+frames sent without an ack request are bounded by the producer's queue.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class ForwardMetrics:
             "Connections closed on input the protocol does not allow, by reason.",
             ["reason"], registry=r)
         self.inflight = Gauge("envoygeo_forward_inflight_chunks",
-                              "Chunks waiting for Kafka.", registry=r)
+                              "Chunks waiting for Kafka before their ack.", registry=r)
         for mode in ("Message", "Forward", "PackedForward", "CompressedPackedForward"):
             self.events_in.labels(mode)
         for reason in REFUSED_REASONS:
@@ -245,17 +246,24 @@ class ForwardServer:
         m.events_in.labels(frame.mode).inc(len(frame.entries))
         if self.draining:
             return self._refuse(conn, frame, "draining", "the server is shutting down")
-        if self.inflight >= self.options.max_inflight_chunks:
+        # Only a chunk that waits for its ack counts as in flight: a frame sent without
+        # one (fluent-logger's Message mode, Fluent Bit without Require_ack_response) has
+        # nothing to wait for, could not be resent if refused, and its records are
+        # bounded by the producer's queue (produce waits while it is full).
+        acked = frame.chunk is not None
+        if acked and self.inflight >= self.options.max_inflight_chunks:
             return self._refuse(conn, frame, "inflight_limit",
                                 f"{self.inflight} chunks already wait for Kafka "
                                 f"(forward.max_inflight_chunks)")
-        chunk = _Chunk(conn, frame, self._delivered_threadsafe)
+        chunk = _Chunk(conn, frame,
+                       self._delivered_threadsafe if acked else self._unacked_threadsafe)
         if not frame.entries:
             self._finish(chunk)
             return True
-        self.inflight += 1
-        m.inflight.set(self.inflight)
-        self._idle.clear()
+        if acked:
+            self.inflight += 1
+            m.inflight.set(self.inflight)
+            self._idle.clear()
         headers = self._headers_cache.get(frame.tag)
         if headers is None:
             if len(self._headers_cache) > 10000:
@@ -284,6 +292,10 @@ class ForwardServer:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._finish_inflight, chunk)
 
+    def _unacked_threadsafe(self, chunk: _Chunk) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._finish, chunk)
+
     def _finish_inflight(self, chunk: _Chunk) -> None:
         self.inflight -= 1
         self.metrics.inflight.set(self.inflight)
@@ -299,6 +311,13 @@ class ForwardServer:
             self.kafka_ok = False
             m.events_failed.inc(chunk.failed)
             m.chunks_refused.labels("kafka_error").inc()
+            if chunk.chunk is None:
+                log.error("%s: Kafka did not take %d of the %d event(s) of a frame sent "
+                          "without an ack request (%s); they are lost (the client cannot "
+                          "resend: use require_ack_response)", chunk.conn.peer, chunk.failed,
+                          chunk.total, chunk.error,
+                          extra={"fields": {"forward.refused": "kafka_error"}})
+                return
             log.error("%s: Kafka did not take %d of the %d event(s) of a chunk (%s); no ack, "
                       "closing the connection so the client resends it", chunk.conn.peer,
                       chunk.failed, chunk.total, chunk.error,

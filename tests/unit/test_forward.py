@@ -387,6 +387,27 @@ def test_limits_refuse_without_ack() -> None:
     run(main())
 
 
+def test_frames_without_an_ack_request_are_not_refused_for_the_inflight_limit() -> None:
+    async def main() -> None:
+        h = Harness(max_inflight_chunks=1)
+        await h.server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.server.port)
+        # what fluent-logger sends: one Message frame per event, no option
+        writer.write(b"".join(msgpack.packb(["app", i, {"log": str(i)}]) for i in range(100)))
+        await writer.drain()
+        while len(h.producer.records) < 100:
+            await asyncio.sleep(0.01)
+        assert h.value("envoygeo_forward_chunks_refused_total", reason="inflight_limit") == 0
+        assert h.value("envoygeo_forward_inflight_chunks") == 0
+        h.producer.deliver("Local: Message timed out")  # lost: logged and counted
+        await asyncio.sleep(0.1)
+        assert h.value("envoygeo_forward_events_failed_total") == 100
+        assert await _no_data(reader)  # not closed: the client could not resend anyway
+        writer.close()
+        await h.server.drain(1)
+    run(main())
+
+
 def test_bad_input_is_counted_and_the_server_keeps_serving() -> None:
     async def main() -> None:
         h = Harness()
