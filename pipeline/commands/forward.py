@@ -85,23 +85,24 @@ def forward(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
 
 def producer_config(settings: Any) -> dict[str, Any]:
     """The relay's producer: idempotent (a retried batch is not written twice), acks=all
-    (an ack means the record is replicated), kafka.security mapped, kafka.librdkafka on top."""
+    (an ack means the record is replicated), with the brokers and security of
+    `kafka` (`kafka.security`, and the connection keys of `kafka.librdkafka`) as every
+    Kafka client of the project."""
     from pipeline.kafka_security import client_config
 
-    k = settings.kafka
-    conf = client_config(k, **{  # brokers and kafka.security
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "batch.size": 1024 * 1024,
-        "compression.type": "lz4",
-        "delivery.timeout.ms": 30000,
-        # Bounds what frames sent without an ack request can queue (chunks with one are
-        # bounded by forward.max_inflight_chunks): produce() waits while it is full.
-        "queue.buffering.max.kbytes": 256 * 1024,
-    })
-    conf.update(k.librdkafka)  # all of it: producer settings too, not only the connection's
-    return conf
+    return client_config(
+        settings.kafka,
+        **{
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "batch.size": 1024 * 1024,
+            "compression.type": "lz4",
+            "delivery.timeout.ms": 30000,
+            # Bounds what frames sent without an ack request can queue (chunks with one
+            # are bounded by forward.max_inflight_chunks): produce() waits while it is full.
+            "queue.buffering.max.kbytes": 256 * 1024,
+        })
 
 
 async def _serve(server: Any, producer: Any, settings: Any, stop: list[str]) -> int:
