@@ -26,18 +26,26 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-# Loggers of the Elasticsearch client that say something at INFO for every request
-# ("POST http://...:9200/_bulk [status:200 duration:0.012s]"): hundreds of lines a
-# minute that tell an operator nothing the metrics do not. Their INFO becomes DEBUG;
-# their warnings (a node failing, a retry) stay.
-CHATTY_INFO_LOGGERS = ("elastic_transport.transport", "elastic_transport.node_pool")
+# Loggers of the Elasticsearch client, and the highest of their levels that becomes
+# DEBUG (dropped unless DEBUG is on). `transport` says INFO for every request ("POST
+# http://...:9200/_bulk [status:200 duration:0.012s]"): hundreds of lines a minute that
+# tell an operator nothing the metrics do not. `node_pool` says WARNING for every failed
+# request ("Node ... has failed for 7 times in a row") and again, as a WARNING, when the
+# node answers: the sink says the failure itself, with its cause and with back-off, and
+# the worker says when fetching pauses and resumes. Their errors stay.
+DEMOTED_LOGGERS = {"elastic_transport.transport": logging.INFO,
+                   "elastic_transport.node_pool": logging.WARNING}
 
 
-class DemoteInfo(logging.Filter):
-    """Turns an INFO record into DEBUG, dropped unless DEBUG is enabled."""
+class Demote(logging.Filter):
+    """Turns a record up to `up_to` into DEBUG, dropped unless DEBUG is enabled."""
+
+    def __init__(self, up_to: int) -> None:
+        super().__init__()
+        self.up_to = up_to
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.INFO:
+        if logging.DEBUG < record.levelno <= self.up_to:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger().isEnabledFor(logging.DEBUG)
         return True
@@ -51,7 +59,8 @@ def setup_logging(level: str = "INFO", json: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in CHATTY_INFO_LOGGERS:
+    for name, up_to in DEMOTED_LOGGERS.items():
         logger = logging.getLogger(name)
-        if not any(isinstance(f, DemoteInfo) for f in logger.filters):
-            logger.addFilter(DemoteInfo())
+        for old in [f for f in logger.filters if isinstance(f, Demote)]:
+            logger.removeFilter(old)
+        logger.addFilter(Demote(up_to))

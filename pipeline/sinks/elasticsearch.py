@@ -310,7 +310,10 @@ class ElasticsearchSink:
             self._observer.on_retry(len(pending))
             delay = self._backoff(attempt)
             attempt += 1
-            log.warning(
+            # Said at attempts 1, 2, 4, 8, ... (DEBUG between): an hour-long outage at
+            # the 30 s backoff cap is ~8 lines per batch, not one per attempt.
+            log.log(
+                logging.WARNING if attempt & (attempt - 1) == 0 else logging.DEBUG,
                 "bulk: %d item(s) to retry in %.2fs (attempt %d): %s",
                 len(pending),
                 delay,

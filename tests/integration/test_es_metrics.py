@@ -1,20 +1,24 @@
 """The sink's metrics against the real Elasticsearch: item errors by the status the node
 really answers, bytes out equal to the bodies sent, retries (requests and items) counted
-as the sink backs off from a refused connection."""
+as the sink backs off from a refused connection, and what the log says meanwhile."""
 
 from __future__ import annotations
 
+import io
+import logging
 import socket
 import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 from elasticsearch import Elasticsearch
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import ElasticsearchSettings
+from pipeline.logs import setup_logging
 from pipeline.metrics import Metrics
 from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, SinkStopped, encode_items
 
@@ -70,6 +74,11 @@ def _closed_port() -> int:
 
 
 def test_retries_counted_while_the_node_refuses_connections() -> None:
+    """...and logged as an operator can read it: the sink's warning at attempts 1, 2,
+    4, 8, ... with the cause, none of the client's per-failure node-pool warnings."""
+    stream = io.StringIO()
+    setup_logging("INFO")
+    logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
     m = Metrics()
     settings = ElasticsearchSettings(hosts=[f"http://127.0.0.1:{_closed_port()}"],
                                      retry_initial_backoff_ms=50, retry_max_backoff_ms=100)
@@ -85,6 +94,7 @@ def test_retries_counted_while_the_node_refuses_connections() -> None:
     finally:
         timer.cancel()
         sink.close()
+        setup_logging("INFO")
     s: dict[str, Any] = samples(m)
     attempts = s['envoygeo_bulk_seconds_count{outcome="error"}']
     assert attempts >= 3, s  # 1.5 s of 50-100 ms backoffs
@@ -93,3 +103,10 @@ def test_retries_counted_while_the_node_refuses_connections() -> None:
     assert s["envoygeo_es_item_retries_total"] == 2 * attempts
     assert s["envoygeo_es_bytes_out_total"] == attempts * len(encode_items(items).body)
     assert not sink.writable.is_set() and "ConnectionError" in sink.last_error
+    entries = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    assert not [e for e in entries if str(e["log.logger"]).startswith("elastic_transport")]
+    warned = [e["message"] for e in entries if "to retry" in e["message"]]
+    assert all(e["log.level"] == "warning" for e in entries), entries
+    powers = [a for a in (1, 2, 4, 8, 16, 32, 64) if a <= attempts]
+    assert [int(str(w).split("(attempt ")[1].split(")")[0]) for w in warned] == powers, warned
+    assert all("ConnectionError" in str(w) for w in warned)

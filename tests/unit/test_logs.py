@@ -1,15 +1,29 @@
-"""One JSON log stream: every librdkafka client the product builds hands its log lines to
-the Python logger (pipeline/kafka_log.py), so none writes raw `%3|...|FAIL|` lines."""
+"""Logs an operator can read: every librdkafka client the product builds hands its log
+lines to the Python logger (pipeline/kafka_log.py), so none writes raw `%3|...|FAIL|`
+lines; the Elasticsearch client's per-request and per-failure lines are DEBUG, and the
+sink's own retry warnings back off."""
 
 from __future__ import annotations
 
 import ast
+import io
+import logging
+import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
+from elastic_transport import ConnectionError as TransportConnectionError
+
+from pipeline.config import ElasticsearchSettings
+from pipeline.logs import setup_logging
+from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink
+from tests.unit.test_es_sink import ScriptedClient
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = {"Producer", "Consumer", "AdminClient"}
@@ -60,3 +74,51 @@ def test_services_admin_client_logs_json_when_kafka_is_down() -> None:
     entries = [orjson.loads(line) for line in lines]  # raises on a raw `%3|...` line
     kafka = [e for e in entries if e["log.logger"] == "envoygeo.kafka.librdkafka"]
     assert kafka and any("Connection refused" in e["message"] for e in kafka), entries
+
+
+def _json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """The worker's JSON logging, written to a string."""
+    stream = io.StringIO()
+    setup_logging("INFO")
+    logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    yield stream
+    setup_logging("INFO")
+
+
+def test_client_node_pool_warnings_are_debug(log_stream: io.StringIO) -> None:
+    """elastic_transport's node pool warns on every failed request and, as a warning
+    too, when the node answers again; the sink and the worker say both already."""
+    pool = logging.getLogger("elastic_transport.node_pool")
+    pool.warning("Node %r has failed for %i times in a row, putting on %i second timeout",
+                 "<Node>", 7, 30)
+    pool.warning("Node %r has been marked alive after a successful request", "<Node>")
+    pool.info("Resurrected node %r (force=%s)", "<Node>", False)
+    pool.error("something the client thinks is an error")
+    assert [e["message"] for e in _json_lines(log_stream)] == [
+        "something the client thinks is an error"]
+    setup_logging("DEBUG")
+    logging.getLogger().handlers[0].setStream(log_stream)  # type: ignore[attr-defined]
+    pool.warning("Node %r has been marked alive after a successful request", "<Node>")
+    assert _json_lines(log_stream)[-1]["log.level"] == "debug"
+
+
+def test_bulk_retries_are_warned_at_doubling_attempts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Ten failed requests in a row: warnings at attempts 1, 2, 4, 8, the rest DEBUG."""
+    failures = [TransportConnectionError("refused") for _ in range(10)]
+    client = ScriptedClient([*failures, {}])
+    sink = ElasticsearchSink(ElasticsearchSettings(retry_initial_backoff_ms=1,
+                                                   retry_max_backoff_ms=1),
+                             client=client)  # type: ignore[arg-type]
+    caplog.set_level(logging.DEBUG, logger="pipeline.sinks.elasticsearch")
+    assert sink.write([BulkItem("idx", "id0", b"{}", b"raw", "t/0/0")]) == []
+    retries = [r for r in caplog.records if "to retry" in r.getMessage()]
+    assert len(retries) == 10
+    warned = [r.getMessage() for r in retries if r.levelno == logging.WARNING]
+    assert [int(re.search(r"attempt (\d+)", m).group(1)) for m in warned  # type: ignore[union-attr]
+            ] == [1, 2, 4, 8], warned
