@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -187,6 +188,7 @@ class RefusalLog:
     def __init__(self, forward: Any = None) -> None:
         self.kind: str | None = None
         self.text = ""
+        self.since = 0.0  # time.monotonic() of the first refusal
         self._forward = forward
 
     def log(self, level: int, fmt: str, *args: object) -> None:
@@ -195,10 +197,14 @@ class RefusalLog:
             kind = classify(None, text)
             if kind is not None:
                 if self.kind is None:
-                    self.kind, self.text = kind, text
+                    self.kind, self.text, self.since = kind, text, time.monotonic()
                 return
         if self._forward is not None:
             self._forward.log(level, fmt, *args)
+
+    def lasted(self, seconds: float) -> bool:
+        """Refusals began at least `seconds` ago."""
+        return self.kind is not None and time.monotonic() - self.since >= seconds
 
     def explain(self, k: KafkaSettings) -> str | None:
         return describe_failure(self.kind, k, self.text, 0) if self.kind else None
