@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -36,7 +37,9 @@ def _elasticsearch(url: str) -> str:
 def _redis(url: str) -> str:
     import redis
 
-    info = redis.Redis.from_url(url, socket_timeout=3).info("server")
+    # The sync client returns a dict (its stubs also allow the asyncio client's awaitable).
+    client = redis.Redis.from_url(url, socket_timeout=3)
+    info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
     return f"{info['redis_version']}"
 
 

@@ -265,7 +265,8 @@ class ElasticsearchSink:
             body = enc.lines(pending)
             try:
                 response = self.client.bulk(
-                    operations=body,
+                    # Typed as a list of dicts; a bytes body is sent as it is (NDJSON).
+                    operations=body,  # type: ignore[arg-type]
                     filter_path="errors,items.*.status,items.*.error",
                 )
             except (TransportConnectionError, ConnectionTimeout, TransportError) as exc:
