@@ -72,9 +72,11 @@ def multipart(field: str, filename: str, content: bytes) -> tuple[str, bytes]:
 
 def _explain(status: int, payload: Any, what: str, target: Target) -> str:
     message = payload.get("message", "") if isinstance(payload, dict) else str(payload)
+    # One line: a proxy's HTML error page says nothing the status does not.
+    message = "" if message.lstrip().startswith("<") else " ".join(message.split())
     hint = {
-        401: "authentication failed: check kibana.api_key or kibana.username/password "
-             "(--api-key, --username/--password)",
+        401: "authentication failed: check kibana.api_key/api_key_file or "
+             "kibana.username/password/password_file (--api-key, --username/--password)",
         403: "forbidden: the credentials lack the privilege"
              + (f" in space {target.space!r}" if target.space else "")
              + " (saved objects management / alerting 'all')",
@@ -101,6 +103,13 @@ def request(target: Target, method: str, path: str, body: bytes | None = None,
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()
     except urllib.error.URLError as e:
+        from pipeline.service_errors import tls_refusal
+
+        cause = e.reason if isinstance(e.reason, BaseException) else e
+        tls = tls_refusal(cause, target.ca_certs)
+        if tls is not None and tls[0] == "verify":
+            raise DashboardsError(f"{what}: TLS certificate verify failed at {target.url} "
+                                  f"({tls[1]}) - check kibana.url / kibana.ca_certs") from None
         raise DashboardsError(f"{what}: cannot reach {target.url}: {e.reason}") from None
     try:
         payload = json.loads(raw) if raw else {}

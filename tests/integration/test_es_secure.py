@@ -217,7 +217,7 @@ def test_refusal_is_one_line_in_every_command(
 
 def test_verify_certs_false_is_explicit_and_warned(env: dict[str, Any]) -> None:
     """The wrong-host proxy, accepted only with verify_certs: false; the worker says so
-    at start, in its log, once."""
+    at start, in its log, once (its DEBUG log: every request line, no credential)."""
     e = env
     cfg = config(e, "insecure.yaml", basic(hosts=[WRONGHOST], ca_certs=None,
                                            verify_certs=False))
@@ -228,7 +228,13 @@ def test_verify_certs_false_is_explicit_and_warned(env: dict[str, Any]) -> None:
     assert warning in setup.stderr
     produce(e["kafka"], e["topic"], access_records(10))
     log = e["tmp"] / "insecure.log"
-    worker = start_worker(cfg, log)
+    # At DEBUG, the level where the HTTP clients log each request: the leak check at the
+    # end reads this log too.
+    with open(log, "ab") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", "-c", str(cfg), "--log-level",
+             "DEBUG"], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "ENVOYGEO_KAFKA__GROUP_INSTANCE_ID": "insecure"})
     try:
         assert wait_for_count(e["es"], e["index"], 10, timeout_s=90, procs=[worker]) == 10
     finally:
@@ -238,6 +244,8 @@ def test_verify_certs_false_is_explicit_and_warned(env: dict[str, Any]) -> None:
     warned = [r for r in records if r["message"].startswith(warning)]
     assert len(warned) == 1 and warned[0]["log.level"] == "warning", records[:5]
     assert "InsecureRequestWarning" not in log.read_text()
+    assert [r for r in records if r["log.level"] == "debug"
+            and "127.0.0.1:9244" in r["message"]], "no request line at DEBUG"
 
 
 def test_secret_files_are_checked_at_load(env: dict[str, Any]) -> None:
@@ -250,6 +258,41 @@ def test_secret_files_are_checked_at_load(env: dict[str, Any]) -> None:
     shown = envoygeo("check-config", "-c", str(config(e, "shown.yaml", basic(
         password_file=None, password=e["password"]))))
     assert shown.returncode == 0 and "password: '***'" in shown.stdout, shown.stdout
+
+
+@pytest.mark.parametrize("case,kibana,expected", [
+    # No Kibana runs here, so behind the proxy is Elasticsearch, which answers Kibana's
+    # import API with 400: proof the TLS and the credentials (from a file) got through.
+    ("accepted", {"url": PROXY, "password_file": str(STATE / "password")},
+     r"error: saved objects import: HTTP 400 request failed"),
+    ("api-key-file", {"url": PROXY, "username": None, "api_key_file": str(STATE / "api_key")},
+     r"error: saved objects import: HTTP 400 request failed"),
+    ("wrong-password", {"url": PROXY, "password": "wrong"},
+     r"error: saved objects import: HTTP 401 authentication failed: check "
+     r"kibana\.api_key/api_key_file or kibana\.username/password/password_file .*"),
+    ("unknown-ca", {"url": PROXY, "ca_certs": str(TLS / "other-ca.pem"),
+                    "password_file": str(STATE / "password")},
+     r"error: saved objects import: TLS certificate verify failed at https://127\.0\.0\.1:9243 "
+     r"\(unable to get local issuer certificate: the server's certificate is not signed by a "
+     r"CA in .*/other-ca\.pem\) - check kibana\.url / kibana\.ca_certs"),
+    ("wrong-host", {"url": WRONGHOST, "password_file": str(STATE / "password")},
+     r"error: saved objects import: TLS certificate verify failed at https://127\.0\.0\.1:9244 "
+     r"\(hostname mismatch: .*\) - check kibana\.url / kibana\.ca_certs"),
+    ("expired", {"url": EXPIRED, "password_file": str(STATE / "password")},
+     r"error: saved objects import: TLS certificate verify failed at https://127\.0\.0\.1:9245 "
+     r"\(certificate has expired: the server shows an expired certificate\) - check "
+     r"kibana\.url / kibana\.ca_certs"),
+])
+def test_dashboards_import_tls_and_credentials(env: dict[str, Any], case: str,
+                                               kibana: dict[str, Any], expected: str) -> None:
+    """`dashboards import -c` talks to Kibana, which is not available here: what is real
+    is the TLS verification and the credentials against the proxy."""
+    e = env
+    section = {"ca_certs": str(TLS / "ca.pem"), "username": USER, **kibana}
+    cfg = config(e, f"kibana-{case}.yaml", basic(), kibana=section)
+    result = envoygeo("dashboards", "import", "-c", str(cfg), "--no-rule")
+    assert result.returncode == 1
+    assert re.fullmatch(expected, result.stderr.strip()), result.stderr
 
 
 def test_the_secrets_appear_in_no_output(proxy: dict[str, str]) -> None:

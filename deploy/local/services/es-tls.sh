@@ -60,8 +60,13 @@ start() {
 global
     pidfile $PIDFILE
     log stderr format short local0 notice
+    # Room for a whole small request body (a saved-objects import is ~21 KB) ...
+    tune.bufsize 65536
 defaults
     mode http
+    # ... read before the credentials are judged: a 401 sent while the client is still
+    # uploading would reach it as a reset connection, not as the 401.
+    option http-buffer-request
     log global
     timeout connect 5s
     timeout client 120s
