@@ -126,7 +126,10 @@ def setup(config_path: Path | None, no_topics: bool) -> None:
         try:
             created = ensure_topics(settings)
         except Exception as exc:
-            click.echo(f"envoygeo setup: Kafka {settings.kafka.bootstrap_servers}: {exc}", err=True)
+            said = str(exc)  # a refusal names the broker and the cause itself
+            where = "" if said.startswith("kafka: ") else \
+                f"Kafka {settings.kafka.bootstrap_servers}: "
+            click.echo(f"envoygeo setup: {where}{said}", err=True)
             sys.exit(3)
         click.echo(f"created topics: {', '.join(created)}" if created else "topics already exist")
 
@@ -148,8 +151,10 @@ def run(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
 
     \b
     Exit status: 2 the configuration is invalid (every check of `envoygeo
-    check-config`, one line per problem); 3 Elasticsearch cannot be reached or
-    lacks the index templates.
+    check-config`, one line per problem); 3 Elasticsearch cannot be reached,
+    refuses the TLS handshake or the credentials, or lacks the index templates, or
+    Redis (rates.backend: redis) refuses the connection (one line naming the key to
+    fix).
     """
     # A stop requested while starting up (imports, template check, GeoIP open) is
     # honoured once the worker exists, instead of killing the process half-started.
