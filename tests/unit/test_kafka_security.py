@@ -238,3 +238,30 @@ def test_a_file_librdkafka_cannot_use_is_blamed_on_its_security_key(tmp_path: Pa
     s = load_settings(None, {"ENVOYGEO_KAFKA__LIBRDKAFKA__SECURITY.PROTOCOL": "SSL",
                              "ENVOYGEO_KAFKA__LIBRDKAFKA__SSL.CA.LOCATION": str(bad)})
     assert [key for key, _ in local_problems(s)] == ["kafka.librdkafka"]
+
+
+def test_refusal_log_keeps_the_first_refusal_and_passes_the_rest_on() -> None:
+    """`setup`'s AdminClient logger: the refusal explains a failed call; other lines go on."""
+    from pipeline.kafka_security import RefusalLog
+
+    class Keep:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def log(self, level: int, fmt: str, *args: object) -> None:
+            self.lines.append(str(args[2]))
+
+    keep = Keep()
+    refusals = RefusalLog(forward=keep)
+    assert refusals.explain(KafkaSettings()) is None and not refusals.lasted(0)
+    refusals.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#producer-1", REFUSED)
+    refusals.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#producer-1",
+                 "[thrd:sasl_ssl://127.0.0.1:9094/bootstrap]: " + SASL_TEXT)
+    refusals.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#producer-1", VERIFY_TEXT)
+    assert keep.lines == [REFUSED]
+    assert refusals.kind == SASL and refusals.lasted(0)
+    k = KafkaSettings(bootstrap_servers="127.0.0.1:9094", security={  # type: ignore[arg-type]
+        "protocol": "SASL_SSL", "username": "envoygeo", "password": "pw"})
+    explained = refusals.explain(k)
+    assert explained is not None and explained.startswith(
+        "kafka: authentication failed at 127.0.0.1:9094 (SCRAM-SHA-512, user envoygeo)")
