@@ -41,12 +41,6 @@ CONNECTION_PREFIXES = ("security.protocol", "sasl.", "ssl.", "client.id",
 SECURITY_GRACE_S = 3.0
 
 
-def read_secret(path: Any) -> str:
-    """A secret file's text; one trailing newline (`echo pw > file`) is not part of it."""
-    text: str = path.read_text()
-    return text[:-1] if text.endswith("\n") else text
-
-
 def librdkafka_security(sec: KafkaSecuritySettings) -> dict[str, Any]:
     """The librdkafka properties for `kafka.security` (nothing for plain PLAINTEXT, so
     a configuration that sets everything in `kafka.librdkafka` keeps working)."""
@@ -54,9 +48,10 @@ def librdkafka_security(sec: KafkaSecuritySettings) -> dict[str, Any]:
     if sec.protocol == "PLAINTEXT":
         return conf
     conf["security.protocol"] = sec.protocol
+    from pipeline.config import secret_value
+
     if sec.protocol.startswith("SASL_"):
-        password = (sec.password.get_secret_value() if sec.password is not None
-                    else read_secret(sec.password_file))
+        password = secret_value(sec.password, sec.password_file)
         conf.update({"sasl.mechanism": sec.sasl_mechanism, "sasl.username": sec.username,
                      "sasl.password": password})
     if sec.ca_file is not None:
@@ -64,10 +59,9 @@ def librdkafka_security(sec: KafkaSecuritySettings) -> dict[str, Any]:
     if sec.cert_file is not None and sec.key_file is not None:
         conf["ssl.certificate.location"] = str(sec.cert_file)
         conf["ssl.key.location"] = str(sec.key_file)
-    if sec.key_password is not None:
-        conf["ssl.key.password"] = sec.key_password.get_secret_value()
-    elif sec.key_password_file is not None:
-        conf["ssl.key.password"] = read_secret(sec.key_password_file)
+    key_password = secret_value(sec.key_password, sec.key_password_file)
+    if key_password is not None:
+        conf["ssl.key.password"] = key_password
     return conf
 
 
