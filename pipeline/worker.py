@@ -141,6 +141,7 @@ class Worker:
         self._inflight: deque[tuple[Future[None], Batch]] = deque()
         self._pool = ThreadPoolExecutor(settings.elasticsearch.concurrency, "bulk")
         self._fatal: BaseException | None = None
+        self._fatal_said = False  # its one line is logged already
         self._grace_timer: threading.Timer | None = None
         self.source: KafkaSource | None = None
         self.status: StatusServer | None = None
@@ -231,7 +232,8 @@ class Worker:
         finally:
             self._shutdown()
         if self._fatal is not None:
-            log.error("stopped on an unexpected error: %r", self._fatal)
+            if not self._fatal_said:
+                log.error("stopped on an unexpected error: %r", self._fatal)
             return 1
         return 0
 
@@ -439,10 +441,16 @@ class Worker:
             if exc is not None:
                 if not isinstance(exc, SinkStopped):
                     self._fatal = exc
-                    log.error(
-                        "batch delivery failed; not committing it or anything after it",
-                        exc_info=exc,
-                    )
+                    refused = _es_refusal(exc, self.settings)
+                    if refused:  # e.g. an API key revoked while running: no traceback
+                        self._fatal_said = True
+                        log.error("%s; not committing this batch or anything after it",
+                                  refused)
+                    else:
+                        log.error(
+                            "batch delivery failed; not committing it or anything after it",
+                            exc_info=exc,
+                        )
                 else:
                     log.warning("shutdown before batch was delivered: %s", exc)
                 self.stopping.set()
@@ -569,3 +577,15 @@ class Worker:
                 }
             },
         )
+
+
+def _es_refusal(exc: BaseException, settings: Settings) -> str | None:
+    """Elasticsearch refusing the credentials (401, 403) after the start-up check passed,
+    as the one line `run` would have said at start; None for anything else."""
+    from elasticsearch import ApiError
+
+    from pipeline.service_errors import describe_elasticsearch_error
+
+    if isinstance(exc, ApiError) and exc.meta.status in (401, 403):
+        return describe_elasticsearch_error(exc, settings.elasticsearch)
+    return None

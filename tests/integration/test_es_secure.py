@@ -295,9 +295,81 @@ def test_dashboards_import_tls_and_credentials(env: dict[str, Any], case: str,
     assert re.fullmatch(expected, result.stderr.strip()), result.stderr
 
 
+@pytest.fixture
+def own_proxy(es_url: str, tmp_path: Path) -> Iterator[tuple[str, Path, Callable[[], None]]]:
+    """A second proxy instance of the same script, this test's own: (URL, its password
+    file, restart-with-a-new-password)."""
+    import random
+    import socket
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) != 0
+
+    base = next(p for p in (random.randrange(20000, 30000) for _ in range(50))
+                if all(free(p + i) for i in range(3)))
+    state = tmp_path / "proxy"
+    script = ["bash", str(ROOT / "deploy" / "local" / "services" / "es-tls.sh")]
+    proxy_env = {**os.environ, "ES_TLS_PORT": str(base), "ES_TLS_STATE": str(state)}
+
+    def run(action: str) -> None:
+        subprocess.run([*script, action], env=proxy_env, check=True, capture_output=True,
+                       timeout=60)
+
+    def rotate() -> None:
+        run("stop")
+        (state / "password").unlink()
+        run("start")
+
+    run("start")
+    try:
+        yield f"https://127.0.0.1:{base}", state / "password", rotate
+    finally:
+        run("stop")
+
+
+def test_credentials_refused_while_running_end_the_worker_with_one_line(
+        env: dict[str, Any], own_proxy: tuple[str, Path, Callable[[], None]]) -> None:
+    """The password changes on the server while the worker runs (its file is read at
+    start): the next bulk request gets 401, and the worker exits 1 with the one line,
+    committing nothing after what was indexed."""
+    e = env
+    url, password_file, rotate = own_proxy
+    CAPTURED_PASSWORDS.append(password_file.read_text().strip())
+    cfg = config(e, "rotate.yaml", basic(hosts=[url], password_file=str(password_file)))
+    assert envoygeo("setup", "-c", str(cfg)).returncode == 0
+    produce(e["kafka"], e["topic"], access_records(20))
+    log = e["tmp"] / "rotate.log"
+    worker = start_worker(cfg, log)
+    try:
+        assert wait_for_count(e["es"], e["index"], 20, timeout_s=90, procs=[worker]) == 20
+        assert wait_for_committed(e["kafka"], e["group"], e["topic"], 20, timeout_s=60) == 20
+        rotate()
+        CAPTURED_PASSWORDS.append(password_file.read_text().strip())
+        produce(e["kafka"], e["topic"], access_records(10, start=20))
+        rc = worker.wait(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        CAPTURED.append(log.read_text())
+    assert rc == 1
+    records = [orjson.loads(x) for x in log.read_bytes().splitlines() if x.startswith(b"{")]
+    errors = [r["message"] for r in records if r["log.level"] in ("error", "critical")]
+    assert errors == [
+        f"elasticsearch: authentication failed at {url} (HTTP 401, basic auth as user "
+        "envoygeo) - check elasticsearch.username / password / password_file; not "
+        "committing this batch or anything after it"], errors
+    assert "Traceback" not in log.read_text()
+    assert wait_for_committed(e["kafka"], e["group"], e["topic"], 20, timeout_s=10) == 20
+
+
+# The passwords of the tests' own proxies, for the leak check.
+CAPTURED_PASSWORDS: list[str] = []
+
+
 def test_the_secrets_appear_in_no_output(proxy: dict[str, str]) -> None:
     """Runs last in this module: every captured output of the tests above."""
     assert len(CAPTURED) >= 30, "the tests above did not run"
     key_secret = base64.b64decode(proxy["api_key"]).decode().split(":", 1)[1]
-    for secret in (proxy["password"], proxy["api_key"], key_secret):
+    for secret in (proxy["password"], proxy["api_key"], key_secret, *CAPTURED_PASSWORDS):
         assert not [text[:200] for text in CAPTURED if secret in text]

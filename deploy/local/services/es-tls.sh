@@ -12,13 +12,14 @@
 #   Authorization: Basic   user envoygeo, password in .local/es-tls/password
 #   Authorization: ApiKey  base64(id:key), the encoded key in .local/es-tls/api_key
 # (both random, made at first start); anything else gets 401 with WWW-Authenticate.
-# Ports: ES_TLS_PORT (default 9243) and the two after it.
+# Ports: ES_TLS_PORT (default 9243) and the two after it; ES_TLS_STATE (default
+# .local/es-tls) holds the configuration, credentials and pid file.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 PORT="${ES_TLS_PORT:-9243}"
 ES_PORT="${ES_PORT:-9200}"
-DIR="$STATE/es-tls"
+DIR="${ES_TLS_STATE:-$STATE/es-tls}"  # another instance: ES_TLS_STATE + ES_TLS_PORT
 TLS="${ES_TLS_DIR:-$STATE/tls}"
 PIDFILE="$DIR/haproxy.pid"
 USER_NAME=envoygeo
