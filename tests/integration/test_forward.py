@@ -150,8 +150,8 @@ def test_fluent_bit_captures_and_fluent_logger_reach_elasticsearch(
         for variant in REPLAYED:
             path = CAPTURES / f"forward-{variant}-conn1.server-sent.bin"
             want = path.read_bytes() if path.exists() else b""
-            got = replay(port, capture(f"forward-{variant}-conn1.bin"), want)
-            assert got == want, variant
+            reply = replay(port, capture(f"forward-{variant}-conn1.bin"), want)
+            assert reply == want, variant
         assert scrape_metric(mport, "envoygeo_forward_chunks_acked_total") == 2
         # 2. Bad input: a clear refusal, a counter, and the server keeps serving.
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -205,18 +205,18 @@ def test_fluent_bit_captures_and_fluent_logger_reach_elasticsearch(
         assert wait_for_count(es_client, index, total, procs=[worker]) == total
     finally:
         assert stop_worker(worker) == 0
-    hits = es_client.search(index=index, size=total + 10, source=["source", "url", "@timestamp",
-                                                                    "event"])["hits"]["hits"]
+    hits = es_client.search(index=index, size=total + 10,
+                            source_includes=["source", "url"])["hits"]["hits"]
     assert len(hits) == total
-    got = Counter((h["_source"].get("source", {}).get("ip"),
-                   h["_source"].get("url", {}).get("original")) for h in hits)
-    want: Counter[tuple[str | None, str | None]] = Counter()
+    indexed = Counter((h["_source"].get("source", {}).get("ip"),
+                       h["_source"].get("url", {}).get("original")) for h in hits)
+    expected: Counter[tuple[str | None, str | None]] = Counter()
     urls = [_url(line) for line in expected_logs()]
     for ip, url in zip(CAPTURE_IPS, urls, strict=True):
-        want[(ip, url)] += len(REPLAYED)
+        expected[(ip, url)] += len(REPLAYED)
     for i in range(len(lines)):
-        want[(CLIENT_IP, f"/api/items/{i}?page=1")] += 1
-    assert got == want
+        expected[(CLIENT_IP, f"/api/items/{i}?page=1")] += 1
+    assert indexed == expected
 
 
 def _url(line: str) -> str | None:
@@ -293,3 +293,91 @@ def test_a_missing_topic_is_refused_at_start(tmp_path: Path, kafka_bootstrap: st
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 3
     assert "envoygeo setup" in proc.stderr
+
+
+class ResendingClient:
+    """What Fluent Bit does with Require_ack_response: send a chunk, wait for its ack,
+    and on any failure (connection refused or lost, no ack) reconnect and send the
+    same chunk again. `hooks[n]` runs once, after half of chunk n was sent ("mid") or
+    after all of it ("sent")."""
+
+    def __init__(self, port: int, hooks: dict[tuple[int, str], Callable[[], None]]) -> None:
+        self.port = port
+        self.hooks = hooks
+        self.sock: socket.socket | None = None
+        self.resent: list[int] = []
+
+    def _hook(self, n: int, when: str) -> None:
+        hook = self.hooks.pop((n, when), None)
+        if hook is not None:
+            hook()
+
+    def send(self, n: int, frame: bytes, chunk: str, deadline_s: float = 90) -> None:
+        deadline = time.monotonic() + deadline_s
+        half = len(frame) // 2
+        while True:
+            try:
+                if self.sock is None:
+                    self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                self.sock.sendall(frame[:half])
+                self._hook(n, "mid")
+                self.sock.sendall(frame[half:])
+                self._hook(n, "sent")
+                u = unpacker(1 << 16)
+                while True:
+                    data = self.sock.recv(4096)
+                    if not data:
+                        raise ConnectionError("closed before the ack")
+                    u.feed(data)
+                    got = list(u)
+                    if got:
+                        assert got == [{"ack": chunk}]
+                        return
+            except OSError:
+                if self.sock is not None:
+                    self.sock.close()
+                self.sock = None
+                if n not in self.resent:
+                    self.resent.append(n)
+                assert time.monotonic() < deadline, f"chunk {n} never acked"
+                time.sleep(0.2)
+
+
+def test_kill_9_mid_stream_loses_nothing_and_duplicates_only_resent_chunks(
+        tmp_path: Path, kafka_bootstrap: str, forward_topic: str) -> None:
+    """Killed once right after a whole chunk was sent (Kafka may or may not have it, the
+    ack may or may not have gone out: either way), once with a chunk half sent (never
+    acked, so resent)."""
+    port, mport = free_port(), free_port()
+    cfg = forward_config(tmp_path / "forward.yaml", kafka_bootstrap, forward_topic, port, mport)
+    fwd_log = tmp_path / "forward.log"
+    procs = [start_forward(cfg, fwd_log, port, mport)]
+    chunks, per_chunk, after_sent, mid_frame = 30, 50, 8, 20
+
+    def kill_and_restart() -> None:
+        procs[-1].kill()  # SIGKILL: no drain, whatever was in flight is not acked
+        assert procs[-1].wait(30) == -signal.SIGKILL
+        procs.append(start_forward(cfg, fwd_log, port, mport))
+
+    client = ResendingClient(port, {(after_sent, "sent"): kill_and_restart,
+                                    (mid_frame, "mid"): kill_and_restart})
+    try:
+        for n in range(chunks):
+            payload = b"".join(msgpack.packb([1795914780 + n, {"log": f"req-{n}-{i}"}])
+                               for i in range(per_chunk))
+            chunk = f"chunk-{n}"
+            client.send(n, msgpack.packb(["app", payload, {"chunk": chunk,
+                                                           "size": per_chunk}]), chunk)
+    finally:
+        if client.sock is not None:
+            client.sock.close()
+        assert stop(procs[-1]) == 0
+    assert len(procs) == 3 and mid_frame in client.resent
+    assert set(client.resent) <= {after_sent, mid_frame}
+    seen = Counter(orjson.loads(r.value())["log"]
+                   for r in read_topic(kafka_bootstrap, forward_topic, chunks * per_chunk))
+    ids = [f"req-{n}-{i}" for n in range(chunks) for i in range(per_chunk)]
+    assert all(seen[i] >= 1 for i in ids), "an acked or resent event is missing"
+    assert set(seen) == set(ids)
+    duplicated = {int(i.split("-")[1]) for i, c in seen.items() if c > 1}
+    assert duplicated <= set(client.resent)  # only chunks the client sent twice
