@@ -381,3 +381,16 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_only_resent_chunks(
     assert set(seen) == set(ids)
     duplicated = {int(i.split("-")[1]) for i, c in seen.items() if c > 1}
     assert duplicated <= set(client.resent)  # only chunks the client sent twice
+
+
+def test_bench_forward_reports_acked_rates(kafka_bootstrap: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "forward",
+                           "--bootstrap", kafka_bootstrap, "--seconds", "1", "--runs", "1",
+                           "--connections", "2", "--chunk-events", "200"],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert [r["mode"] for r in rows] == ["PackedForward", "CompressedPackedForward"]
+    for row in rows:
+        assert row["events_per_s"] > 0 and row["cpu_us_per_event"] > 0
+        assert row["chunk_bytes_on_wire"] > 0 and row["bytes_per_event"] > 100
