@@ -127,3 +127,22 @@ def test_redis_lines_never_show_the_url_password() -> None:
     line = describe_redis_error(redis.AuthenticationError("invalid password."), cfg)
     assert line.startswith("redis: authentication failed at rediss://u:***@h:6380/0 ")
     assert "hunter2" not in line
+
+
+def test_redis_url_turning_verification_off_is_warned_once(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.enrich.rates.redis as backend
+
+    monkeypatch.setattr(backend, "_warned_unverified", False)
+    cfg = RatesConfig(backend="redis",
+                      redis_url="rediss://u:hunter2@h:6380/0?ssl_cert_reqs=none")
+    with caplog.at_level("WARNING"):
+        connect(cfg)
+        connect(cfg)
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == ["rates.redis_url turns TLS verification off (ssl_cert_reqs=none): the "
+                      "certificate of rediss://u:***@h:6380/0 is not verified (anyone on the "
+                      "path can read and change the traffic)"]
+    caplog.clear()
+    connect(RatesConfig(backend="redis", redis_url="rediss://h:6380/0"))
+    assert not caplog.records

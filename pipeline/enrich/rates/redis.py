@@ -29,12 +29,15 @@ filters locally, so the counting path stays one round trip.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import redis as redis_lib
 
 from pipeline.enrich.rates import Counts, Event, RatesConfig
+
+log = logging.getLogger(__name__)
 
 # Lua's unpack() is limited to ~8000 values: a state holds at most 2 * R + 1.
 MAX_RETENTION_S = 3900
@@ -136,13 +139,34 @@ return table.concat(out, ',')
 """
 
 
+_warned_unverified = False
+
+
+def _warn_unverified(url: str, parsed: dict[str, Any]) -> None:
+    """A rediss:// URL can turn verification off (`?ssl_cert_reqs=none`,
+    `ssl_check_hostname=false`): allowed, as an explicit choice, and said once."""
+    global _warned_unverified
+    off = [f"{key}={parsed[key]}" for key in ("ssl_cert_reqs", "ssl_check_hostname")
+           if key in parsed and parsed[key] in ("none", "optional", False)]
+    if off and not _warned_unverified:
+        from pipeline.config import url_without_password
+
+        _warned_unverified = True
+        log.warning("rates.redis_url turns TLS verification off (%s): the certificate of "
+                    "%s is not verified (anyone on the path can read and change the "
+                    "traffic)", ", ".join(off), url_without_password(url).split("?")[0])
+
+
 def connect(cfg: RatesConfig, **options: Any) -> redis_lib.Redis:
     """The client for `rates.redis_url` plus what a URL cannot carry well: the password
     from `rates.redis_password_file` and the CA of a rediss:// server. Certificates are
     always verified (redis-py's default for rediss://). The backend, `run`'s start-up
     check and `check-config --connect` all connect here."""
+    from redis.connection import parse_url
+
     from pipeline.config import read_secret
 
+    _warn_unverified(cfg.redis_url, parse_url(cfg.redis_url))
     if cfg.redis_password_file is not None:
         options["password"] = read_secret(cfg.redis_password_file)
     if cfg.redis_ca_file is not None:
