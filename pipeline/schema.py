@@ -23,10 +23,15 @@ class Field(NamedTuple):
     doc: str
     array: bool = False  # ECS arrays (tags, related.ip, event.category)
     indexed: bool = True  # False: kept in _source only (event.original)
+    # False: aggregated, sorted or displayed but never looked up by value in the
+    # dashboards, the report, the alert rule or the documented queries: the lean
+    # template keeps its doc_values and drops its inverted index / BKD tree (term and
+    # range queries on it still work, by scanning doc values). See LEAN_CHOICES.
+    search: bool = True
 
 
-def _kw(name: str, doc: str, array: bool = False) -> Field:
-    return Field(name, "keyword", doc, array)
+def _kw(name: str, doc: str, array: bool = False, search: bool = True) -> Field:
+    return Field(name, "keyword", doc, array, search=search)
 
 
 # Source fields of an access-log document (ECS names where ECS has one).
@@ -38,8 +43,8 @@ FIELDS: tuple[Field, ...] = (
     _kw("event.category", "ECS category: web.", array=True),
     _kw("event.type", "ECS type: access.", array=True),
     _kw("event.outcome", "success / failure (5xx) / unknown."),
-    Field("event.duration", "long", "Request duration in nanoseconds."),
-    Field("event.ingested", "date", "When envoygeo built the document."),
+    Field("event.duration", "long", "Request duration in nanoseconds.", search=False),
+    Field("event.ingested", "date", "When envoygeo built the document.", search=False),
     Field("event.original", "keyword", "The raw line, for unparsed records.", indexed=False),
     _kw("event.module", "Always envoygeo."),
     _kw("event.dataset", "envoygeo.access or envoygeo.rate_alert."),
@@ -47,7 +52,8 @@ FIELDS: tuple[Field, ...] = (
     _kw("tags", "Tags: parse failures, private client IPs, GeoIP misses, bad addresses.", True),
     Field("source.ip", "ip", "The true client address (PROXY protocol, peer or trusted XFF)."),
     _kw("source.address", "Client address as logged, without port."),
-    Field("source.port", "long", "Client port, when the address came with one."),
+    Field("source.port", "long", "Client port, when the address came with one.",
+          search=False),
     _kw("source.geo.continent_code", "GeoIP continent code."),
     _kw("source.geo.continent_name", "GeoIP continent name."),
     _kw("source.geo.country_iso_code", "GeoIP ISO 3166-1 alpha-2 country."),
@@ -61,18 +67,20 @@ FIELDS: tuple[Field, ...] = (
     Field("source.as.number", "long", "Autonomous system number."),
     _kw("source.as.organization.name", "Autonomous system organisation."),
     Field("destination.ip", "ip", "Envoy's listener address (DOWNSTREAM_LOCAL_ADDRESS)."),
-    Field("destination.port", "long", "Envoy's listener port."),
+    Field("destination.port", "long", "Envoy's listener port.", search=False),
     _kw("http.request.method", "HTTP method."),
-    _kw("http.request.id", "x-request-id."),
-    Field("http.request.bytes", "long", "Bytes received from the client (BYTES_RECEIVED)."),
+    _kw("http.request.id", "x-request-id.", search=False),
+    Field("http.request.bytes", "long", "Bytes received from the client (BYTES_RECEIVED).",
+          search=False),
     Field("http.response.status_code", "long", "HTTP status (absent for TCP / no response)."),
-    Field("http.response.bytes", "long", "Bytes sent to the client (BYTES_SENT)."),
+    Field("http.response.bytes", "long", "Bytes sent to the client (BYTES_SENT).",
+          search=False),
     _kw("http.version", "HTTP version (1.1, 2, 3)."),
     _kw("url.original", "Path and query as requested (X-ENVOY-ORIGINAL-PATH or :PATH)."),
     _kw("url.path", "Path without the query."),
     _kw("url.query", "Query string without '?'."),
     _kw("url.domain", ":authority / Host without port."),
-    _kw("user_agent.original", "User-Agent header."),
+    _kw("user_agent.original", "User-Agent header.", search=False),
     _kw("tls.client.server_name", "SNI (REQUESTED_SERVER_NAME)."),
     Field("related.ip", "ip", "Every address seen: client, peer, XFF hops, upstream.", True),
     _kw("envoy.log_format", "Which format parsed the line (envoy, istio, json, custom...)."),
@@ -81,24 +89,28 @@ FIELDS: tuple[Field, ...] = (
     _kw("envoy.connection_termination_details", "CONNECTION_TERMINATION_DETAILS."),
     _kw("envoy.upstream_transport_failure_reason", "UPSTREAM_TRANSPORT_FAILURE_REASON."),
     _kw("envoy.route_name", "ROUTE_NAME."),
-    _kw("envoy.x_forwarded_for", "X-Forwarded-For as received."),
-    _kw("envoy.downstream_remote_address", "DOWNSTREAM_REMOTE_ADDRESS as logged."),
-    _kw("envoy.downstream_direct_remote_address", "DOWNSTREAM_DIRECT_REMOTE_ADDRESS (the LB)."),
-    _kw("envoy.downstream_local_address", "DOWNSTREAM_LOCAL_ADDRESS as logged."),
+    _kw("envoy.x_forwarded_for", "X-Forwarded-For as received.", search=False),
+    _kw("envoy.downstream_remote_address", "DOWNSTREAM_REMOTE_ADDRESS as logged.",
+        search=False),
+    _kw("envoy.downstream_direct_remote_address", "DOWNSTREAM_DIRECT_REMOTE_ADDRESS (the LB).",
+        search=False),
+    _kw("envoy.downstream_local_address", "DOWNSTREAM_LOCAL_ADDRESS as logged.",
+        search=False),
     _kw("envoy.protocol", "PROTOCOL as logged (HTTP/1.1, HTTP/2, ...)."),
     _kw("envoy.upstream.host", "UPSTREAM_HOST."),
     _kw("envoy.upstream.cluster", "UPSTREAM_CLUSTER."),
-    _kw("envoy.upstream.local_address", "UPSTREAM_LOCAL_ADDRESS."),
-    Field("envoy.upstream.service_time_ms", "long", "x-envoy-upstream-service-time."),
+    _kw("envoy.upstream.local_address", "UPSTREAM_LOCAL_ADDRESS.", search=False),
+    Field("envoy.upstream.service_time_ms", "long", "x-envoy-upstream-service-time.",
+          search=False),
     Field("envoy.extra", "object", "Other logged values (dynamic metadata, custom keys).",
           indexed=False),
     _kw("kubernetes.pod_name", "Pod (Fluent Bit kubernetes filter)."),
     _kw("kubernetes.namespace_name", "Namespace."),
     _kw("kubernetes.container_name", "Container (istio-proxy)."),
     _kw("kubernetes.container_image", "Container image."),
-    _kw("kubernetes.container_hash", "Container image digest."),
-    _kw("kubernetes.docker_id", "Container id."),
-    _kw("kubernetes.pod_id", "Pod UID."),
+    _kw("kubernetes.container_hash", "Container image digest.", search=False),
+    _kw("kubernetes.docker_id", "Container id.", search=False),
+    _kw("kubernetes.pod_id", "Pod UID.", search=False),
     _kw("kubernetes.host", "Node name."),
     Field("kubernetes.labels", "flattened", "Pod labels."),
     Field("kubernetes.annotations", "flattened", "Pod annotations."),
@@ -110,7 +122,8 @@ FIELDS: tuple[Field, ...] = (
         "envelope (the shipper's time), kafka (the Kafka record's), ingest (envoygeo's)."),
     _kw("envoygeo.truncated", "Fields cut to limits.max_field_bytes (tag "
         "envoygeo_field_truncated; envoygeo_line_truncated: the line was cut).", array=True),
-    Field("envoygeo.rate.*", "long", "Requests by this client in the trailing window (e.g. 60s)."),
+    Field("envoygeo.rate.*", "long", "Requests by this client in the trailing window (e.g. 60s).",
+          search=False),
 )
 
 # Alert documents (their own index: one per IP, rule and window period).
@@ -142,7 +155,30 @@ def field_map(fields: tuple[Field, ...] = FIELDS) -> dict[str, Field]:
 # -- Elasticsearch templates --------------------------------------------------------
 
 
-def _mapping_for(f: Field) -> dict[str, Any]:
+# -- Lean template choices (issue 15) ---------------------------------------------------
+#
+# Each choice is measured by `envoygeo bench index --ablate` (the optimised candidate
+# with and without it, same run); its effect is noted beside it. A choice goes into
+# SHIPPED_LEAN, and so into the templates in schemas/, only when it is clearly a win
+# and loses nothing the dashboards, the report, the alert rule or the documented
+# queries use. Already true of the shipped template, so not choices: keywords have no
+# norms (Elasticsearch's default), there are no multi-fields, and `event.original` is
+# kept in _source only (index: false, doc_values: false).
+LEAN_CHOICES: dict[str, str] = {
+    # error.message is the only text field (unparsed records only): no scoring, so
+    # no norms. Effect: below the noise (the corpus has no unparsed records).
+    "no_norms": "text fields without norms",
+    # Fields with search=False keep doc_values only (see Field.search).
+    "doc_values_only": "no inverted index / BKD for aggregated or displayed-only fields",
+    "best_compression": "index.codec: best_compression (zstd stored fields)",
+    "sort_timestamp": "index sorting on @timestamp, newest first",
+    # The local node accepts index.mode: logsdb without x-pack (synthetic _source).
+    "logsdb": "index.mode: logsdb (synthetic _source, host.name/@timestamp sort)",
+}
+SHIPPED_LEAN: frozenset[str] = frozenset()
+
+
+def _mapping_for(f: Field, lean: frozenset[str] = frozenset()) -> dict[str, Any]:
     if f.es_type == "object":
         return {"type": "object", "enabled": False}
     m: dict[str, Any] = {"type": f.es_type}
@@ -153,10 +189,30 @@ def _mapping_for(f: Field) -> dict[str, Any]:
     if f.es_type == "ip" or f.es_type == "geo_point":
         # A malformed address in one document must not reject it (it is tagged instead).
         m["ignore_malformed"] = True
+    if "doc_values_only" in lean and f.indexed and not f.search:
+        m["index"] = False
+    if "no_norms" in lean and f.es_type == "text":
+        m["norms"] = False
     return m
 
 
-def mappings(fields: tuple[Field, ...]) -> dict[str, Any]:
+def index_settings(lean: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The `index` settings of envoygeo-settings with the chosen lean choices."""
+    index: dict[str, Any] = {
+        "number_of_shards": 1,
+        "auto_expand_replicas": "0-1",
+        "refresh_interval": "5s",
+    }
+    if "best_compression" in lean:
+        index["codec"] = "best_compression"
+    if "sort_timestamp" in lean:
+        index["sort"] = {"field": "@timestamp", "order": "desc"}
+    if "logsdb" in lean:
+        index["mode"] = "logsdb"
+    return index
+
+
+def mappings(fields: tuple[Field, ...], lean: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Nested `properties` for the exact fields, dynamic templates for the `.*` ones."""
     props: dict[str, Any] = {}
     dynamic_templates: list[dict[str, Any]] = []
@@ -167,7 +223,9 @@ def mappings(fields: tuple[Field, ...]) -> dict[str, Any]:
             dynamic_templates.append({
                 f.name[:-2].replace(".", "_"): {
                     "path_match": f.name,
-                    "mapping": {"type": f.es_type},
+                    "mapping": ({"type": f.es_type, "index": False}
+                                if "doc_values_only" in lean and not f.search
+                                else {"type": f.es_type}),
                 }
             })
             node = props
@@ -180,7 +238,7 @@ def mappings(fields: tuple[Field, ...]) -> dict[str, Any]:
         parts = f.name.split(".") if f.name != "@timestamp" else ["@timestamp"]
         for part in parts[:-1]:
             node = node.setdefault(part, {"properties": {}})["properties"]
-        node[parts[-1]] = _mapping_for(f)
+        node[parts[-1]] = _mapping_for(f, lean)
     out: dict[str, Any] = {"dynamic_templates": dynamic_templates, "properties": props}
     # Unknown fields (a newer envoygeo, user additions) are kept in _source, not mapped:
     # an unexpected value must never reject a document.
@@ -191,26 +249,20 @@ def mappings(fields: tuple[Field, ...]) -> dict[str, Any]:
 def component_templates() -> dict[str, dict[str, Any]]:
     settings = {
         "template": {
-            "settings": {
-                "index": {
-                    "number_of_shards": 1,
-                    "auto_expand_replicas": "0-1",
-                    "refresh_interval": "5s",
-                    # Codec, replicas and refresh are cluster choices: override this
-                    # component template per cluster (best_compression halves disk use).
-                }
-            }
+            # Codec, replicas and refresh are cluster choices: override this component
+            # template per cluster.
+            "settings": {"index": index_settings(SHIPPED_LEAN)}
         },
         "_meta": {"managed_by": "envoygeo", "doc": "Index settings; override per cluster."},
     }
     return {
         "envoygeo-settings": settings,
         "envoygeo-logs-mappings": {
-            "template": {"mappings": mappings(FIELDS)},
+            "template": {"mappings": mappings(FIELDS, SHIPPED_LEAN)},
             "_meta": {"managed_by": "envoygeo", "ecs_version": ECS_VERSION},
         },
         "envoygeo-alerts-mappings": {
-            "template": {"mappings": mappings(ALERT_FIELDS)},
+            "template": {"mappings": mappings(ALERT_FIELDS, SHIPPED_LEAN)},
             "_meta": {"managed_by": "envoygeo", "ecs_version": ECS_VERSION},
         },
     }

@@ -15,6 +15,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "e2e": ("pipeline.bench.e2e:command", "Worker drain rate vs the Elasticsearch bulk ceiling."),
     "core": ("pipeline.bench.core:command", "Whole enrichment on one core vs a geoip2 baseline."),
+    "index": (
+        "pipeline.bench.index:command",
+        "Elasticsearch CPU, store and query time per document under each mapping.",
+    ),
     "forward": (
         "pipeline.bench.forward:command",
         "Events/s one envoygeo forward relays to Kafka with acks, CPU per event.",
