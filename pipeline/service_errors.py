@@ -58,6 +58,19 @@ def tls_refusal(exc: BaseException, ca_file: object) -> tuple[str, str] | None:
     return None
 
 
+def tls_line(exc: BaseException, service: str, where: str, ca_file: object,
+             verify_keys: str, handshake_check: str) -> str | None:
+    """The line for a failed TLS handshake (None when `exc` is not one): a refused
+    certificate names `verify_keys`, another handshake failure `handshake_check`."""
+    tls = tls_refusal(exc, ca_file)
+    if tls is None:
+        return None
+    if tls[0] == "verify":
+        return (f"{service}: TLS certificate verify failed at {where} ({tls[1]}) - check "
+                f"{verify_keys}")
+    return f"{service}: TLS handshake with {where} failed ({tls[1]}) - check {handshake_check}"
+
+
 def describe_elasticsearch_error(exc: BaseException, cfg: ElasticsearchSettings) -> str:
     """One line for an Elasticsearch request that failed before any answer worth
     retrying: refused TLS, refused credentials, no connection, or an HTTP error."""
@@ -66,13 +79,11 @@ def describe_elasticsearch_error(exc: BaseException, cfg: ElasticsearchSettings)
     from elasticsearch import ApiError
 
     where = ", ".join(url_without_password(h) for h in cfg.hosts)
-    tls = tls_refusal(exc, cfg.ca_certs)
-    if tls is not None and tls[0] == "verify":
-        return (f"elasticsearch: TLS certificate verify failed at {where} ({tls[1]}) - check "
-                f"elasticsearch.hosts / elasticsearch.ca_certs")
+    tls = tls_line(exc, "elasticsearch", where, cfg.ca_certs,
+                   "elasticsearch.hosts / elasticsearch.ca_certs",
+                   "that elasticsearch.hosts says https:// only for a TLS port")
     if tls is not None:
-        return (f"elasticsearch: TLS handshake with {where} failed ({tls[1]}) - check that "
-                f"elasticsearch.hosts says https:// only for a TLS port")
+        return tls
     if isinstance(exc, ApiError):
         status = exc.meta.status
         if status == 401:
@@ -107,13 +118,11 @@ def describe_redis_error(exc: BaseException, cfg: RatesConfig) -> str:
     import redis
 
     where = url_without_password(cfg.redis_url)
-    tls = tls_refusal(exc, cfg.redis_ca_file)
-    if tls is not None and tls[0] == "verify":
-        return (f"redis: TLS certificate verify failed at {where} ({tls[1]}) - check "
-                f"rates.redis_url's host / rates.redis_ca_file")
+    tls = tls_line(exc, "redis", where, cfg.redis_ca_file,
+                   "rates.redis_url's host / rates.redis_ca_file",
+                   "that rates.redis_url says rediss:// only for a TLS port")
     if tls is not None:
-        return (f"redis: TLS handshake with {where} failed ({tls[1]}) - check that "
-                f"rates.redis_url says rediss:// only for a TLS port")
+        return tls
     if isinstance(exc, redis.AuthenticationError):
         return (f"redis: authentication failed at {where} ({str(exc).rstrip('.')}) - check "
                 f"the user in rates.redis_url and its password (in the URL or "

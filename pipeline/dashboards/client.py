@@ -103,13 +103,13 @@ def request(target: Target, method: str, path: str, body: bytes | None = None,
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()
     except urllib.error.URLError as e:
-        from pipeline.service_errors import tls_refusal
+        from pipeline.service_errors import tls_line
 
         cause = e.reason if isinstance(e.reason, BaseException) else e
-        tls = tls_refusal(cause, target.ca_certs)
-        if tls is not None and tls[0] == "verify":
-            raise DashboardsError(f"{what}: TLS certificate verify failed at {target.url} "
-                                  f"({tls[1]}) - check kibana.url / kibana.ca_certs") from None
+        tls = tls_line(cause, what, target.url, target.ca_certs, "kibana.url / kibana.ca_certs",
+                       "that kibana.url says https:// only for a TLS port")
+        if tls is not None:
+            raise DashboardsError(tls) from None
         raise DashboardsError(f"{what}: cannot reach {target.url}: {e.reason}") from None
     try:
         payload = json.loads(raw) if raw else {}
