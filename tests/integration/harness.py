@@ -420,3 +420,34 @@ class PrivateService:
 
     def stop(self) -> None:
         self.run("stop")
+
+
+def cli(*args: str, env: dict[str, str] | None = None,
+        captured: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`envoygeo ARGS` as a user runs it; its stdout + stderr also go to `captured`
+    (the secret-leak checks read every output of their module)."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env={**os.environ, **(env or {})})
+    if captured is not None:
+        captured.append(proc.stdout + proc.stderr)
+    return proc
+
+
+def run_refused(config: Path, expected_line: str, exit_within_s: float,
+                captured: list[str] | None = None) -> float:
+    """`envoygeo run` with a configuration a service refuses: it must exit 3 within
+    `exit_within_s`, with exactly one `envoygeo:` line matching `expected_line` (a regex)
+    and no traceback. Returns how long it took."""
+    import re
+
+    started = time.monotonic()
+    proc = cli("run", "-c", str(config), "--plain-logs", captured=captured)
+    took = time.monotonic() - started
+    print(f"{config.stem}: run exit {proc.returncode} after {took:.2f}s")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert took < exit_within_s
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("envoygeo:")]
+    assert len(errors) == 1 and re.fullmatch("envoygeo: " + expected_line, errors[0]), \
+        proc.stderr
+    assert "Traceback" not in proc.stderr
+    return took

@@ -17,7 +17,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,8 +30,10 @@ from tests.conftest import ensure_service
 from tests.integration.harness import (
     ROOT,
     access_records,
+    cli,
     free_port,
     produce,
+    run_refused,
     start_worker,
     stop_worker,
     wait_for_committed,
@@ -89,10 +90,7 @@ def config(e: dict[str, Any], name: str, es: dict[str, Any], **extra: Any) -> Pa
 
 
 def envoygeo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT, env={**os.environ, **(env or {})})
-    CAPTURED.append(proc.stdout + proc.stderr)
-    return proc
+    return cli(*args, env=env, captured=CAPTURED)
 
 
 def test_proxy_refuses_unauthenticated_requests(proxy: dict[str, str]) -> None:
@@ -191,16 +189,7 @@ def test_refusal_is_one_line_in_every_command(
         expected: str) -> None:
     e = env
     cfg = config(e, f"{case}.yaml", es(e))
-    started = time.monotonic()
-    run = envoygeo("run", "-c", str(cfg), "--plain-logs")
-    took = time.monotonic() - started
-    print(f"{case}: run exit {run.returncode} after {took:.2f}s")
-    assert run.returncode == 3, run.stdout + run.stderr
-    assert took < EXIT_WITHIN_S
-    errors = [line for line in run.stderr.splitlines() if line.startswith("envoygeo:")]
-    assert len(errors) == 1 and re.fullmatch("envoygeo: elasticsearch: " + expected,
-                                             errors[0]), run.stderr
-    assert "Traceback" not in run.stderr
+    run_refused(cfg, "elasticsearch: " + expected, EXIT_WITHIN_S, CAPTURED)
     setup = envoygeo("setup", "-c", str(cfg), "--no-topics")
     assert setup.returncode == 3
     assert re.fullmatch("envoygeo setup: elasticsearch: " + expected, setup.stderr.strip())

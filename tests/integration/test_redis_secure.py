@@ -9,11 +9,8 @@ output of any of it.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,9 @@ from tests.conftest import ensure_service
 from tests.integration.harness import (
     ROOT,
     access_records,
+    cli,
     produce,
+    run_refused,
     setup_worker_env,
     start_worker,
     stop_worker,
@@ -84,10 +83,7 @@ def config(e: dict[str, Any], name: str, rates_section: dict[str, Any]) -> Path:
 
 
 def envoygeo(*args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT, env=dict(os.environ))
-    CAPTURED.append(proc.stdout + proc.stderr)
-    return proc
+    return cli(*args, captured=CAPTURED)
 
 
 def test_worker_counts_rates_in_the_secured_redis(env: dict[str, Any]) -> None:
@@ -162,15 +158,7 @@ def test_refusal_ends_run_with_one_line(env: dict[str, Any], case: str,
     e = env
     cfg = config(e, f"{case}.yaml", section(e))
     setup_worker_env(cfg)
-    started = time.monotonic()
-    run = envoygeo("run", "-c", str(cfg), "--plain-logs")
-    took = time.monotonic() - started
-    print(f"{case}: run exit {run.returncode} after {took:.2f}s")
-    assert run.returncode == 3, run.stdout + run.stderr
-    assert took < EXIT_WITHIN_S
-    errors = [line for line in run.stderr.splitlines() if line.startswith("envoygeo:")]
-    assert len(errors) == 1 and re.fullmatch("envoygeo: " + expected, errors[0]), run.stderr
-    assert "Traceback" not in run.stderr
+    run_refused(cfg, expected, EXIT_WITHIN_S, CAPTURED)
     check = envoygeo("check-config", "-c", str(cfg), "--connect", "--timeout", "3")
     assert check.returncode == 3
     line = next(x for x in check.stdout.splitlines() if x.startswith("redis"))
