@@ -475,11 +475,22 @@ class ForwardSettings(_Section):
                                           "(0 disables them).")
     shutdown_grace_s: float = Field(
         30.0, gt=0, description="SIGTERM: how long in-flight chunks get to reach Kafka.")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate (and chain): clients must connect with "
+                          "TLS (Fluent Bit `tls on`, Fluentd `transport tls`).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_ca_file: Path | None = Field(
+        None, description="PEM CA certificate(s): clients must present a certificate it "
+                          "signed (mutual TLS).")
 
     @model_validator(mode="after")
     def _built(self) -> ForwardSettings:
         if self.mode == "direct":
             raise ValueError("mode direct is not built yet; use relay (through Kafka)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_ca_file (client certificates) needs tls_cert_file")
         return self
 
 

@@ -26,7 +26,8 @@ def forward(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
     \b
     Listens on forward.host:forward.port (24224) for Fluent Forward protocol v1:
     Message, Forward, PackedForward and CompressedPackedForward (gzip) modes,
-    EventTime and integer times, the shared_key handshake (forward.shared_key).
+    EventTime and integer times, the shared_key handshake (forward.shared_key),
+    TLS and client certificates (forward.tls_cert_file, tls_key_file, tls_ca_file).
     Each event becomes one Kafka record on forward.topic (default: the worker's
     first topic) in Fluent Bit's kafka output JSON, which `envoygeo run` reads.
 
@@ -56,11 +57,19 @@ def forward(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
         ForwardMetrics,
         ForwardServer,
         ServerOptions,
+        server_tls,
     )
 
     settings = _load(config_path)
     setup_logging(log_level, json=not plain_logs)
     fwd, k = settings.forward, settings.kafka
+    tls = None
+    if fwd.tls_cert_file is not None:
+        try:
+            tls = server_tls(fwd.tls_cert_file, fwd.tls_key_file, fwd.tls_ca_file)
+        except ValueError as exc:
+            click.echo(f"envoygeo forward: {exc}", err=True)
+            sys.exit(2)
     topic = fwd.topic or k.topics[0]
     producer = Producer(producer_config(settings), logger=kafka_logger())
     try:
@@ -79,7 +88,7 @@ def forward(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
         host=fwd.host, port=fwd.port, topic=topic, max_chunk_bytes=fwd.max_chunk_bytes,
         max_inflight_chunks=fwd.max_inflight_chunks, max_connections=fwd.max_connections,
         shared_key=fwd.shared_key.get_secret_value() if fwd.shared_key else None,
-        self_hostname=fwd.self_hostname or ""), producer, metrics)
+        self_hostname=fwd.self_hostname or "", tls=tls), producer, metrics)
     sys.exit(asyncio.run(_serve(server, producer, settings, stop)))
 
 
@@ -141,8 +150,10 @@ async def _serve(server: Any, producer: Any, settings: Any, stop: list[str]) -> 
     if fwd.metrics_port:
         status = serve_status(server.metrics, server, settings.metrics.host, fwd.metrics_port)
         stop_beat = heartbeat(status)
-    log.info("forward: listening on %s:%d (Fluent Forward protocol v1%s), relaying to Kafka "
-             "topic %s at %s; metrics on %s", fwd.host, server.port,
+    log.info("forward: listening on %s:%d (Fluent Forward protocol v1%s%s), relaying to "
+             "Kafka topic %s at %s; metrics on %s", fwd.host, server.port,
+             "" if fwd.tls_cert_file is None else
+             (", TLS with client certificates" if fwd.tls_ca_file else ", TLS"),
              ", shared_key handshake" if fwd.shared_key else "", server.options.topic,
              settings.kafka.bootstrap_servers,
              f"{settings.metrics.host}:{status.port}" if status else "off",

@@ -28,7 +28,7 @@ import msgpack
 
 # Why input was refused, as a metric label: a small fixed set.
 BAD_INPUT_REASONS = ("malformed", "unknown_mode", "bad_entry", "bad_compression",
-                     "auth_failed", "handshake", "disconnect_mid_frame")
+                     "auth_failed", "handshake", "disconnect_mid_frame", "tls")
 
 
 class EventTime(NamedTuple):

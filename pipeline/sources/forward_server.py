@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -185,6 +186,7 @@ class ServerOptions:
     max_connections: int
     shared_key: str | None = None
     self_hostname: str = ""
+    tls: ssl.SSLContext | None = None
 
 
 class ForwardServer:
@@ -366,6 +368,7 @@ class _Connection(asyncio.Protocol):
         self.peer = "?"
         self.nonce: bytes | None = None  # set while the handshake is pending
         self.closing = False
+        self.tls_task: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -376,6 +379,32 @@ class _Connection(asyncio.Protocol):
             self.closing = True
             transport.abort()
             return
+        if self.server.options.tls is not None:
+            # TLS set up here rather than by create_server(ssl=...), which drops a failed
+            # handshake (wrong client certificate, a plain-TCP client) without a word.
+            self.tls_task = asyncio.ensure_future(self._start_tls(transport))
+            return
+        self._ready(transport)
+
+    async def _start_tls(self, transport: asyncio.Transport) -> None:
+        server = self.server
+        assert server.options.tls is not None
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, self, server.options.tls, server_side=True,
+                ssl_handshake_timeout=10)
+        except Exception as exc:  # the handshake failed or timed out
+            self.closing = True
+            transport.abort()
+            server.bad_input(self, "tls", f"TLS handshake failed: {exc!r}")
+            server.closed(self)
+            return
+        if tls is None or self.closing:
+            return
+        self.transport = tls
+        self._ready(tls)
+
+    def _ready(self, transport: asyncio.Transport) -> None:
         if self.server.options.shared_key is not None:
             self.nonce = os.urandom(16)
             transport.write(helo(self.nonce))
@@ -471,6 +500,25 @@ class _Connection(asyncio.Protocol):
                 "an unfinished frame dropped; never acked, so an acking client resends it)")
         self.closing = True
         self.server.closed(self)
+
+
+def server_tls(cert_file: Any, key_file: Any, ca_file: Any = None) -> ssl.SSLContext:
+    """The listener's TLS context (TLS 1.2 or later); with `ca_file`, clients must
+    present a certificate that CA signed. ValueError naming the file that does not load."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"forward.tls_cert_file/tls_key_file ({cert_file}, {key_file}) do "
+                         f"not load: {exc}") from None
+    if ca_file is not None:
+        try:
+            ctx.load_verify_locations(ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"forward.tls_ca_file ({ca_file}) does not load: {exc}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def serve_status(metrics: ForwardMetrics, server: ForwardServer, host: str,

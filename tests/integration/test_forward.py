@@ -394,3 +394,80 @@ def test_bench_forward_reports_acked_rates(kafka_bootstrap: str) -> None:
     for row in rows:
         assert row["events_per_s"] > 0 and row["cpu_us_per_event"] > 0
         assert row["chunk_bytes_on_wire"] > 0 and row["bytes_per_event"] > 100
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repo's test PKI (deploy/local/tls/certs): CA, localhost server, clients."""
+    out = tmp_path_factory.mktemp("pki")
+    subprocess.run(["bash", str(ROOT / "deploy" / "local" / "tls" / "certs"), str(out)],
+                   check=True, capture_output=True, timeout=120)
+    return out
+
+
+def test_tls_and_client_certificates(tmp_path: Path, kafka_bootstrap: str, forward_topic: str,
+                                     pki: Path) -> None:
+    import ssl
+
+    port, mport = free_port(), free_port()
+    cfg = forward_config(tmp_path / "forward.yaml", kafka_bootstrap, forward_topic, port, mport,
+                         tls_cert_file=str(pki / "server.pem"),
+                         tls_key_file=str(pki / "server.key"),
+                         tls_ca_file=str(pki / "ca.pem"))
+    fwd_log = tmp_path / "forward.log"
+    fwd = start_forward(cfg, fwd_log, port, mport)
+
+    def context(cert: str | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        if cert:
+            ctx.load_cert_chain(str(pki / f"{cert}.pem"), str(pki / f"{cert}.key"))
+        return ctx
+
+    try:
+        # a client with a certificate from the CA: Fluent Bit's bytes, acked over TLS
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                context("client").wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(capture("forward-gzip-ack-conn1.bin"))
+            reply = b""
+            while len(reply) < 30:
+                part = s.recv(100)
+                assert part, "closed without an ack"
+                reply += part
+            assert reply == capture("forward-gzip-ack-conn1.server-sent.bin")
+        # no client certificate, or one from another CA: the handshake fails
+        for cert in (None, "other-client"):
+            try:  # TLS 1.3: the client learns of the refusal at its first read
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                        context(cert).wrap_socket(raw, server_hostname="localhost") as s:
+                    s.sendall(capture("forward-ack-conn1.bin"))
+                    assert s.recv(100) == b"", cert
+            except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+                pass
+        # plain TCP to the TLS port: nothing relayed
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(capture("forward-ack-conn1.bin"))
+            assert closed_by_server(s)
+        assert scrape_metric(mport, "envoygeo_forward_events_relayed_total") == 24
+        for _ in range(50):
+            if scrape_metric(mport, "envoygeo_forward_bad_input_total", {"reason": "tls"}) == 3:
+                break
+            time.sleep(0.1)
+        assert scrape_metric(mport, "envoygeo_forward_bad_input_total", {"reason": "tls"}) == 3
+    finally:
+        assert stop(fwd) == 0
+    assert len(read_topic(kafka_bootstrap, forward_topic, 24, timeout_s=10)) == 24
+    failures = [m for m in log_messages(fwd_log) if "TLS handshake failed" in m]
+    assert len(failures) == 3
+    assert any("CERTIFICATE_REQUIRED" in m or "certificate" in m.lower() for m in failures)
+    assert any("WRONG_VERSION_NUMBER" in m or "wrong version" in m for m in failures)
+
+
+def test_a_tls_key_that_does_not_load_is_a_configuration_error(
+        tmp_path: Path, kafka_bootstrap: str, pki: Path) -> None:
+    cfg = forward_config(tmp_path / "forward.yaml", kafka_bootstrap, "unused", free_port(),
+                         free_port(), tls_cert_file=str(pki / "server.pem"),
+                         tls_key_file=str(pki / "client.key"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "forward", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "forward.tls_cert_file/tls_key_file" in proc.stderr
