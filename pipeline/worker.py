@@ -229,6 +229,16 @@ class Worker:
             # id), no traceback: the consumer cannot go on, the process exits 1.
             log.error("%s", exc)
             return 1
+        except Exception as exc:
+            refused = _redis_refusal(exc, self.settings)
+            if refused is None:
+                raise
+            # The shared rate backend is gone or refuses us (restarted with another
+            # password, user deleted): one line, exit 1, so the orchestrator restarts
+            # the worker; nothing after the last delivered batch is committed.
+            log.error("%s; stopping (records after the last committed offset are read "
+                      "again at the next start)", refused)
+            return 1
         finally:
             self._shutdown()
         if self._fatal is not None:
@@ -589,3 +599,16 @@ def _es_refusal(exc: BaseException, settings: Settings) -> str | None:
     if isinstance(exc, ApiError) and exc.meta.status in (401, 403):
         return describe_elasticsearch_error(exc, settings.elasticsearch)
     return None
+
+
+def _redis_refusal(exc: BaseException, settings: Settings) -> str | None:
+    """The one line for a Redis error of the rate backend (rates.backend: redis), as
+    `run` says it at start; None for anything else."""
+    if settings.rates.backend != "redis":
+        return None
+    import redis
+
+    from pipeline.service_errors import describe_redis_error
+
+    return describe_redis_error(exc, settings.rates) if isinstance(exc, redis.RedisError) \
+        else None

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from elasticsearch import Elasticsearch
@@ -29,6 +30,7 @@ from tests.integration.harness import (
     setup_worker_env,
     start_worker,
     stop_worker,
+    wait_for_committed,
     wait_for_count,
     write_config,
 )
@@ -108,6 +110,47 @@ def test_worker_counts_rates_in_the_secured_redis(env: dict[str, Any]) -> None:
     check = envoygeo("check-config", "-c", str(cfg), "--connect")
     line = next(x for x in check.stdout.splitlines() if x.startswith("redis"))
     assert re.fullmatch(rf"redis\s+ok\s+{re.escape(URL)}: redis 7\.\S+", line), line
+
+
+def test_user_deleted_while_running_ends_the_worker_with_one_line(env: dict[str, Any]) -> None:
+    """The worker's ACL user is deleted while it runs (Redis closes its connections): the
+    next batch cannot count, and the worker exits 1 with one line instead of a
+    traceback, committing nothing after what was indexed."""
+    e = env
+    user, secret = e["prefix"], f"pw-{e['prefix']}"
+    e["redis"].acl_setuser(user, enabled=True, passwords=[f"+{secret}"],
+                           keys=["envoygeo*"], commands=["+@all"])
+    try:
+        url = f"rediss://{user}:{secret}@127.0.0.1:{PORT}/0"
+        cfg = config(e, "deleted.yaml", rates(e, redis_url=url, redis_password_file=None))
+        setup_worker_env(cfg)
+        produce(e["kafka"], e["topic"], access_records(20))
+        log = e["tmp"] / "deleted.log"
+        worker = start_worker(cfg, log)
+        try:
+            assert wait_for_count(e["es"], e["index"], 20, timeout_s=90, procs=[worker]) == 20
+            assert wait_for_committed(e["kafka"], e["group"], e["topic"], 20,
+                                      timeout_s=60) == 20
+            e["redis"].acl_deluser(user)
+            produce(e["kafka"], e["topic"], access_records(10, start=20))
+            rc = worker.wait(timeout=60)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+            CAPTURED.append(log.read_text())
+    finally:
+        e["redis"].acl_deluser(user)
+    assert secret not in "".join(CAPTURED)
+    assert rc == 1
+    records = [orjson.loads(x) for x in log.read_bytes().splitlines() if x.startswith(b"{")]
+    errors = [r["message"] for r in records if r["log.level"] in ("error", "critical")]
+    assert len(errors) == 1, errors
+    assert re.fullmatch(
+        rf"redis: (authentication failed|cannot use) at rediss://{user}:\*\*\*@127\.0\.0\.1:"
+        rf"{PORT}/0.*; stopping \(records after the last committed offset are read again at "
+        r"the next start\)", errors[0]), errors[0]
+    assert "Traceback" not in log.read_text()
+    assert wait_for_committed(e["kafka"], e["group"], e["topic"], 20, timeout_s=10) == 20
 
 
 def test_password_in_the_url(env: dict[str, Any]) -> None:
