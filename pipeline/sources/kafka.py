@@ -84,6 +84,12 @@ REBALANCE_HOLD_S = 3.0
 
 # A wait for partitions this long gets one more line, with the likely reason.
 STILL_WAITING_S = 15.0
+# A fatal "fenced" this soon after the coordinator was out of reach is taken for the
+# worker's own earlier membership (KafkaSource._own_fence), at most this many times in
+# this window; beyond, it is a real duplicate member id and the worker exits.
+SELF_FENCE_AFTER_DISRUPTION_S = 120.0
+SELF_FENCE_REOPENS = 3
+SELF_FENCE_WINDOW_S = 600.0
 
 
 class KafkaFatalError(RuntimeError):
@@ -181,20 +187,32 @@ class KafkaSource:
         self._waiting_long = False
         self._closing = False
         self._refused = SecurityRefusals(settings)
+        # Self-fencing (see SELF_FENCE_AFTER_DISRUPTION_S): when the coordinator was last
+        # out of reach, and when this consumer was reopened because of it.
+        self._disrupted_at = -math.inf
+        self._reopens: list[float] = []
+        self._reopen_reason: str | None = None
+        self._conf = conf
+        # Fatal errors reach `_error`, which says what happened and what to change
+        # in one line; librdkafka's own line for them would only repeat it. So do
+        # refused handshakes and credentials (SecurityRefusals).
+        self._rdlog = LibrdkafkaLogger(reported={"FATAL"}, security_reported=True)
+        self._open()
+        self._wait("joining group " + self.describe_membership())
+
+    def _open(self) -> None:
+        """A consumer with this source's settings, subscribed (at start, and when a
+        consumer fenced by its own earlier membership is replaced)."""
         try:
-            # Fatal errors reach `_error`, which says what happened and what to change
-            # in one line; librdkafka's own line for them would only repeat it. So do
-            # refused handshakes and credentials (SecurityRefusals).
-            self._rdlog = LibrdkafkaLogger(reported={"FATAL"}, security_reported=True)
-            self.consumer = Consumer(conf, logger=self._rdlog)
+            self.consumer = Consumer(self._conf, logger=self._rdlog)
         except Exception as exc:
             self.release_instance_id()
             raise KafkaConfigError(f"kafka.librdkafka / kafka.group_protocol: {exc}") from exc
-        topics = [settings.topic_pattern] if settings.topic_pattern else settings.topics
+        s = self.settings
+        topics = [s.topic_pattern] if s.topic_pattern else s.topics
         self.consumer.subscribe(
             topics, on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lost
         )
-        self._wait("joining group " + self.describe_membership())
 
     def describe_membership(self) -> str:
         s = self.settings
@@ -240,11 +258,13 @@ class KafkaSource:
     def _error(self, err: KafkaError) -> None:
         """librdkafka's error callback (served inside poll/consume on this thread)."""
         if err.fatal() or err.code() == KafkaError._FATAL:
-            self.fatal = _fatal_message(err, self.settings, self.instance_id)
+            if not self._own_fence(err):
+                self.fatal = _fatal_message(err, self.settings, self.instance_id)
         elif self._refused.seen(err):
             pass  # reported once, by _check_refused, if it lasts
         elif err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT,
                             KafkaError._RESOLVE):
+            self._disrupted_at = time.monotonic()
             if not self.assigned and not self._refused.active:
                 # The details are in librdkafka's own (repeat-filtered) log lines; the
                 # state is the same whichever broker or error text this one names.
@@ -284,6 +304,7 @@ class KafkaSource:
         # Lost (session expired): another member may already own them, so committing
         # would be wrong; the replays this causes overwrite by document id.
         log.warning("lost %s (session expired); not committing them", _names(partitions))
+        self._disrupted_at = time.monotonic()
         self._forget(partitions)
         if not self.assigned:
             self._wait("session lost, rejoining group " + self.describe_membership())
@@ -293,6 +314,55 @@ class KafkaSource:
             key = (tp.topic, tp.partition)
             self.assigned.discard(key)
             self.pending.pop(key, None)  # the new owner commits from here on
+
+    # -- fenced by its own earlier membership --
+
+    def _own_fence(self, err: KafkaError) -> bool:
+        """Whether a fatal 'fenced' is most likely this worker's own doing, to be healed
+        by reopening the consumer (done by `_check_refused`, outside the callback).
+
+        A static member can be fenced by itself: once the group coordinator was out of
+        reach (a broker restart), its session expires, librdkafka rejoins with the same
+        group.instance.id and a new member id, and a commit or heartbeat still carrying
+        the old member id is answered FENCED_INSTANCE_ID, which librdkafka makes fatal
+        (librdkafka issue #3437; here in 1 of 4 broker restarts under load). So right
+        after such a disruption the consumer is reopened with the same id instead of
+        exiting. A real duplicate (two workers given one id) fences again and again; after
+        SELF_FENCE_REOPENS reopens within SELF_FENCE_WINDOW_S the worker exits as before.
+        """
+        text = err.str().lower()
+        if not self.instance_id or not ("fenced" in text
+                                        or err.code() == KafkaError.FENCED_INSTANCE_ID):
+            return False
+        now = time.monotonic()
+        if now - self._disrupted_at > SELF_FENCE_AFTER_DISRUPTION_S:
+            return False
+        self._reopens = [t for t in self._reopens if now - t < SELF_FENCE_WINDOW_S]
+        if len(self._reopens) >= SELF_FENCE_REOPENS:
+            return False
+        self._reopen_reason = err.str()
+        return True
+
+    def _reopen(self) -> None:
+        log.warning("fenced by this worker's own earlier membership of group %s (static "
+                    "member id %r) after Kafka was out of reach %.0fs ago: reopening the "
+                    "consumer with the same id (%d of %d within %.0fs) [librdkafka: %s]",
+                    self.settings.group_id, self.instance_id,
+                    time.monotonic() - self._disrupted_at, len(self._reopens) + 1,
+                    SELF_FENCE_REOPENS, SELF_FENCE_WINDOW_S, self._reopen_reason)
+        self._reopens.append(time.monotonic())
+        self._reopen_reason = None
+        self._closing = True  # no 'waiting for partitions' lines from the old consumer
+        try:
+            self.consumer.close()
+        except Exception as exc:  # noqa: BLE001 - it is fenced; only its resources matter
+            log.debug("closing the fenced consumer: %s", exc)
+        finally:
+            self._closing = False
+        self.assigned.clear()  # records of the old consumer are re-read by the new owner
+        self._generation_gone = False
+        self._open()
+        self._wait("rejoining group " + self.describe_membership())
 
     # -- fetching --
 
@@ -313,11 +383,15 @@ class KafkaSource:
         slices = max(4, math.ceil(timeout_s / 0.05))  # a slow trickle still meets the bound
         for _ in range(slices):
             msgs = self.consumer.consume(remaining, timeout_s / slices)
-            self._check_refused(bool(msgs))
+            if self._check_refused(bool(msgs)):
+                continue  # reopened: what the fenced consumer returned is not ours
             for msg in msgs:
                 err = msg.error()
                 if err is not None:
                     if err.fatal() or err.code() == KafkaError._FATAL:
+                        if self._own_fence(err):
+                            self._reopen()
+                            break
                         self.fatal = self.fatal or _fatal_message(
                             err, self.settings, self.instance_id)
                         raise KafkaFatalError(self.fatal)
@@ -350,22 +424,28 @@ class KafkaSource:
     def serve(self, timeout_s: float) -> None:
         """Serve callbacks (rebalances, stats) without taking records while paused."""
         msgs = self.consumer.consume(1, timeout_s)
-        self._check_refused(bool(msgs))
+        if self._check_refused(bool(msgs)):
+            return  # reopened: nothing of the fenced consumer's to seek back to
         for msg in msgs:
             # Paused partitions deliver nothing; anything here arrived before the pause
             # and must not be skipped, so seek back to it.
             if msg.error() is None:
                 self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
 
-    def _check_refused(self, answered: bool) -> None:
+    def _check_refused(self, answered: bool) -> bool:
         """Raise KafkaFatalError for a fatal error or for security refusals that
-        outlasted their grace; anything fetched proves the connection works."""
+        outlasted their grace; anything fetched proves the connection works. Returns
+        True when the consumer was reopened (fenced by its own earlier membership)."""
         if answered:
             self._refused.clear()
         if self.fatal is None:
             self.fatal = self._refused.verdict()
         if self.fatal is not None:
             raise KafkaFatalError(self.fatal)
+        if self._reopen_reason is not None:
+            self._reopen()
+            return True
+        return False
 
     def _assigned_partitions(self) -> Partitions:
         return [TopicPartition(t, p) for t, p in sorted(self.assigned)]
