@@ -443,6 +443,14 @@ class KibanaSettings(_Section):
         return secret_value(self.password, self.password_file)
 
 
+class ForwardUser(_Section):
+    """A username/password a forward client must send in its PING (Fluentd `<user>`,
+    Fluent Bit `Username`/`Password`)."""
+
+    username: str = Field(min_length=1)
+    password: SecretStr
+
+
 class ForwardSettings(_Section):
     """`envoygeo forward`: a Fluent Forward protocol v1 server (Fluent Bit's and Fluentd's
     `forward` outputs point at it) that relays every event to Kafka, one record each.
@@ -475,6 +483,9 @@ class ForwardSettings(_Section):
                                           "(0 disables them).")
     shutdown_grace_s: float = Field(
         30.0, gt=0, description="SIGTERM: how long in-flight chunks get to reach Kafka.")
+    users: list[ForwardUser] = Field(
+        default_factory=list, description="When set (with shared_key), the handshake also "
+                                          "asks for one of these usernames and its password.")
     tls_cert_file: Path | None = Field(
         None, description="PEM server certificate (and chain): clients must connect with "
                           "TLS (Fluent Bit `tls on`, Fluentd `transport tls`).")
@@ -491,6 +502,9 @@ class ForwardSettings(_Section):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_ca_file (client certificates) needs tls_cert_file")
+        if self.users and self.shared_key is None:
+            raise ValueError("users (username/password) are checked in the shared_key "
+                             "handshake: set shared_key too")
         return self
 
 

@@ -88,7 +88,9 @@ def forward(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
         host=fwd.host, port=fwd.port, topic=topic, max_chunk_bytes=fwd.max_chunk_bytes,
         max_inflight_chunks=fwd.max_inflight_chunks, max_connections=fwd.max_connections,
         shared_key=fwd.shared_key.get_secret_value() if fwd.shared_key else None,
-        self_hostname=fwd.self_hostname or "", tls=tls), producer, metrics)
+        self_hostname=fwd.self_hostname or "", tls=tls,
+        users={u.username: u.password.get_secret_value() for u in fwd.users}),
+        producer, metrics)
     sys.exit(asyncio.run(_serve(server, producer, settings, stop)))
 
 
@@ -154,7 +156,8 @@ async def _serve(server: Any, producer: Any, settings: Any, stop: list[str]) -> 
              "Kafka topic %s at %s; metrics on %s", fwd.host, server.port,
              "" if fwd.tls_cert_file is None else
              (", TLS with client certificates" if fwd.tls_ca_file else ", TLS"),
-             ", shared_key handshake" if fwd.shared_key else "", server.options.topic,
+             (", shared_key and user handshake" if fwd.users else ", shared_key handshake")
+             if fwd.shared_key else "", server.options.topic,
              settings.kafka.bootstrap_servers,
              f"{settings.metrics.host}:{status.port}" if status else "off",
              extra={"fields": {"forward.port": server.port}})

@@ -226,8 +226,8 @@ def _digest(*parts: bytes) -> str:
 
 
 def helo(nonce: bytes, auth_salt: bytes = b"") -> bytes:
-    """The server's first message when a shared key is set. Empty `auth`: no
-    username/password is asked for."""
+    """The server's first message when a shared key is set. `auth` is the salt of the
+    password digest; empty when no username/password is asked for."""
     return pack(["HELO", {"nonce": nonce, "auth": auth_salt, "keepalive": True}])
 
 
@@ -236,21 +236,34 @@ class Ping:
     hostname: str
     salt: bytes
     digest: str
+    username: str = ""
+    password_digest: str = ""
 
 
 def parse_ping(obj: Any) -> Ping:
     """The client's PING; ForwardError("handshake") when it is not one."""
     if (type(obj) is not list or len(obj) != 6 or obj[0] != "PING"
             or type(obj[1]) is not str or type(obj[2]) not in (str, bytes)
-            or type(obj[3]) is not str):
+            or type(obj[3]) is not str or type(obj[4]) is not str
+            or type(obj[5]) is not str):
         raise ForwardError("handshake", f"expected PING after HELO, got {_show(obj)}")
-    return Ping(obj[1], raw_bytes(obj[2]), obj[3])
+    return Ping(obj[1], raw_bytes(obj[2]), obj[3], obj[4], obj[5])
 
 
 def ping_ok(ping: Ping, nonce: bytes, shared_key: str) -> bool:
     """Whether the client knows the key: sha512_hex(salt + hostname + nonce + key)."""
     expected = _digest(ping.salt, raw_bytes(ping.hostname), nonce, shared_key.encode())
     return ping.digest.lower() == expected
+
+
+def user_ok(ping: Ping, auth_salt: bytes, users: dict[str, str]) -> bool:
+    """Whether the PING's username is known and its password digest is
+    sha512_hex(auth_salt + username + password)."""
+    password = users.get(ping.username)
+    if password is None:
+        return False
+    expected = _digest(auth_salt, raw_bytes(ping.username), password.encode())
+    return ping.password_digest.lower() == expected
 
 
 def pong(ping: Ping, nonce: bytes, shared_key: str, self_hostname: str, ok: bool,

@@ -27,7 +27,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -58,6 +58,7 @@ from pipeline.sources.forward import (
     ping_ok,
     pong,
     unpacker,
+    user_ok,
 )
 
 log = logging.getLogger("envoygeo.forward")
@@ -187,6 +188,7 @@ class ServerOptions:
     shared_key: str | None = None
     self_hostname: str = ""
     tls: ssl.SSLContext | None = None
+    users: dict[str, str] = field(default_factory=dict)  # username -> password
 
 
 class ForwardServer:
@@ -367,6 +369,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.nonce: bytes | None = None  # set while the handshake is pending
+        self.auth_salt = b""
         self.closing = False
         self.tls_task: asyncio.Future[None] | None = None
 
@@ -407,7 +410,8 @@ class _Connection(asyncio.Protocol):
     def _ready(self, transport: asyncio.Transport) -> None:
         if self.server.options.shared_key is not None:
             self.nonce = os.urandom(16)
-            transport.write(helo(self.nonce))
+            self.auth_salt = os.urandom(16) if self.server.options.users else b""
+            transport.write(helo(self.nonce, self.auth_salt))
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -459,14 +463,19 @@ class _Connection(asyncio.Protocol):
         except ForwardError as exc:
             self._bad(exc.reason, str(exc))
             return
-        ok = ping_ok(ping, self.nonce, key)
-        reason = "" if ok else "shared_key mismatch"
-        self.write(pong(ping, self.nonce, key, server.self_hostname, ok, reason))
-        if ok:
+        reason = ""
+        if not ping_ok(ping, self.nonce, key):
+            reason = "shared_key mismatch"
+            why = f"client {ping.hostname!r} sent a wrong shared key"
+        elif server.options.users and not user_ok(ping, self.auth_salt, server.options.users):
+            reason = "username/password mismatch"
+            why = f"client {ping.hostname!r} sent an unknown user or a wrong password " \
+                  f"(username {ping.username!r})"
+        self.write(pong(ping, self.nonce, key, server.self_hostname, not reason, reason))
+        if not reason:
             self.nonce = None
             return
-        self._bad("auth_failed", f"client {ping.hostname!r} sent a wrong shared key "
-                                 "(answered PONG false)")
+        self._bad("auth_failed", f"{why} (answered PONG false)")
 
     def _too_large(self, why: str) -> None:
         self.server.metrics.chunks_refused.labels("too_large").inc()

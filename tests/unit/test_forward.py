@@ -360,6 +360,33 @@ def test_shared_key_right_and_wrong() -> None:
     run(main())
 
 
+def test_username_and_password() -> None:
+    async def main() -> None:
+        h = Harness(shared_key=SHARED_KEY, self_hostname="srv", users={"fluent": "pa55"})
+        await h.server.start()
+        for user, password, ok in (("fluent", "pa55", True), ("fluent", "wrong", False),
+                                   ("nobody", "pa55", False), ("", "", False)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", h.server.port)
+            u = unpacker(1024)
+            u.feed(await _recv(reader, 1000))
+            _, options = next(u)
+            nonce, auth_salt = options["nonce"], options["auth"]
+            assert len(auth_salt) == 16  # a password is asked for
+            salt = b"\x01" * 16
+            digest = hashlib.sha512(salt + b"c" + nonce + SHARED_KEY.encode()).hexdigest()
+            pw_digest = hashlib.sha512(auth_salt + user.encode() + password.encode()).hexdigest()
+            writer.write(msgpack.packb(["PING", "c", salt, digest, user, pw_digest]))
+            u.feed(await _recv(reader, 1000))
+            answer = next(u)
+            assert answer[1:3] == [ok, "" if ok else "username/password mismatch"], user
+            if not ok:
+                assert await _closed(reader)
+            writer.close()
+        assert h.value("envoygeo_forward_bad_input_total", reason="auth_failed") == 3
+        await h.server.drain(1)
+    run(main())
+
+
 def test_limits_refuse_without_ack() -> None:
     async def main() -> None:
         h = Harness(max_chunk_bytes=16 * 1024, max_inflight_chunks=1)
