@@ -483,6 +483,8 @@ class ForwardSettings(_Section):
                                           "(0 disables them).")
     shutdown_grace_s: float = Field(
         30.0, gt=0, description="SIGTERM: how long in-flight chunks get to reach Kafka.")
+    udp_heartbeat: bool = Field(
+        True, description="Answer Fluentd's `heartbeat_type udp` on the same port (UDP).")
     users: list[ForwardUser] = Field(
         default_factory=list, description="When set (with shared_key), the handshake also "
                                           "asks for one of these usernames and its password.")

@@ -89,7 +89,8 @@ def forward(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
         max_inflight_chunks=fwd.max_inflight_chunks, max_connections=fwd.max_connections,
         shared_key=fwd.shared_key.get_secret_value() if fwd.shared_key else None,
         self_hostname=fwd.self_hostname or "", tls=tls,
-        users={u.username: u.password.get_secret_value() for u in fwd.users}),
+        users={u.username: u.password.get_secret_value() for u in fwd.users},
+        udp_heartbeat=fwd.udp_heartbeat),
         producer, metrics)
     sys.exit(asyncio.run(_serve(server, producer, settings, stop)))
 

@@ -28,7 +28,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import orjson
@@ -189,6 +189,7 @@ class ServerOptions:
     self_hostname: str = ""
     tls: ssl.SSLContext | None = None
     users: dict[str, str] = field(default_factory=dict)  # username -> password
+    udp_heartbeat: bool = False
 
 
 class ForwardServer:
@@ -208,6 +209,7 @@ class ForwardServer:
         self._conns: set[_Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
+        self._udp: asyncio.DatagramTransport | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._headers_cache: dict[str, list[tuple[str, bytes]]] = {}
@@ -218,6 +220,9 @@ class ForwardServer:
             lambda: _Connection(self), self.options.host, self.options.port,
             reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.options.udp_heartbeat:
+            self._udp, _ = await self._loop.create_datagram_endpoint(
+                _Heartbeat, local_addr=(self.options.host, self.port))
 
     @property
     def serving(self) -> bool:
@@ -240,6 +245,8 @@ class ForwardServer:
             conn.close()
         if self._server is not None:
             await self._server.wait_closed()
+        if self._udp is not None:
+            self._udp.close()
         return finished
 
     # -- called by connections --
@@ -353,6 +360,20 @@ class ForwardServer:
     def closed(self, conn: _Connection) -> None:
         self._conns.discard(conn)
         self.metrics.open_connections.set(len(self._conns))
+
+
+class _Heartbeat(asyncio.DatagramProtocol):
+    """Fluentd's `heartbeat_type udp`: a datagram on the forward port is answered with
+    one 0x00 byte, as in_forward does."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.transport.sendto(b"\x00", addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP heartbeat: %s", exc)  # e.g. ICMP unreachable from a gone client
 
 
 class _Connection(asyncio.Protocol):

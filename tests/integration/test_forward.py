@@ -153,6 +153,11 @@ def test_fluent_bit_captures_and_fluent_logger_reach_elasticsearch(
             reply = replay(port, capture(f"forward-{variant}-conn1.bin"), want)
             assert reply == want, variant
         assert scrape_metric(mport, "envoygeo_forward_chunks_acked_total") == 2
+        # Fluentd's UDP heartbeat on the same port is answered with 0x00.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(10)
+            udp.sendto(b"\x00", ("127.0.0.1", port))
+            assert udp.recvfrom(16)[0] == b"\x00"
         # 2. Bad input: a clear refusal, a counter, and the server keeps serving.
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"\xc1 not msgpack")
