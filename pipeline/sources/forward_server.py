@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import msgpack
 import orjson
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -93,6 +93,10 @@ class ForwardMetrics:
             "envoygeo_forward_events_failed",
             "Events Kafka did not take (their chunk is not acked, so the shipper resends).",
             registry=r)
+        self.events_too_large = Counter(
+            "envoygeo_forward_events_too_large",
+            "Events dropped because Kafka refuses a record that large (message.max.bytes); "
+            "the rest of their chunk is relayed and acked.", registry=r)
         self.chunks_acked = Counter("envoygeo_forward_chunks_acked",
                                     "Chunks answered with an ack.", registry=r)
         self.chunks_refused = Counter(
@@ -151,8 +155,8 @@ def _valid_utf8(value: Any) -> Any:
 class _Chunk:
     """One frame's records on their way to Kafka; done when every one is reported."""
 
-    __slots__ = ("conn", "frame_mode", "chunk", "left", "total", "failed", "error",
-                 "_lock", "_done")
+    __slots__ = ("conn", "frame_mode", "chunk", "left", "total", "failed", "too_large",
+                 "error", "_lock", "_done")
 
     def __init__(self, conn: _Connection, frame: Frame, done: Callable[[_Chunk], None]) -> None:
         self.conn = conn
@@ -160,6 +164,7 @@ class _Chunk:
         self.chunk = frame.chunk
         self.total = self.left = len(frame.entries)
         self.failed = 0
+        self.too_large = 0  # records Kafka can never take: dropped, not resent forever
         self.error: str | None = None
         self._lock = threading.Lock()
         self._done = done
@@ -169,8 +174,11 @@ class _Chunk:
         # for room in the producer's queue): counted under a lock, finished on the loop.
         with self._lock:
             if err is not None:
-                self.failed += 1
-                self.error = self.error or str(err)
+                if isinstance(err, KafkaError) and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    self.too_large += 1
+                else:
+                    self.failed += 1
+                    self.error = self.error or str(err)
             self.left -= 1
             last = self.left == 0
         if last:
@@ -286,7 +294,9 @@ class ForwardServer:
             try:
                 produce_waiting(producer, topic, relay_value(time_, record), None, headers,
                                 on_delivery=report)
-            except Exception as exc:  # e.g. a record over message.max.bytes
+            except KafkaException as exc:  # e.g. a record over message.max.bytes
+                report(exc.args[0] if exc.args else exc, None)
+            except Exception as exc:
                 report(exc, None)
         return True
 
@@ -316,8 +326,15 @@ class ForwardServer:
 
     def _finish(self, chunk: _Chunk) -> None:
         m = self.metrics
-        m.events_relayed.inc(chunk.total - chunk.failed)
-        self.relayed += chunk.total - chunk.failed
+        relayed = chunk.total - chunk.failed - chunk.too_large
+        m.events_relayed.inc(relayed)
+        self.relayed += relayed
+        if chunk.too_large:
+            m.events_too_large.inc(chunk.too_large)
+            log.warning("%s: dropped %d event(s) of a chunk larger than Kafka takes "
+                        "(message.max.bytes, or the broker's limit); the rest is relayed, "
+                        "so the chunk is not resent forever", chunk.conn.peer,
+                        chunk.too_large, extra={"fields": {"forward.dropped": "too_large"}})
         if chunk.failed:
             self.kafka_ok = False
             m.events_failed.inc(chunk.failed)

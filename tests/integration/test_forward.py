@@ -278,15 +278,29 @@ def test_shared_key_handshake_on_the_real_process(
             assert part, "closed without an ack"
             ack += part
         assert ack == capture("forward-gzip-ack-conn1.server-sent.bin")
+        # a record over Kafka's 1 MB limit: dropped and counted, the rest acked
+        s.sendall(msgpack.packb(["big", [[1, {"log": "x" * 1_500_000}],
+                                         [2, {"log": "small"}]], {"chunk": "big-1"}]))
+        ack = b""
+        while len(ack) < len(msgpack.packb({"ack": "big-1"})):
+            part = s.recv(100)
+            assert part, "closed without an ack"
+            ack += part
+        assert msgpack.unpackb(ack) == {"ack": "big-1"}
         s.close()
+        assert scrape_metric(mport, "envoygeo_forward_events_too_large_total") == 1
         assert scrape_metric(mport, "envoygeo_forward_bad_input_total",
                              {"reason": "auth_failed"}) == 1
         assert scrape_metric(mport, "envoygeo_forward_bad_input_total",
                              {"reason": "handshake"}) == 1
     finally:
         assert stop(fwd) == 0
-    assert len(read_topic(kafka_bootstrap, forward_topic, 24, timeout_s=15)) == 24
-    assert any("sent a wrong shared key" in m for m in log_messages(fwd_log))
+    records = read_topic(kafka_bootstrap, forward_topic, 25, timeout_s=15)
+    assert len(records) == 25
+    assert "small" in {orjson.loads(r.value())["log"] for r in records}
+    messages = log_messages(fwd_log)
+    assert any("sent a wrong shared key" in m for m in messages)
+    assert any("dropped 1 event(s) of a chunk larger than Kafka takes" in m for m in messages)
 
 
 def test_a_missing_topic_is_refused_at_start(tmp_path: Path, kafka_bootstrap: str,

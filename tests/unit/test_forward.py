@@ -305,6 +305,33 @@ def test_ack_only_after_kafka_acknowledged_every_record() -> None:
     run(main())
 
 
+def test_a_record_kafka_can_never_take_is_dropped_and_the_chunk_acked() -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    async def main() -> None:
+        h = Harness()
+        real = h.producer.produce
+
+        def produce(topic: str, value: bytes, *args: Any, **kwargs: Any) -> None:
+            if len(value) > 30000:  # the 41 KB record, as librdkafka refuses it
+                raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+            real(topic, value, *args, **kwargs)
+
+        h.producer.produce = produce  # type: ignore[method-assign]
+        await h.server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.server.port)
+        writer.write(stream("ack"))
+        while len(h.producer.pending) < 23:
+            await asyncio.sleep(0.01)
+        h.producer.deliver()
+        assert await _recv(reader, 100) == server_sent("ack")
+        assert h.value("envoygeo_forward_events_too_large_total") == 1
+        assert h.value("envoygeo_forward_events_relayed_total") == 23
+        assert h.value("envoygeo_forward_events_failed_total") == 0
+        await h.server.drain(1)
+    run(main())
+
+
 def test_a_kafka_failure_means_no_ack_and_a_closed_connection() -> None:
     async def main() -> None:
         h = Harness()
@@ -510,4 +537,4 @@ def test_readme_lists_every_forward_metric() -> None:
     rows = re.findall(r"^\| `(envoygeo_\w+)(?:\{([^}]*)\})?` \|", section, re.M)
     listed = {name: set(filter(None, (x.strip() for x in (labels or "").split(","))))
               for name, labels in rows}
-    assert listed == exported and len(exported) == 11
+    assert listed == exported and len(exported) == 12
