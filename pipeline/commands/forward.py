@@ -26,8 +26,9 @@ def forward(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
     \b
     Listens on forward.host:forward.port (24224) for Fluent Forward protocol v1:
     Message, Forward, PackedForward and CompressedPackedForward (gzip) modes,
-    EventTime and integer times, the shared_key handshake (forward.shared_key),
-    TLS and client certificates (forward.tls_cert_file, tls_key_file, tls_ca_file).
+    EventTime and integer times, the shared_key handshake with optional users
+    (forward.shared_key, forward.users), TLS and client certificates
+    (forward.tls_cert_file, tls_key_file, tls_ca_file), Fluentd's UDP heartbeat.
     Each event becomes one Kafka record on forward.topic (default: the worker's
     first topic) in Fluent Bit's kafka output JSON, which `envoygeo run` reads.
 
@@ -40,6 +41,10 @@ def forward(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
     SIGTERM/SIGINT: stop accepting, let in-flight chunks reach Kafka and be acked,
     flush, exit 0 within forward.shutdown_grace_s.
     Metrics: http://<metrics.host>:<forward.metrics_port>/metrics, /healthz, /readyz.
+
+    \b
+    Example:
+      envoygeo setup -c config.yaml && envoygeo forward -c config.yaml
 
     \b
     Exit status: 2 the configuration is invalid; 3 Kafka cannot be reached or the
