@@ -2,16 +2,19 @@
 
 Delivery: a chunk that asks for an ack (`chunk` option) is answered `{"ack": chunk}` only
 once Kafka has acknowledged every one of its records (idempotent producer, acks=all), so
-the shipper's at-least-once guarantee holds end to end: whatever fails (Kafka refuses a
+the shipper's at-least-once guarantee holds end to end: whatever fails (Kafka fails a
 record, the process dies, a limit is hit) leaves the chunk unacknowledged and the
 shipper sends it again. A chunk that is refused also has its connection closed, so the
-shipper notices at once instead of after its ack timeout.
+shipper notices at once instead of after its ack timeout. The one exception is a record
+too large for Kafka ever to take: resending could not help, so it is dropped (logged,
+counted) and the rest of the chunk acked.
 
 The Kafka value is the JSON Fluent Bit's kafka output writes (`format json`,
 `timestamp_key @timestamp` as epoch seconds first, then the record's keys), the
 envelope the worker already reads on its fastest path (`pipeline.decode.envelope`); the
 tag goes in the `fluent.tag` header. JSON rather than msgpack because the worker does
-not decode msgpack values, and orjson writes a record in well under a microsecond.
+not decode msgpack values; writing it costs about 1.5 µs a record (orjson), less than
+decoding the msgpack (about 2.5 µs, `envoygeo bench forward` has the whole figures).
 
 Bounded memory: one frame per connection is buffered (at most `max_chunk_bytes`, also
 after gunzip), at most `max_inflight_chunks` chunks wait for their ack at once, and
