@@ -157,25 +157,49 @@ def field_map(fields: tuple[Field, ...] = FIELDS) -> dict[str, Field]:
 
 # -- Lean template choices (issue 15) ---------------------------------------------------
 #
-# Each choice is measured by `envoygeo bench index --ablate` (the optimised candidate
-# with and without it, same run); its effect is noted beside it. A choice goes into
-# SHIPPED_LEAN, and so into the templates in schemas/, only when it is clearly a win
-# and loses nothing the dashboards, the report, the alert rule or the documented
-# queries use. Already true of the shipped template, so not choices: keywords have no
-# norms (Elasticsearch's default), there are no multi-fields, and `event.original` is
-# kept in _source only (index: false, doc_values: false).
+# Each choice was measured by `envoygeo bench index --ablate` (the optimised candidate
+# with and without it, same run, 200,000 bench-corpus documents, Elasticsearch 9.5.3 on
+# this shared 2-core machine, load average 4-11 from other sessions); figures are
+# medians of the node's CPU per document and of store bytes per document after a force
+# merge to one segment. A: `--rounds 3 --choices best_compression,doc_values_only,
+# no_norms,sort_timestamp --ablate` (standard index mode); B: `--rounds 2 --choices
+# best_compression,doc_values_only,logsdb,no_norms,sort_timestamp --ablate` (under
+# logsdb). A choice is in SHIPPED_LEAN, and so in the templates in schemas/, only when
+# it measurably wins and loses nothing the dashboards, the report, the alert rule or the
+# documented queries use.
+# Already true of the template before issue 15, so not choices: keywords have no norms
+# (Elasticsearch's default), there are no multi-fields, and `event.original` is kept in
+# _source only (index: false, doc_values: false).
+# Dashboard aggregation p50s (top countries, top IPs, geotile grid, requests over
+# time) were the same within the noise for every choice (9-49 ms, all candidates).
 LEAN_CHOICES: dict[str, str] = {
-    # error.message is the only text field (unparsed records only): no scoring, so
-    # no norms. Effect: below the noise (the corpus has no unparsed records).
+    # error.message is the only text field, and only unparsed records have it: no
+    # envoygeo view scores it. No measurable effect (the corpus has no unparsed
+    # records), so not shipped; harmless for a cluster to turn on.
     "no_norms": "text fields without norms",
-    # Fields with search=False keep doc_values only (see Field.search).
+    # The fields with Field.search False. A: store 304 -> 249 B/doc (-18%), CPU 87.4
+    # -> 82.6 us/doc (-5%, within the rounds' spread); B (logsdb): 164 -> 108 B/doc
+    # (-34%), 98.5 -> 88.7 us/doc. Term, range, prefix and geo_bounding_box queries on
+    # such a field still answer on this node (doc values scan), only slower. SHIPPED.
     "doc_values_only": "no inverted index / BKD for aggregated or displayed-only fields",
+    # A: store 407 -> 249 B/doc (-39%), CPU 88.8 -> 82.6 us/doc (no cost measurable).
+    # B: no change (logsdb's default codec is already best_compression). SHIPPED; the
+    # local node has zstd for it (deploy/local/elasticsearch/README.md).
     "best_compression": "index.codec: best_compression (zstd stored fields)",
+    # A: store 249.0 vs 249.2 B/doc without it (nothing: envoygeo's documents arrive in
+    # time order already), CPU 82.6 vs 63.6 us/doc without it (+30%, every round).
+    # Not shipped.
     "sort_timestamp": "index sorting on @timestamp, newest first",
-    # The local node accepts index.mode: logsdb without x-pack (synthetic _source).
+    # The local node (no x-pack) accepts index.mode: logsdb with synthetic _source. B:
+    # store 249.5 -> 108.3 B/doc (-57%), CPU 83.0 -> 88.7 us/doc (+7%); against the
+    # Istio integration's mapping in one run: 0.35x its store at 1.10x its CPU.
+    # Synthetic _source returns geo_point quantised (-22.9068 reads back as
+    # -22.906800038181245), and outside this node a cluster needs an Enterprise licence
+    # for it (else stored _source). Not shipped: it costs CPU, which issue 15 is about;
+    # opt in by overriding envoygeo-settings with index.mode: logsdb.
     "logsdb": "index.mode: logsdb (synthetic _source, host.name/@timestamp sort)",
 }
-SHIPPED_LEAN: frozenset[str] = frozenset()
+SHIPPED_LEAN: frozenset[str] = frozenset({"best_compression", "doc_values_only"})
 
 
 def _mapping_for(f: Field, lean: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -249,8 +273,8 @@ def mappings(fields: tuple[Field, ...], lean: frozenset[str] = frozenset()) -> d
 def component_templates() -> dict[str, dict[str, Any]]:
     settings = {
         "template": {
-            # Codec, replicas and refresh are cluster choices: override this component
-            # template per cluster.
+            # Replicas, refresh and the codec are cluster choices: override this
+            # component template per cluster (index.mode: logsdb, see LEAN_CHOICES).
             "settings": {"index": index_settings(SHIPPED_LEAN)}
         },
         "_meta": {"managed_by": "envoygeo", "doc": "Index settings; override per cluster."},

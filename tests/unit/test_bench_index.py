@@ -37,7 +37,11 @@ def test_envoygeo_candidate_is_the_shipped_template() -> None:
     body = envoygeo_body()
     shipped = schema.component_templates()
     assert body["mappings"] == shipped["envoygeo-logs-mappings"]["template"]["mappings"]
-    assert body["settings"]["index"]["number_of_replicas"] == 0
+    index = body["settings"]["index"]
+    assert index["number_of_replicas"] == 0
+    shipped_index = shipped["envoygeo-settings"]["template"]["settings"]["index"]
+    assert index.get("codec") == shipped_index.get("codec")
+    assert candidates(frozenset(), ablate=False)["envoygeo-plain"] == envoygeo_body(frozenset())
 
 
 def test_optimised_candidate_applies_each_choice() -> None:
@@ -73,10 +77,12 @@ def test_lean_mapping_keeps_what_dashboards_report_and_alert_rule_look_up() -> N
 def test_ablation_candidates_drop_one_choice_each() -> None:
     choices = frozenset({"best_compression", "logsdb"})
     c = candidates(choices, ablate=True)
-    assert list(c)[:4] == ["envoygeo", "dynamic", BASELINE, "optimised"]
+    assert list(c)[:5] == ["envoygeo", "envoygeo-plain", "dynamic", BASELINE, "optimised"]
     assert "codec" not in c["optimised-best_compression"]["settings"]["index"]
     assert c["optimised-best_compression"]["settings"]["index"]["mode"] == "logsdb"
     assert "mode" not in c["optimised-logsdb"]["settings"]["index"]
+    # Shipped choices are ablated too.
+    assert {f"optimised-{x}" for x in schema.SHIPPED_LEAN} <= set(c)
 
 
 def test_dynamic_candidate_has_no_mapping() -> None:
