@@ -485,6 +485,9 @@ class ForwardSettings(_Section):
         30.0, gt=0, description="SIGTERM: how long in-flight chunks get to reach Kafka.")
     udp_heartbeat: bool = Field(
         True, description="Answer Fluentd's `heartbeat_type udp` on the same port (UDP).")
+    tag_header: bool = Field(
+        False, description="Put each event's tag in a `fluent.tag` Kafka header (Fluent "
+                           "Bit's kafka output drops it; measured at ~0.8 µs CPU a record).")
     users: list[ForwardUser] = Field(
         default_factory=list, description="When set (with shared_key), the handshake also "
                                           "asks for one of these usernames and its password.")

@@ -95,7 +95,7 @@ def forward(config_path: Path | None, log_level: str, plain_logs: bool) -> None:
         shared_key=fwd.shared_key.get_secret_value() if fwd.shared_key else None,
         self_hostname=fwd.self_hostname or "", tls=tls,
         users={u.username: u.password.get_secret_value() for u in fwd.users},
-        udp_heartbeat=fwd.udp_heartbeat),
+        udp_heartbeat=fwd.udp_heartbeat, tag_header=fwd.tag_header),
         producer, metrics)
     sys.exit(asyncio.run(_serve(server, producer, settings, stop)))
 

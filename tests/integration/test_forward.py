@@ -142,7 +142,8 @@ def test_fluent_bit_captures_and_fluent_logger_reach_elasticsearch(
         forward_topic: str, unique: Callable[[str], str]) -> None:
     topic, index = forward_topic, unique("egfwd")
     port, mport = free_port(), free_port()
-    cfg = forward_config(tmp_path / "forward.yaml", kafka_bootstrap, topic, port, mport)
+    cfg = forward_config(tmp_path / "forward.yaml", kafka_bootstrap, topic, port, mport,
+                         tag_header=True)
     fwd_log = tmp_path / "forward.log"
     fwd = start_forward(cfg, fwd_log, port, mport)
     try:
@@ -297,6 +298,7 @@ def test_shared_key_handshake_on_the_real_process(
         assert stop(fwd) == 0
     records = read_topic(kafka_bootstrap, forward_topic, 25, timeout_s=15)
     assert len(records) == 25
+    assert all(r.headers() is None for r in records)  # forward.tag_header is off by default
     assert "small" in {orjson.loads(r.value())["log"] for r in records}
     messages = log_messages(fwd_log)
     assert any("sent a wrong shared key" in m for m in messages)

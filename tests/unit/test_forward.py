@@ -282,7 +282,7 @@ def run(coro: Any) -> Any:
 
 def test_ack_only_after_kafka_acknowledged_every_record() -> None:
     async def main() -> None:
-        h = Harness()
+        h = Harness(tag_header=True)
         await h.server.start()
         reader, writer = await asyncio.open_connection("127.0.0.1", h.server.port)
         writer.write(stream("ack"))
