@@ -199,6 +199,9 @@ LEAN_CHOICES: dict[str, str] = {
     # opt in by overriding envoygeo-settings with index.mode: logsdb.
     "logsdb": "index.mode: logsdb (synthetic _source, host.name/@timestamp sort)",
 }
+# Together (`envoygeo bench index --rounds 3`, 200,000 documents, same run): 66.9 us/doc
+# and 249.8 B/doc against 88.5 and 458.5 without them (envoygeo-plain) and 80.2 and
+# 309.0 for the Istio integration's mapping (0.83x, 0.81x); aggregation p50s unchanged.
 SHIPPED_LEAN: frozenset[str] = frozenset({"best_compression", "doc_values_only"})
 
 
