@@ -29,6 +29,8 @@ import msgpack
 import orjson
 import yaml
 
+from pipeline.kafka_log import kafka_logger
+
 ROOT = Path(__file__).resolve().parents[2]
 _LINES = ROOT / "tests" / "data" / "fluent-bit-5.1.1" / "expected-records.jsonl"
 _FALLBACK = ('[2026-11-29T01:13:00.665Z] "GET /hello.txt?q=v1 HTTP/1.1" 200 - 0 20 3 2 '
@@ -144,7 +146,7 @@ def command(bootstrap: str, connections: int, chunk_events: int, seconds: float,
     from confluent_kafka.admin import AdminClient, NewTopic
 
     topic = f"envoygeo-bench-forward-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap}, logger=kafka_logger())
     admin.create_topics([NewTopic(topic, num_partitions=partitions,
                                   replication_factor=1)])[topic].result(30)
     port, metrics_port = _free_port(), _free_port()
