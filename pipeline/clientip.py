@@ -13,7 +13,10 @@ call and the same few thousand addresses repeat across millions of lines.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
+import re
 import socket
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -64,6 +67,9 @@ class ClientIp:
     peer_ip: str | None  # the address the TCP connection came from (direct remote)
     related: list[str] = field(default_factory=list)  # every address seen, unique
     tags: list[str] = field(default_factory=list)
+    # How many of `related`, from the front, are the client side's (remote, direct,
+    # X-Forwarded-For entries); the rest are upstream hosts (`privacy` masks only those).
+    client_related: int = 0
 
 
 class _Addr:
@@ -170,8 +176,12 @@ def classify_int(version: int, value: int) -> IpClass:
 class ClientIpResolver:
     """Resolves `ClientIp` for access logs under one policy (and caches per policy)."""
 
-    def __init__(self, policy: ClientIpPolicy | None = None, cache_size: int = 65536) -> None:
+    def __init__(self, policy: ClientIpPolicy | None = None, cache_size: int = 65536,
+                 privacy: PrivacyPolicy | None = None) -> None:
         self.policy = policy or ClientIpPolicy()
+        self.privacy = privacy or PrivacyPolicy()
+        # How client addresses are written into documents (None: as they are).
+        self.mask = AddressMask(self.privacy, self) if self.privacy.client_ip != "keep" else None
         self._nets = tuple(ipaddress.ip_network(c, strict=False)
                            for c in self.policy.trusted_proxies)
         # Trusted CIDRs as integer ranges: (version, first, last).
@@ -268,6 +278,7 @@ class ClientIpResolver:
         # With use_remote_address Envoy appended the address it saw: Envoy's own record.
         envoy_saw = (entries.pop() if entries and self.policy.envoy_use_remote_address
                      else None)
+        client_related = len(related)
         for up in (log.upstream_host, log.upstream_local_address):
             if up and up.startswith("tcp://"):
                 up = up[6:]  # older Envoy wrote upstream hosts as URLs
@@ -286,7 +297,7 @@ class ClientIpResolver:
                 if log.downstream_remote_address is None:
                     tags.append("clientip_no_remote_address")
                     self.no_remote_address += 1
-                return ClientIp(None, None, "none", None, None, related, tags)
+                return ClientIp(None, None, "none", None, None, related, tags, client_related)
         source: IpSource = (
             "proxy_protocol" if direct is not None and direct.ip != remote.ip else "peer")
         client, client_port = remote, port
@@ -299,7 +310,8 @@ class ClientIpResolver:
                 # there is, and dashboards should be able to tell.
                 tags.append("clientip_trusted_proxy")
         return ClientIp(client.ip, client_port, source, client.ip_class,
-                        direct.ip if direct is not None else remote.ip, related, tags)
+                        direct.ip if direct is not None else remote.ip, related, tags,
+                        client_related)
 
     def _walk_xff(self, entries: list[_Addr | None], tags: list[str]) -> _Addr | None:
         """Right to left over at most `trusted_hops` entries; first untrusted wins."""
@@ -314,3 +326,147 @@ class ClientIpResolver:
         if last is not None:
             tags.append("clientip_xff_all_trusted")
         return last
+
+
+# -- privacy: what of a client address the indexed document keeps --
+
+PrivacyMode = Literal["keep", "truncate", "hash"]
+HASH_HEX_CHARS = 32  # 128 of HMAC-SHA256's 256 bits: no collision among any real set of
+# addresses (birthday bound 2^64), half the bytes in every document and index.
+MIN_HASH_KEY_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyPolicy:
+    """`privacy` in the configuration: how client addresses appear in the log index.
+
+    GeoIP, rate counting and alerts always use the full address; only what is written
+    into the document changes. truncate: the address with its host bits zeroed
+    (`/truncate_ipv4_prefix`, `/truncate_ipv6_prefix`), still an address (`ip` fields,
+    dashboards' top-address panels show networks). hash: HMAC-SHA256 under
+    `hash_key`, a pseudonym, not an address (a keyed hash: an unkeyed SHA of an IPv4
+    address is reversed by hashing all 2^32 of them). `extra_fields`: `envoy.extra`
+    keys of a custom format that hold client addresses (e.g. `REQ(x-real-ip)`).
+    """
+
+    client_ip: PrivacyMode = "keep"
+    truncate_ipv4_prefix: int = 24
+    truncate_ipv6_prefix: int = 48
+    hash_key: bytes | None = field(default=None, repr=False)
+    extra_fields: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.truncate_ipv4_prefix <= 32:
+            raise ValueError("truncate_ipv4_prefix must be 0..32")
+        if not 0 <= self.truncate_ipv6_prefix <= 128:
+            raise ValueError("truncate_ipv6_prefix must be 0..128")
+        if self.client_ip == "hash" and (self.hash_key is None
+                                         or len(self.hash_key) < MIN_HASH_KEY_BYTES):
+            raise ValueError(f"client_ip hash needs a hash_key of at least "
+                             f"{MIN_HASH_KEY_BYTES} bytes")
+
+
+# What may be an address inside free text (`event.original` of unparsed records): a
+# dotted quad, or hex groups with at least two colons (optionally ending in a dotted
+# quad), bounded by characters that cannot continue it (a letter may: `ip=x1.2.3.4`
+# is still masked). A candidate is replaced only if it parses as an address, so times
+# such as 01:13:00 and versions such as 1.2.3.4.5 stay as they are.
+_ADDRESS_LIKE = re.compile(
+    r"(?<![0-9A-Fa-f.:])(?:[0-9A-Fa-f]{0,4}:){2,8}"
+    r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{0,4})(?![0-9A-Fa-f.:])"
+    r"|(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])")
+
+
+class AddressMask:
+    """Client addresses as the document shows them under a `PrivacyPolicy` (not keep).
+
+    Built by the resolver that parses the same fields, so an address field costs one
+    probe of the resolver's caches plus one of this mask's (a few thousand distinct
+    addresses per worker, so masking each costs its HMAC or truncation once).
+    """
+
+    __slots__ = ("_cache", "_cache_size", "_hmac", "_resolver", "_v4_mask", "_v6_mask",
+                 "extra_fields", "hashed", "policy")
+
+    def __init__(self, policy: PrivacyPolicy, resolver: ClientIpResolver,
+                 cache_size: int = 65536) -> None:
+        if policy.client_ip == "keep":
+            raise ValueError("keep needs no mask")
+        self.policy = policy
+        self.hashed = policy.client_ip == "hash"
+        # Header names are case-insensitive, and the key keeps the format's spelling.
+        self.extra_fields = frozenset(k.lower() for k in policy.extra_fields)
+        self._resolver = resolver
+        self._v4_mask = (1 << 32) - (1 << (32 - policy.truncate_ipv4_prefix))
+        self._v6_mask = (1 << 128) - (1 << (128 - policy.truncate_ipv6_prefix))
+        # The key's inner and outer pads hashed once; each address copies that state.
+        self._hmac = (hmac.new(policy.hash_key, digestmod=hashlib.sha256)
+                      if self.hashed and policy.hash_key is not None else None)
+        self._cache: dict[str, str] = {}
+        self._cache_size = cache_size
+
+    def ip(self, ip: str) -> str:
+        """A normalised address (as `ClientIp` holds it) as the document shows it."""
+        out = self._cache.get(ip)
+        if out is not None:
+            return out
+        if self._hmac is not None:
+            h = self._hmac.copy()
+            h.update(ip.encode())
+            out = h.hexdigest()[:HASH_HEX_CHARS]
+        else:
+            a = ipaddress.ip_address(ip)
+            out = (str(ipaddress.IPv4Address(int(a) & self._v4_mask)) if a.version == 4
+                   else str(ipaddress.IPv6Address(int(a) & self._v6_mask)))
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()  # bounded like the resolver's caches
+        self._cache[ip] = out
+        return out
+
+    def field(self, text: str | None) -> str | None:
+        """An Envoy address field (`host:port`, `[v6]:port`, bare): the masked address,
+        port dropped; None (the field is left out) when it holds no address."""
+        if text is None:
+            return None
+        addr = self._resolver._endpoint(text)[0]
+        return None if addr is None else self.ip(addr.ip)
+
+    def entries(self, text: str | None) -> str | None:
+        """A comma-separated list (X-Forwarded-For): each entry masked, `-` for an
+        entry that is no address (its text could be anything a client wrote)."""
+        if not text:
+            return text
+        endpoint, ip = self._resolver._endpoint, self.ip
+        return ", ".join("-" if (a := endpoint(part)[0]) is None else ip(a.ip)
+                         for part in text.split(","))
+
+    def related(self, cip: ClientIp) -> list[str]:
+        """`related.ip`: client-side addresses truncated (left out when hashed: a hash
+        is no `ip`), upstream hosts as they are; unique, in order."""
+        out: list[str] = []
+        if not self.hashed:
+            for a in cip.related[:cip.client_related]:
+                m = self.ip(a)
+                if m not in out:
+                    out.append(m)
+        for a in cip.related[cip.client_related:]:
+            if a not in out:
+                out.append(a)
+        return out
+
+    def extra(self, extra: dict[str, object]) -> dict[str, object]:
+        """`envoy.extra` with the `extra_fields` text values masked like XFF (keys
+    compared without case)."""
+        if not self.extra_fields:
+            return extra
+        return {k: self.entries(v) if isinstance(v, str) and k.lower() in self.extra_fields
+                else v for k, v in extra.items()}
+
+    def scrub(self, text: str) -> str:
+        """Free text (an unparsed line) with every address in it masked."""
+        return _ADDRESS_LIKE.sub(self._scrub_one, text)
+
+    def _scrub_one(self, m: re.Match[str]) -> str:
+        found = m.group()
+        addr = self._resolver.address(found)
+        return found if addr is None else self.ip(addr.ip)

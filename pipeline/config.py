@@ -35,12 +35,14 @@ from pydantic import (
 )
 
 from pipeline import config_sources as sources
+from pipeline.clientip import MIN_HASH_KEY_BYTES, PrivacyPolicy
 from pipeline.decode.parser import make_parser
 from pipeline.enrich.alerts import AlertRule
 from pipeline.enrich.geoip import GeoIPConfig
 from pipeline.enrich.rates import RatesConfig
 
-SECRET_KEYS = ("password", "api_key", "sasl.password", "ssl.key.password", "ssl.keystore.password")
+SECRET_KEYS = ("password", "api_key", "sasl.password", "ssl.key.password", "ssl.keystore.password",
+               "hash_key")
 
 
 def _check_cidr(value: str) -> str:
@@ -307,6 +309,59 @@ class ClientIPSettings(_Section):
                     "for formats that log none (Envoy's default), and never a hop.")
 
 
+class PrivacySettings(_Section):
+    """What of a client address the log index keeps. GeoIP, rate counts and alerts
+    always use the full address; only the indexed access-log document changes (a
+    separate section from client_ip, which says whom to believe, not what to store)."""
+
+    client_ip: Literal["keep", "truncate", "hash"] = Field(
+        "keep", description="keep: addresses as resolved. truncate: host bits zeroed "
+                            "(still addresses: dashboards show networks). hash: a keyed "
+                            "HMAC-SHA256 pseudonym in envoygeo.client_id, no address.")
+    truncate_ipv4_prefix: int = Field(24, ge=0, le=32, description="truncate: IPv4 bits kept.")
+    truncate_ipv6_prefix: int = Field(48, ge=0, le=128, description="truncate: IPv6 bits kept.")
+    hash_key: SecretStr | None = Field(
+        None, description="hash: the HMAC key (at least 16 bytes; a secret: whoever has "
+                          "it can test guesses of an address).")
+    hash_key_file: Path | None = Field(
+        None, description="File holding hash_key (a Kubernetes Secret volume); one "
+                          "trailing newline is ignored.")
+    extra_fields: list[str] = Field(
+        default_factory=list,
+        description="envoy.extra keys of a custom format that hold client addresses "
+                    "(e.g. REQ(x-real-ip)); masked like X-Forwarded-For.")
+
+    @field_validator("hash_key_file")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        return check_readable(v)
+
+    @model_validator(mode="after")
+    def _key(self) -> PrivacySettings:
+        _one_of(self, "hash_key")
+        key = self.hash_key_value()
+        if self.client_ip != "hash":
+            if key is not None:
+                raise ValueError(f"hash_key/hash_key_file are only used with client_ip: "
+                                 f"hash, not {self.client_ip}")
+        elif key is None:
+            raise ValueError("client_ip hash needs hash_key or hash_key_file")
+        elif len(key.encode()) < MIN_HASH_KEY_BYTES:
+            raise ValueError(f"hash_key must be at least {MIN_HASH_KEY_BYTES} bytes "
+                             f"(it has {len(key.encode())})")
+        return self
+
+    def hash_key_value(self) -> str | None:
+        return secret_value(self.hash_key, self.hash_key_file)
+
+    def policy(self) -> PrivacyPolicy:
+        """The resolver's `PrivacyPolicy` (the key read now, at start)."""
+        key = self.hash_key_value()
+        return PrivacyPolicy(self.client_ip, self.truncate_ipv4_prefix,
+                             self.truncate_ipv6_prefix,
+                             None if key is None else key.encode(), tuple(self.extra_fields))
+
+
 class AlertRuleSettings(AlertRule):
     # The alert stage's rule, closed: a misspelt `windw_s` is an error, not a rule
     # that silently lacks its window.
@@ -522,6 +577,7 @@ class Settings(BaseModel):
     elasticsearch: ElasticsearchSettings = Field(default_factory=ElasticsearchSettings)
     geoip: GeoIPSettings = Field(default_factory=GeoIPSettings)
     client_ip: ClientIPSettings = Field(default_factory=ClientIPSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     rates: RatesSettings = Field(default_factory=RatesSettings)
     parse: ParseSettings = Field(default_factory=ParseSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.clientip import ClientIp, split_host_port
+from pipeline.clientip import AddressMask, ClientIp, split_host_port
 from pipeline.decode.access_log import AccessLog
 from pipeline.decode.envelope import Envelope
 
@@ -95,13 +95,15 @@ def _common(env: Envelope, doc: dict[str, Any]) -> None:
 
 def build_document(env: Envelope, log: AccessLog, cip: ClientIp, kafka_ts: float | None = None,
                    ingested: str | None = None, truncated: list[str] | None = None,
-                   line_cut: bool = False) -> dict[str, Any]:
+                   line_cut: bool = False, mask: AddressMask | None = None) -> dict[str, Any]:
     """The ECS document for a parsed access log.
 
     Runs once per record: each AccessLog attribute is read once into a local, and
     keys are inserted in the same order as always (documents stay byte-identical).
     `kafka_ts`, `ingested`: the `@timestamp` fallbacks (`timestamp_of`); `truncated`:
-    the fields cut to `limits.max_field_bytes`; `line_cut`: the line was cut.
+    the fields cut to `limits.max_field_bytes`; `line_cut`: the line was cut;
+    `mask`: `privacy.client_ip` other than keep (every client address masked: `source`
+    keeps no port, hashed addresses are no `ip` and go to `envoygeo.client_id`).
     """
     if (ts := log.start_time) is not None:
         stamp, stamp_source = iso_timestamp(ts), "log"
@@ -111,9 +113,15 @@ def build_document(env: Envelope, log: AccessLog, cip: ClientIp, kafka_ts: float
 
     ip = cip.ip
     if ip is not None:
-        port = cip.port
-        doc["source"] = ({"ip": ip, "address": ip} if port is None
-                         else {"ip": ip, "address": ip, "port": port})
+        if mask is None:
+            port = cip.port
+            doc["source"] = ({"ip": ip, "address": ip} if port is None
+                             else {"ip": ip, "address": ip, "port": port})
+        elif mask.hashed:
+            doc["source"] = {}  # source.geo / source.as only
+        else:
+            shown = mask.ip(ip)
+            doc["source"] = {"ip": shown, "address": shown}
     dest = _endpoint(log.downstream_local_address)
     if dest is not None:
         doc["destination"] = ({"ip": dest[0]} if dest[1] is None
@@ -175,12 +183,20 @@ def build_document(env: Envelope, log: AccessLog, cip: ClientIp, kafka_ts: float
         envoy["upstream_transport_failure_reason"] = v
     if (v := log.route_name) is not None:
         envoy["route_name"] = v
-    if (v := log.x_forwarded_for) is not None:
-        envoy["x_forwarded_for"] = v
-    if (v := log.downstream_remote_address) is not None:
-        envoy["downstream_remote_address"] = v
-    if (v := log.downstream_direct_remote_address) is not None:
-        envoy["downstream_direct_remote_address"] = v
+    if mask is None:
+        xff = log.x_forwarded_for
+        remote = log.downstream_remote_address
+        direct = log.downstream_direct_remote_address
+    else:
+        xff = mask.entries(log.x_forwarded_for)
+        remote = mask.field(log.downstream_remote_address)
+        direct = mask.field(log.downstream_direct_remote_address)
+    if xff is not None:
+        envoy["x_forwarded_for"] = xff
+    if remote is not None:
+        envoy["downstream_remote_address"] = remote
+    if direct is not None:
+        envoy["downstream_direct_remote_address"] = direct
     if (v := log.downstream_local_address) is not None:
         envoy["downstream_local_address"] = v
     if protocol is not None:
@@ -192,25 +208,30 @@ def build_document(env: Envelope, log: AccessLog, cip: ClientIp, kafka_ts: float
         upstream["cluster"] = v
     if (v := log.upstream_local_address) is not None:
         upstream["local_address"] = v
-    if (v := log.upstream_service_time) is not None:
-        upstream["service_time_ms"] = v
+    if (service_time := log.upstream_service_time) is not None:
+        upstream["service_time_ms"] = service_time
     if upstream:
         envoy["upstream"] = upstream
     if log.extra:
-        envoy["extra"] = log.extra
+        envoy["extra"] = log.extra if mask is None else mask.extra(log.extra)
     doc["envoy"] = envoy
 
     envoygeo: dict[str, Any] = {"ip_source": cip.source, "envelope": env.kind,
                                 "timestamp_source": stamp_source}
     if cip.ip_class is not None:
         envoygeo["ip_class"] = cip.ip_class
+    if ip is not None and mask is not None and mask.hashed:
+        envoygeo["client_id"] = mask.ip(ip)
     if env.stream is not None:
         envoygeo["stream"] = env.stream
     if truncated:
         envoygeo["truncated"] = truncated
     doc["envoygeo"] = envoygeo
     if cip.related:
-        doc["related"] = {"ip": cip.related}
+        if mask is None:
+            doc["related"] = {"ip": cip.related}
+        elif related := mask.related(cip):
+            doc["related"] = {"ip": related}
     tags = env.tags + cip.tags if cip.tags else env.tags
     if line_cut or truncated:
         tags = [*tags, *([LINE_TRUNCATED_TAG] if line_cut else ()),
@@ -224,16 +245,21 @@ def build_document(env: Envelope, log: AccessLog, cip: ClientIp, kafka_ts: float
 
 def build_failure_document(env: Envelope, reason: str, kafka_ts: float | None = None,
                            ingested: str | None = None, original: str | None = None,
-                           line_cut: bool = False) -> dict[str, Any]:
+                           line_cut: bool = False, mask: AddressMask | None = None,
+                           ) -> dict[str, Any]:
     """A record that could not be parsed: kept, searchable, dated and saying why.
 
     `original`: the record as `event.original` holds it (the caller bounds it to
     `limits.max_line_bytes`, `line_cut` saying it did cut); default: the line, or the
-    whole record when it has no line.
+    whole record when it has no line. `mask`: `privacy.client_ip` other than keep;
+    nothing says where an unparsed line holds its addresses, so every address found
+    in it (and in the reason) is masked.
     """
     stamp, stamp_source = timestamp_of(None, env, kafka_ts, ingested)
     if original is None:
         original = env.payload if env.payload is not None else env.original
+    if mask is not None:
+        original, reason = mask.scrub(original), mask.scrub(reason)
     doc: dict[str, Any] = {
         "@timestamp": stamp,
         "event": {"kind": "pipeline_error", "original": original},

@@ -136,8 +136,8 @@ class Enricher:
                 alerts = AlertEngine(settings.rates.alerts, rates,
                                      lateness_s=settings.rates.lateness_s)
         limits = Limits(settings.limits.max_line_bytes, settings.limits.max_field_bytes)
-        return cls(RecordProcessor(parser, ClientIpResolver(policy), limits), geoip, rates,
-                   alerts, on_rates)
+        resolver = ClientIpResolver(policy, privacy=settings.privacy.policy())
+        return cls(RecordProcessor(parser, resolver, limits), geoip, rates, alerts, on_rates)
 
     @classmethod
     def build(cls, processor: RecordProcessor, geoip: GeoIP | None,

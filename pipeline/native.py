@@ -165,5 +165,15 @@ def build_core(parser: LineParser, resolver: ClientIpResolver, geo_lookup: Any,
         limits.max_line_bytes,
         limits.max_field_bytes,
         list(_CANONICAL_ORDER),
+        _privacy(resolver),
     )
     return core, ""
+
+
+def _privacy(resolver: ClientIpResolver) -> tuple[str, int, int, bytes | None, list[str]] | None:
+    """The resolver's `PrivacyPolicy` for the core; None when addresses are kept."""
+    p = resolver.privacy
+    if p.client_ip == "keep":
+        return None
+    return (p.client_ip, p.truncate_ipv4_prefix, p.truncate_ipv6_prefix, p.hash_key,
+            list(p.extra_fields))

@@ -151,7 +151,7 @@ class RecordProcessor:
         cip = self.resolver.resolve(log)
         ts = log.start_time if log.start_time is not None else env.timestamp
         return Processed(build_document(env, log, cip, kafka_ts, self.ingested, truncated,
-                                        line_cut), cip.ip, ts, None)
+                                        line_cut, self.resolver.mask), cip.ip, ts, None)
 
     def _failure(self, env: Envelope, reason: str, kafka_ts: float | None,
                  original: str | None, line_cut: bool = False) -> Processed:
@@ -160,5 +160,5 @@ class RecordProcessor:
             line_cut = True
             self.lines_truncated += 1
         return Processed(build_failure_document(env, reason, kafka_ts, self.ingested, original,
-                                                line_cut),
+                                                line_cut, self.resolver.mask),
                          None, env.timestamp, reason)

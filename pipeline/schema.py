@@ -50,8 +50,10 @@ FIELDS: tuple[Field, ...] = (
     _kw("event.dataset", "envoygeo.access or envoygeo.rate_alert."),
     Field("error.message", "text", "Why the line could not be parsed."),
     _kw("tags", "Tags: parse failures, private client IPs, GeoIP misses, bad addresses.", True),
-    Field("source.ip", "ip", "The true client address (PROXY protocol, peer or trusted XFF)."),
-    _kw("source.address", "Client address as logged, without port."),
+    Field("source.ip", "ip", "The true client address (PROXY protocol, peer or trusted XFF); "
+          "its network with privacy.client_ip truncate, absent with hash."),
+    _kw("source.address", "Client address as logged, without port (as source.ip under "
+        "privacy.client_ip)."),
     Field("source.port", "long", "Client port, when the address came with one.",
           search=False),
     _kw("source.geo.continent_code", "GeoIP continent code."),
@@ -116,6 +118,8 @@ FIELDS: tuple[Field, ...] = (
     Field("kubernetes.annotations", "flattened", "Pod annotations."),
     _kw("envoygeo.ip_source", "How source.ip was found: proxy_protocol, peer, x_forwarded_for."),
     _kw("envoygeo.ip_class", "public, private, loopback, cgnat, link_local, reserved..."),
+    _kw("envoygeo.client_id", "privacy.client_ip hash: HMAC-SHA256 of the client address "
+        "(32 hex), a pseudonym in place of source.ip."),
     _kw("envoygeo.envelope", "Record envelope: fluentbit, fluentd, docker, cri, bare."),
     _kw("envoygeo.stream", "stdout / stderr, when the envelope says."),
     _kw("envoygeo.timestamp_source", "Where @timestamp came from: log (START_TIME), "

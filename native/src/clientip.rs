@@ -3,7 +3,11 @@
 //! Python, where it is derived from `ipaddress`), the same XFF walk and tags.
 
 use std::borrow::Cow;
-use std::net::Ipv6Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ahash::AHashMap;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use crate::scan::is_py_space;
 
@@ -32,6 +36,8 @@ pub struct ClientIp<'a> {
     pub class: Option<&'static str>,
     pub related: Vec<Cow<'a, str>>,
     pub tags: Vec<&'static str>,
+    /// How many of `related`, from the front, are the client side's (`client_related`).
+    pub client_related: usize,
 }
 
 pub fn class_name(name: &str) -> &'static str {
@@ -172,7 +178,7 @@ impl Policy {
 
     /// `_endpoint`: (address, port, malformed).
     #[allow(clippy::type_complexity)]
-    fn endpoint<'a>(&self, text: Option<&'a str>) -> Result<(Option<Addr<'a>>, Option<i64>, bool), ()> {
+    pub fn endpoint<'a>(&self, text: Option<&'a str>) -> Result<(Option<Addr<'a>>, Option<i64>, bool), ()> {
         let Some(text) = text else { return Ok((None, None, false)) };
         if text == "-" {
             return Ok((None, None, false));
@@ -234,6 +240,7 @@ impl Policy {
         }
         // With use_remote_address Envoy appended the address it saw: Envoy's own record.
         let envoy_saw = if self.use_remote_address { entries.pop().flatten() } else { None };
+        let client_related = related.len();
         for up in [upstream_host, upstream_local] {
             let up = up.filter(|u| !u.is_empty()).map(|u| u.strip_prefix("tcp://").unwrap_or(u));
             if let (Some(ua), _, _) = self.endpoint(up)? {
@@ -248,7 +255,8 @@ impl Policy {
                 if remote_text.is_none() {
                     tags.push("clientip_no_remote_address");
                 }
-                return Ok(ClientIp { ip: None, port: None, source: "none", class: None, related, tags });
+                return Ok(ClientIp { ip: None, port: None, source: "none", class: None, related, tags,
+                                     client_related });
             }
         };
         let mut source = match &direct {
@@ -274,6 +282,7 @@ impl Policy {
             class: Some(client.class),
             related,
             tags,
+            client_related,
         })
     }
 
@@ -295,5 +304,125 @@ impl Policy {
             tags.push("clientip_xff_all_trusted");
         }
         last.cloned()
+    }
+}
+
+/// `pipeline.clientip.HASH_HEX_CHARS`: hex characters of the HMAC kept.
+const HASH_BYTES: usize = 16;
+
+/// `pipeline.clientip.AddressMask`: client addresses as the document shows them under
+/// `privacy.client_ip` truncate or hash. Masked forms are cached per address (a few
+/// thousand distinct ones repeat), so an HMAC or a truncation runs once per address.
+pub struct Mask {
+    pub hashed: bool,
+    v4_mask: u32,
+    v6_mask: u128,
+    /// The keyed state (inner and outer pads hashed once); each address clones it.
+    hmac: Option<Hmac<Sha256>>,
+    cache: AHashMap<Box<str>, Box<str>>,
+    cache_size: usize,
+    pub extra_fields: Vec<String>,
+}
+
+impl Mask {
+    pub fn new(mode: &str, v4_prefix: u32, v6_prefix: u32, key: Option<&[u8]>,
+               extra_fields: Vec<String>) -> Result<Mask, String> {
+        if v4_prefix > 32 || v6_prefix > 128 {
+            return Err("prefix out of range".into());
+        }
+        let hmac = match (mode, key) {
+            ("truncate", _) => None,
+            ("hash", Some(k)) => Some(Hmac::<Sha256>::new_from_slice(k).map_err(|e| e.to_string())?),
+            _ => return Err(format!("no mask for client_ip {mode} (key given: {})", key.is_some())),
+        };
+        Ok(Mask {
+            hashed: hmac.is_some(),
+            v4_mask: u32::MAX.checked_shl(32 - v4_prefix).unwrap_or(0),
+            v6_mask: u128::MAX.checked_shl(128 - v6_prefix).unwrap_or(0),
+            hmac,
+            cache: AHashMap::new(),
+            cache_size: 65536,
+            extra_fields,
+        })
+    }
+
+    /// `AddressMask.ip`: a normalised address as the document shows it.
+    pub fn ip(&mut self, ip: &str) -> &str {
+        if !self.cache.contains_key(ip) {
+            let out = self.compute(ip);
+            if self.cache.len() >= self.cache_size {
+                self.cache.clear(); // bounded like the Python cache
+            }
+            self.cache.insert(ip.into(), out.into_boxed_str());
+        }
+        &self.cache[ip]
+    }
+
+    fn compute(&self, ip: &str) -> String {
+        if let Some(h) = &self.hmac {
+            let mut h = h.clone();
+            h.update(ip.as_bytes());
+            let digest = h.finalize().into_bytes();
+            let mut out = String::with_capacity(2 * HASH_BYTES);
+            for b in &digest[..HASH_BYTES] {
+                out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+                out.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
+            }
+            return out;
+        }
+        // `ip` is a normal form the resolver wrote: a dotted quad or RFC 5952 IPv6.
+        if let Some(v) = parse_v4(ip) {
+            return Ipv4Addr::from(v & self.v4_mask).to_string();
+        }
+        match ip.parse::<Ipv6Addr>() {
+            Ok(v6) => format_v6(u128::from(v6) & self.v6_mask),
+            Err(_) => ip.to_owned(), // unreachable: the resolver parsed it
+        }
+    }
+
+    /// `AddressMask.field`: an Envoy address field's masked address (port dropped);
+    /// None when it holds no address. Err: only Python can say.
+    pub fn field(&mut self, policy: &Policy, text: Option<&str>) -> Result<Option<String>, ()> {
+        Ok(match policy.endpoint(text)?.0 {
+            Some(a) => Some(self.ip(&a.ip).to_owned()),
+            None => None,
+        })
+    }
+
+    /// `AddressMask.entries`: each comma-separated entry masked, `-` for non-addresses.
+    pub fn entries(&mut self, policy: &Policy, text: &str) -> Result<String, ()> {
+        if text.is_empty() {
+            return Ok(String::new());
+        }
+        let mut out = String::with_capacity(text.len());
+        for (i, part) in text.split(',').enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            match policy.endpoint(Some(part))?.0 {
+                Some(a) => out.push_str(self.ip(&a.ip)),
+                None => out.push('-'),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `AddressMask.related`.
+    pub fn related(&mut self, related: &[Cow<'_, str>], client_related: usize) -> Vec<String> {
+        let mut out: Vec<String> = Vec::with_capacity(related.len());
+        if !self.hashed {
+            for a in &related[..client_related] {
+                let m = self.ip(a);
+                if !out.iter().any(|o| o == m) {
+                    out.push(m.to_owned());
+                }
+            }
+        }
+        for a in &related[client_related..] {
+            if !out.iter().any(|o| o == a) {
+                out.push(a.to_string());
+            }
+        }
+        out
     }
 }

@@ -5,7 +5,7 @@
 //! is written in two parts: `head` (everything up to the last `envoygeo` key) now, and
 //! the tail (`envoygeo.rate`, `related`, `tags`, `kubernetes`, `ecs`) at `finish`.
 
-use crate::clientip::{split_host_port, ClientIp};
+use crate::clientip::{split_host_port, ClientIp, Mask, Policy};
 use crate::envelope::Env;
 use crate::json::{key_escaped, key_quoted, write_int, write_str};
 use crate::key;
@@ -182,6 +182,7 @@ pub fn build(
     kafka_ts: Option<f64>,
     truncated: &[String],
     line_cut: bool,
+    mut mask: Option<(&mut Mask, &Policy)>,
 ) -> Result<Doc, ()> {
     let start = out.len();
     out.push(b'{');
@@ -221,18 +222,32 @@ pub fn build(
     if let Some(ip) = &cip.ip {
         key!(out, "source");
         out.push(b'{');
-        key!(out, "ip");
-        write_str(out, ip);
-        key!(out, "address");
-        write_str(out, ip);
-        opt_int(out, q!("port"), cip.port);
+        match &mut mask {
+            None => {
+                key!(out, "ip");
+                write_str(out, ip);
+                key!(out, "address");
+                write_str(out, ip);
+                opt_int(out, q!("port"), cip.port);
+            }
+            Some((m, _)) if m.hashed => {} // source.geo / source.as only
+            Some((m, _)) => {
+                let shown = m.ip(ip);
+                key!(out, "ip");
+                write_str(out, shown);
+                key!(out, "address");
+                write_str(out, shown);
+            }
+        }
         if let Some(g) = geo {
             if let Some(tag) = &g.tag {
                 if !tags.iter().any(|t| t == tag) {
                     tags.push(tag.clone());
                 }
             } else if let Some(frag) = &g.fragment {
-                out.push(b',');
+                if out.last() != Some(&b'{') {
+                    out.push(b','); // hashed: `source` holds only this fragment
+                }
                 out.extend_from_slice(frag);
             }
         }
@@ -329,9 +344,24 @@ pub fn build(
     opt_str(out, q!("connection_termination_details"), f.s(CONNECTION_TERMINATION_DETAILS));
     opt_str(out, q!("upstream_transport_failure_reason"), f.s(UPSTREAM_TRANSPORT_FAILURE_REASON));
     opt_str(out, q!("route_name"), f.s(ROUTE_NAME));
-    opt_str(out, q!("x_forwarded_for"), f.s(X_FORWARDED_FOR));
-    opt_str(out, q!("downstream_remote_address"), f.s(DOWNSTREAM_REMOTE_ADDRESS));
-    opt_str(out, q!("downstream_direct_remote_address"), f.s(DOWNSTREAM_DIRECT_REMOTE_ADDRESS));
+    match &mut mask {
+        None => {
+            opt_str(out, q!("x_forwarded_for"), f.s(X_FORWARDED_FOR));
+            opt_str(out, q!("downstream_remote_address"), f.s(DOWNSTREAM_REMOTE_ADDRESS));
+            opt_str(out, q!("downstream_direct_remote_address"),
+                    f.s(DOWNSTREAM_DIRECT_REMOTE_ADDRESS));
+        }
+        Some((m, policy)) => {
+            if let Some(x) = f.s(X_FORWARDED_FOR) {
+                key!(out, "x_forwarded_for");
+                write_str(out, &m.entries(policy, x)?);
+            }
+            let remote = m.field(policy, f.s(DOWNSTREAM_REMOTE_ADDRESS))?;
+            opt_str(out, q!("downstream_remote_address"), remote.as_deref());
+            let direct = m.field(policy, f.s(DOWNSTREAM_DIRECT_REMOTE_ADDRESS))?;
+            opt_str(out, q!("downstream_direct_remote_address"), direct.as_deref());
+        }
+    }
     opt_str(out, q!("downstream_local_address"), f.s(DOWNSTREAM_LOCAL_ADDRESS));
     opt_str(out, q!("protocol"), protocol);
     let (uh, uc, ul, ust) = (
@@ -353,9 +383,15 @@ pub fn build(
         key!(out, "extra");
         out.push(b'{');
         for &(fi, val) in &f.parsed.extras {
-            key_escaped(out, &fmt.field(fi).extra_key);
+            let extra_key = &fmt.field(fi).extra_key;
+            key_escaped(out, extra_key);
             match val {
-                Val::Str(a, b) => write_str(out, &f.line[a..b]),
+                Val::Str(a, b) => match &mut mask {
+                    Some((m, policy)) if m.extra_fields.iter().any(|k| k.eq_ignore_ascii_case(extra_key)) => {
+                        write_str(out, &m.entries(policy, &f.line[a..b])?);
+                    }
+                    _ => write_str(out, &f.line[a..b]),
+                },
                 Val::Int(v) => write_int(out, v),
                 _ => return Err(()),
             }
@@ -373,6 +409,12 @@ pub fn build(
     key!(out, "timestamp_source");
     write_str(out, stamp_source);
     opt_str(out, q!("ip_class"), cip.class);
+    if let (Some(ip), Some((m, _))) = (&cip.ip, &mut mask) {
+        if m.hashed {
+            key!(out, "client_id");
+            write_str(out, m.ip(ip));
+        }
+    }
     opt_str(out, q!("stream"), env.stream.as_deref());
     if !truncated.is_empty() {
         key!(out, "truncated");
@@ -380,15 +422,9 @@ pub fn build(
     }
 
     let head_end = out.len();
-    if !cip.related.is_empty() {
-        out.extend_from_slice(b",\"related\":{\"ip\":[");
-        for (i, ip) in cip.related.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(out, ip);
-        }
-        out.extend_from_slice(b"]}");
+    match &mut mask {
+        None => write_related(out, &cip.related),
+        Some((m, _)) => write_related(out, &m.related(&cip.related, cip.client_related)),
     }
     Ok(Doc {
         head: start..head_end,
@@ -402,6 +438,21 @@ pub fn build(
         fields_cut: !truncated.is_empty(),
         no_remote,
     })
+}
+
+/// `,"related":{"ip":[...]}`, nothing when there is no address.
+fn write_related<S: AsRef<str>>(out: &mut Vec<u8>, related: &[S]) {
+    if related.is_empty() {
+        return;
+    }
+    out.extend_from_slice(b",\"related\":{\"ip\":[");
+    for (i, ip) in related.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, ip.as_ref());
+    }
+    out.extend_from_slice(b"]}");
 }
 
 pub const RATE_LATE_TAG: &str = "_envoygeo_rate_late";

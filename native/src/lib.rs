@@ -22,12 +22,14 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
-use clientip::{class_name, Policy};
+use clientip::{class_name, Mask, Policy};
 use document::{Doc, Geo};
 use envelope::Decoded;
 use scan::{Conv, Field, Format, Kind, Outcome, Seg};
 
 type Plan = Vec<(String, Option<String>, Option<usize>, Option<String>, Option<String>)>;
+/// `pipeline.native._privacy`: (mode, IPv4 prefix, IPv6 prefix, HMAC key, extra fields).
+type Privacy = (String, u32, u32, Option<Vec<u8>>, Vec<String>);
 
 fn build_format(name: String, plan: Plan) -> PyResult<Format> {
     // plan items: (kind, text/delimiter, slot, extra key, converter)
@@ -79,6 +81,8 @@ struct Core {
     formats: Vec<Format>,
     last: usize,
     policy: Policy,
+    /// `privacy.client_ip` truncate or hash; None: keep.
+    mask: Option<Mask>,
     geo_lookup: Option<PyObject>,
     geo_cache: AHashMap<Box<str>, Arc<Geo>>,
     geo_cache_size: usize,
@@ -141,7 +145,7 @@ struct Batch {
 #[pymethods]
 impl Core {
     #[new]
-    #[pyo3(signature = (formats, trusted, hops, v4_table, v6_table, geo_lookup, geo_cache_size, rate_keys, ecs_version, use_remote_address, max_line_bytes, max_field_bytes, slot_names))]
+    #[pyo3(signature = (formats, trusted, hops, v4_table, v6_table, geo_lookup, geo_cache_size, rate_keys, ecs_version, use_remote_address, max_line_bytes, max_field_bytes, slot_names, privacy=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         formats: Vec<(String, Plan)>,
@@ -157,6 +161,7 @@ impl Core {
         max_line_bytes: usize,
         max_field_bytes: usize,
         slot_names: Vec<String>,
+        privacy: Option<Privacy>,
     ) -> PyResult<Self> {
         if formats.is_empty() {
             return Err(PyValueError::new_err("no formats"));
@@ -175,6 +180,12 @@ impl Core {
             })
             .collect();
         let formats = formats.into_iter().map(|(n, p)| build_format(n, p)).collect::<PyResult<Vec<_>>>()?;
+        let mask = match privacy {
+            None => None,
+            Some((mode, v4, v6, key, extra)) => Some(
+                Mask::new(&mode, v4, v6, key.as_deref(), extra).map_err(PyValueError::new_err)?,
+            ),
+        };
         Ok(Core {
             formats,
             last: 0,
@@ -185,6 +196,7 @@ impl Core {
                 v4: table(v4_table.0, v4_table.1),
                 v6: table(v6_table.0, v6_table.1),
             },
+            mask,
             geo_lookup,
             geo_cache: AHashMap::new(),
             geo_cache_size: geo_cache_size.max(1),
@@ -398,8 +410,9 @@ impl Core {
             _ => None,
         };
         let start = arena.len();
+        let mask = self.mask.as_mut().map(|m| (m, &self.policy));
         let doc = build(arena, &env, kubernetes, &self.formats[k], &fields, cip, geo.as_deref(),
-                        ingested, &mut self.clock, kafka_ts, &truncated, line_cut);
+                        ingested, &mut self.clock, kafka_ts, &truncated, line_cut, mask);
         if doc.is_err() {
             arena.truncate(start); // the Python path writes this one
         }

@@ -26,7 +26,7 @@ import pipeline.enricher as enricher_mod
 from pipeline import native
 from pipeline.bench.core import corpus
 from pipeline.bench.enrich_micro import default_geoip_path
-from pipeline.clientip import ClientIpPolicy, ClientIpResolver
+from pipeline.clientip import ClientIpPolicy, ClientIpResolver, PrivacyPolicy
 from pipeline.decode.parser import make_parser
 from pipeline.decode.presets import TEXT_PRESETS
 from pipeline.enrich.alerts import AlertRule
@@ -60,9 +60,10 @@ RATES = RatesConfig(windows=(1, 10, 60), lateness_s=5)
 def make_enricher(*, use_native: bool, log_format: str = "auto",
                   policy: ClientIpPolicy | None = None, geo: GeoIP | None = None,
                   rates: RatesConfig | None = RATES,
-                  rules: Sequence[AlertRule] = (), limits: Limits | None = None) -> Enricher:
-    proc = RecordProcessor(make_parser(log_format), ClientIpResolver(policy or ClientIpPolicy()),
-                           limits)
+                  rules: Sequence[AlertRule] = (), limits: Limits | None = None,
+                  privacy: PrivacyPolicy | None = None) -> Enricher:
+    proc = RecordProcessor(make_parser(log_format),
+                           ClientIpResolver(policy or ClientIpPolicy(), privacy=privacy), limits)
     e = Enricher.build(proc, geo, rates, rules, native=use_native)
     assert (e._fast is not None) == use_native or log_format == "json"
     return e
