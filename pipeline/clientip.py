@@ -414,10 +414,15 @@ class AddressMask:
             h = self._hmac.copy()
             h.update(ip.encode())
             out = h.hexdigest()[:HASH_HEX_CHARS]
+        elif ":" not in ip:
+            # A dotted quad (the normal form): socket's C conversions, ~10x faster than
+            # `ipaddress` objects, and their text is the same.
+            value = int.from_bytes(socket.inet_aton(ip), "big") & self._v4_mask
+            out = socket.inet_ntoa(value.to_bytes(4, "big"))
         else:
-            a = ipaddress.ip_address(ip)
-            out = (str(ipaddress.IPv4Address(int(a) & self._v4_mask)) if a.version == 4
-                   else str(ipaddress.IPv6Address(int(a) & self._v6_mask)))
+            # IPv6: `ipaddress` writes the RFC 5952 text (inet_ntop would differ for
+            # ::a.b.c.d forms).
+            out = str(ipaddress.IPv6Address(int(ipaddress.IPv6Address(ip)) & self._v6_mask))
         if len(self._cache) >= self._cache_size:
             self._cache.clear()  # bounded like the resolver's caches
         self._cache[ip] = out

@@ -188,6 +188,7 @@ class Worker:
                     "index": cfg.elasticsearch.index,
                     "metrics_port": self.status.port if self.status else None,
                     "native": getattr(self.enricher, "native_status", "n/a"),
+                    "privacy": cfg.privacy.client_ip,
                 }
             },
         )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import click
 import orjson
 
-from pipeline.clientip import ClientIpPolicy, ClientIpResolver
+from pipeline.clientip import ClientIpPolicy, ClientIpResolver, PrivacyPolicy
+from pipeline.config import read_secret
 from pipeline.decode.envoy_format import FormatError
 from pipeline.decode.json_log import JsonKeysError, load_json_keys
 from pipeline.decode.parser import make_parser
@@ -104,6 +106,13 @@ def _alert_rule(spec: str) -> AlertRule:
 @click.option("--envoy-use-remote-address", is_flag=True, default=False,
               help="Envoy runs with use_remote_address: true: the rightmost X-Forwarded-For "
                    "entry is the address Envoy saw (client_ip.envoy_use_remote_address).")
+@click.option("--privacy", "privacy_mode", type=click.Choice(["keep", "truncate", "hash"]),
+              default="keep", show_default=True,
+              help="What documents keep of client addresses (privacy.client_ip): truncate "
+                   "to /24 and /48, or a keyed hash (--hash-key-file); GeoIP and rates "
+                   "use the full address.")
+@click.option("--hash-key-file", type=click.Path(exists=True, dir_okay=False),
+              help="--privacy hash: file holding the HMAC key (at least 16 bytes).")
 @click.option("--max-line-bytes", default=MAX_LINE_BYTES, show_default=True,
               type=click.IntRange(min=1024), help="Lines are cut to this many bytes (tagged).")
 @click.option("--max-field-bytes", default=MAX_FIELD_BYTES, show_default=True,
@@ -125,7 +134,8 @@ def _alert_rule(spec: str) -> AlertRule:
               help="Write alert documents here (JSON lines); default: count only.")
 def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
            trusted_proxies: tuple[str, ...], trusted_hops: int,
-           envoy_use_remote_address: bool, max_line_bytes: int, max_field_bytes: int,
+           envoy_use_remote_address: bool, privacy_mode: str, hash_key_file: str | None,
+           max_line_bytes: int, max_field_bytes: int,
            geoip_city: str | None,
            geoip_country: str | None, geoip_asn: str | None, rates: bool,
            rate_windows: tuple[int, ...], lateness: int, alert_specs: tuple[str, ...],
@@ -147,6 +157,12 @@ def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
         limits = Limits(max_line_bytes, max_field_bytes)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-field-bytes") from e
+    try:
+        key = read_secret(Path(hash_key_file)).encode() if hash_key_file else None
+        privacy = PrivacyPolicy(privacy_mode, hash_key=key)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise click.BadParameter(str(e).replace("hash_key", "--hash-key-file"),
+                                 param_hint="--privacy") from e
     rules = [_alert_rule(spec) for spec in alert_specs]
     try:
         geoip = (GeoIP.open(geoip_city, geoip_country, geoip_asn)
@@ -155,8 +171,9 @@ def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
                                  lateness_s=lateness) if rates else None)
         if rules and rates_cfg is None:
             raise ValueError("--alert needs --rates")
-        enricher = Enricher.build(RecordProcessor(parser, ClientIpResolver(policy), limits),
-                                  geoip, rates_cfg, rules)
+        enricher = Enricher.build(
+            RecordProcessor(parser, ClientIpResolver(policy, privacy=privacy), limits),
+            geoip, rates_cfg, rules)
     except (GeoIPReloadError, ValueError) as e:
         raise click.BadParameter(str(e)) from e
     out = sys.stdout.buffer

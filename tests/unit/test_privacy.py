@@ -258,3 +258,21 @@ def test_worker_enricher_takes_the_section(tmp_path: Path) -> None:
     assert e.processor.resolver.mask is not None
     [doc], _ = docs_of(e, [istio("198.51.100.9:4444")])
     assert doc["source"]["ip"] == "198.51.100.0"
+
+
+def test_enrich_command_takes_the_choice(tmp_path: Path) -> None:
+    line = istio("198.51.100.9:4444", xff="203.0.113.250, 198.51.100.9")
+    truncated = CliRunner().invoke(main, ["enrich", "--log-format", "istio", "--privacy",
+                                          "truncate"], input=line)
+    assert truncated.exit_code == 0, truncated.output
+    doc = orjson.loads(truncated.stdout_bytes)
+    assert doc["source"]["ip"] == "198.51.100.0" and _leaks(doc) == []
+    key = tmp_path / "key"
+    key.write_bytes(KEY + b"\n")
+    hashed = CliRunner().invoke(main, ["enrich", "--log-format", "istio", "--privacy", "hash",
+                                       "--hash-key-file", str(key)], input=line)
+    assert hashed.exit_code == 0, hashed.output
+    assert orjson.loads(hashed.stdout_bytes)["envoygeo"]["client_id"] == hmac_hex("198.51.100.9")
+    no_key = CliRunner().invoke(main, ["enrich", "--privacy", "hash"], input=line)
+    assert no_key.exit_code == 2
+    assert "--hash-key-file of at least 16 bytes" in no_key.output
