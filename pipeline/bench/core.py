@@ -33,7 +33,7 @@ import orjson
 
 from pipeline import native as native_mod
 from pipeline.bench.enrich_micro import default_geoip_path, zipf_public_ips
-from pipeline.clientip import ClientIpPolicy, ClientIpResolver
+from pipeline.clientip import ClientIpPolicy, ClientIpResolver, PrivacyPolicy
 from pipeline.decode.envelope import decode_envelope
 from pipeline.decode.envoy_format import compile_format
 from pipeline.decode.parser import make_parser
@@ -180,15 +180,18 @@ def _cpu_and_wall(fn: Callable[[], Any]) -> tuple[float, float]:
 
 
 def run_custom(records: list[bytes], fmt: str, geoip_path: str, batch: int, cache_size: int,
-               native: bool) -> dict[str, float]:
+               native: bool, privacy: PrivacyPolicy | None = None,
+               full: bool = True) -> dict[str, float]:
     """The full pipeline over a custom-format corpus: events/s, CPU µs per record and
-    the share of records the compiled core wrote (`Enricher.records_native`)."""
+    the share of records the compiled core wrote (`Enricher.records_native`).
+    `privacy`: `privacy.client_ip` (default keep); `full=False`: no GeoIP, rates or
+    alerts (decode, parse, client IP, document only)."""
     n = len(records)
-    geo = GeoIP.open(city=geoip_path, cache_size=cache_size)
+    geo = GeoIP.open(city=geoip_path, cache_size=cache_size) if full else None
     enricher = Enricher.build(
-        RecordProcessor(make_parser(fmt), ClientIpResolver(ClientIpPolicy())), geo,
-        RatesConfig(backend="memory"), [AlertRule(name="burst", window_s=10, threshold=500)],
-        native=native)
+        RecordProcessor(make_parser(fmt), ClientIpResolver(ClientIpPolicy(), privacy=privacy)),
+        geo, RatesConfig(backend="memory") if full else None,
+        [AlertRule(name="burst", window_s=10, threshold=500)] if full else [], native=native)
 
     def run() -> None:
         for i in range(0, n, batch):
@@ -314,9 +317,13 @@ def run_once(
               help="Records per run of each custom-format corpus (0: skip them).")
 @click.option("--custom-only", is_flag=True,
               help="Only the custom-format corpora (skips the Istio corpus and its stages).")
+@click.option("--privacy", "privacy_only", is_flag=True,
+              help="Only privacy.client_ip keep vs truncate vs hash: the full pipeline over "
+                   "the Istio corpus (--events), each path, CPU µs per event and the cost "
+                   "added to keep, measured in the same runs.")
 def command(
     events: int, distinct_ips: int, runs: int, batch: int, cache_size: int,
-    geoip_path: str | None, custom_events: int, custom_only: bool,
+    geoip_path: str | None, custom_events: int, custom_only: bool, privacy_only: bool,
 ) -> None:
     """Core pipeline events/s on one core, µs per stage, against a plain-geoip2 baseline.
 
@@ -336,6 +343,9 @@ def command(
         f"IPs (Zipf, ~10% IPv6); GeoIP {os.path.basename(geoip_path)}; {pinned}",
         err=True,
     )
+    if privacy_only:
+        _privacy_section(events, distinct_ips, runs, batch, cache_size, geoip_path)
+        return
     if not custom_only:
         _istio_section(events, distinct_ips, runs, batch, cache_size, geoip_path)
     if custom_events > 0:
@@ -358,6 +368,47 @@ def _custom_section(events: int, distinct_ips: int, runs: int, batch: int, cache
                     f"  {name:<10} {envelope:<10} {'native' if native else 'python':<6} "
                     f"native share {med['native_share']:>6.1%}  {med['per_s']:>9,.0f} events/s"
                     f"  {med['cpu_us']:>6.2f} CPU µs/record")
+
+
+PRIVACY_MODES = {
+    "keep": None,
+    "truncate": PrivacyPolicy("truncate"),
+    "hash": PrivacyPolicy("hash", hash_key=b"bench-key-0123456789abcdef"),
+}
+
+
+def _privacy_section(events: int, distinct_ips: int, runs: int, batch: int, cache_size: int,
+                     geoip_path: str) -> None:
+    """keep, truncate and hash interleaved in every run (drift on a shared machine hits
+    all three alike); medians, and each mode's CPU per event minus keep's."""
+    records, ips = corpus(events, distinct_ips)
+    paths = [True, False] if native_mod.available() else [False]
+    rows: dict[tuple[bool, bool, str], list[dict[str, float]]] = {}
+    for i in range(runs):
+        for full in (False, True):
+            for native in paths:
+                for mode, privacy in PRIVACY_MODES.items():
+                    r = run_custom(records, "auto", geoip_path, batch, cache_size, native,
+                                   privacy, full)
+                    if native and r["native_share"] != 1.0:
+                        raise click.ClickException(
+                            f"{mode}: the compiled core wrote {r['native_share']:.1%} of records")
+                    rows.setdefault((full, native, mode), []).append(r)
+        click.echo(f"run {i + 1}/{runs} done", err=True)
+    click.echo(f"privacy.client_ip over {events} records ({len(set(ips))} distinct client "
+               f"addresses), median of {runs}:")
+    for full in (False, True):
+        click.echo("  decode, parse, client IP, document:" if not full else
+                   "  full pipeline (+ GeoIP, memory rates, alerts):")
+        for native in paths:
+            keep_cpu = statistics.median(r["cpu_us"] for r in rows[(full, native, "keep")])
+            for mode in PRIVACY_MODES:
+                rs = rows[(full, native, mode)]
+                cpu = statistics.median(r["cpu_us"] for r in rs)
+                per_s = statistics.median(r["per_s"] for r in rs)
+                added = "" if mode == "keep" else f"  {cpu - keep_cpu:+6.2f} µs vs keep"
+                click.echo(f"    {'native' if native else 'python':<6} {mode:<8} "
+                           f"{per_s:>9,.0f} events/s  {cpu:>6.2f} CPU µs/event{added}")
 
 
 def _istio_section(events: int, distinct_ips: int, runs: int, batch: int, cache_size: int,
