@@ -26,6 +26,7 @@ from pipeline.enrich.rates import RatesConfig
 from pipeline.enricher import Enricher
 from pipeline.process import RecordProcessor
 from tests.mmdb_fixtures import expected, write_asn, write_city
+from tests.unit.test_schema import document_validator
 
 pytestmark = pytest.mark.unit
 
@@ -159,6 +160,7 @@ def test_truncate_masks_every_client_field_and_keeps_upstream() -> None:
     assert doc["related"]["ip"] == ["192.0.2.0", "2001:db8:5::", "198.51.100.0",
                                     "203.0.113.0", "10.0.7.2"]
     assert "client_id" not in doc["envoygeo"]
+    assert list(document_validator().iter_errors(doc)) == []
 
 
 def test_hash_leaves_no_address_and_a_client_id() -> None:
@@ -172,6 +174,7 @@ def test_hash_leaves_no_address_and_a_client_id() -> None:
     assert doc["envoygeo"]["client_id"] == hmac_hex("198.51.100.9")
     assert doc["envoy"]["downstream_remote_address"] == hmac_hex("198.51.100.9")
     assert doc["related"] == {"ip": ["10.0.7.2"]}  # upstream only: a hash is no `ip`
+    assert list(document_validator().iter_errors(doc)) == []  # schemas/ knows client_id
 
 
 def test_geo_rates_and_alerts_use_the_full_address(tmp_path: Path) -> None:
