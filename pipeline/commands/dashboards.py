@@ -39,7 +39,8 @@ def dashboards() -> None:
 def _names(config_path: Path | None) -> IndexNames:
     if config_path is None:
         return IndexNames()
-    return IndexNames.from_settings(_load(config_path).elasticsearch)
+    settings = _load(config_path)
+    return IndexNames.from_settings(settings.elasticsearch, settings.privacy)
 
 
 @dashboards.command()
@@ -170,7 +171,7 @@ def import_(config_path: Path | None, kibana_url: str | None, osd_url: str | Non
                                "(ENVOYGEO_KIBANA__URL) or give --kibana URL")
     if conn.space and flavour == "osd":
         raise click.UsageError("--space is a Kibana feature")
-    names = IndexNames.from_settings(settings.elasticsearch)
+    names = IndexNames.from_settings(settings.elasticsearch, settings.privacy)
     target = _target(conn, flavour, insecure)
     if ndjson_file:
         content, name = ndjson_file.read_bytes(), ndjson_file.name

@@ -155,7 +155,7 @@ def lens_panels(names: IndexNames = DEFAULT) -> list[Obj]:
               "c": terms_col(COUNTRY, "Country", "n", 1), "n": count_col()},
              table(["city", "c", "n"])),
         lens("envoygeo-top-ips", "Top source IPs and their request rates", "lnsDatatable",
-             {"ip": terms_col("source.ip", "Source IP", "n", 25), "n": count_col(),
+             {"ip": terms_col(names.client, names.client_label, "n", 25), "n": count_col(),
               "r10": metric_col("max", "envoygeo.rate.10s", "Max req / 10s"),
               "r60": metric_col("max", "envoygeo.rate.60s", "Max req / 60s"),
               "r300": metric_col("max", "envoygeo.rate.300s", "Max req / 300s")},
@@ -212,7 +212,7 @@ def _vector_style(color: str, size: Obj) -> Obj:
     }, "isTimeAware": True}
 
 
-def map_layers() -> list[Obj]:
+def map_layers(names: IndexNames = DEFAULT) -> list[Obj]:
     """Layer order is drawing order. Only layers 0 and 1 need the Elastic Maps Service
     (base tiles, country boundaries); layers 2 and 3 read Elasticsearch alone, so the
     grid and the documents still draw, on an empty background, when EMS is unreachable
@@ -260,7 +260,7 @@ def map_layers() -> list[Obj]:
          "sourceDescriptor": {"type": "ES_SEARCH", "id": "documents-src",
                               "geoField": "source.geo.location", "scalingType": "LIMIT",
                               "sortField": "@timestamp", "sortOrder": "desc",
-                              "tooltipProperties": ["source.ip", "source.geo.city_name",
+                              "tooltipProperties": [names.client, "source.geo.city_name",
                                                     COUNTRY, "url.domain",
                                                     "http.response.status_code",
                                                     "envoygeo.rate.60s"],
@@ -273,7 +273,7 @@ def map_layers() -> list[Obj]:
 
 
 def geo_map(names: IndexNames = DEFAULT) -> Obj:
-    layers = map_layers()
+    layers = map_layers(names)
     map_state = {"zoom": 1.5, "center": {"lat": 20, "lon": 0},
                  "timeFilters": {"from": "now-24h", "to": "now"},
                  "refreshConfig": {"isPaused": True, "interval": 0},
@@ -389,7 +389,7 @@ def rate_rule(rule: AlertRule = DEFAULT_RULE, names: IndexNames = DEFAULT,
             "size": 0,
             "aggType": "count",
             "groupBy": "top",
-            "termField": "source.ip",
+            "termField": names.client,
             "termSize": term_size,
             "threshold": [rule.threshold],
             "thresholdComparator": THRESHOLD_COMPARATOR,

@@ -4,7 +4,9 @@ Why one small type: the worker writes to `elasticsearch.index` / `alerts_index`,
 every object that reads those indices (data views, the rule's `params.index`, the
 report's searches, the validator's choice of field table) must name exactly them. A
 deployment that renames its index gets dashboards for that index, not for
-`envoygeo-logs*`.
+`envoygeo-logs*`. With `privacy.client_ip: hash` the log index has no `source.ip`:
+`client` is then `envoygeo.client_id`, so the top-client panels and the Kibana rule
+group on the pseudonym instead of finding nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline import schema
-from pipeline.config import ElasticsearchSettings
+from pipeline.config import ElasticsearchSettings, PrivacySettings
+
+CLIENT_IP = "source.ip"
+CLIENT_ID = "envoygeo.client_id"  # privacy.client_ip: hash
 
 
 def pattern(index: str) -> str:
@@ -25,10 +30,18 @@ def pattern(index: str) -> str:
 class IndexNames:
     logs: str = schema.LOGS_TEMPLATE
     alerts: str = schema.ALERTS_TEMPLATE
+    client: str = CLIENT_IP  # the log index's field naming a client
 
     @classmethod
-    def from_settings(cls, es: ElasticsearchSettings) -> IndexNames:
-        return cls(logs=es.index, alerts=es.alerts_index)
+    def from_settings(cls, es: ElasticsearchSettings,
+                      privacy: PrivacySettings | None = None) -> IndexNames:
+        hashed = privacy is not None and privacy.client_ip == "hash"
+        return cls(logs=es.index, alerts=es.alerts_index,
+                   client=CLIENT_ID if hashed else CLIENT_IP)
+
+    @property
+    def client_label(self) -> str:
+        return "Source IP" if self.client == CLIENT_IP else "Client (pseudonym)"
 
     @property
     def logs_pattern(self) -> str:

@@ -87,7 +87,7 @@ def visualizations(names: IndexNames = DEFAULT) -> list[Obj]:
                       [count, terms("2", "source.geo.city_name", 20)], _table_params()),
         vis("envoygeo-osd-top-ips", "Top source IPs and their request rates",
                       "table",
-                      [count, terms("2", "source.ip", 25),
+                      [count, terms("2", names.client, 25),
                        agg("3", "max", "metric", field="envoygeo.rate.10s"),
                        agg("4", "max", "metric", field="envoygeo.rate.60s"),
                        agg("5", "max", "metric", field="envoygeo.rate.300s")],

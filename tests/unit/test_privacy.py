@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +280,31 @@ def test_enrich_command_takes_the_choice(tmp_path: Path) -> None:
     no_key = CliRunner().invoke(main, ["enrich", "--privacy", "hash"], input=line)
     assert no_key.exit_code == 2
     assert "--hash-key-file of at least 16 bytes" in no_key.output
+
+
+def test_dashboards_built_for_hash_group_on_the_pseudonym(tmp_path: Path) -> None:
+    """Under hash the log index has no source.ip: the top-client panels, the map's
+    tooltip and the Kibana rule read envoygeo.client_id, and validate accepts them."""
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"privacy": {"client_ip": "hash",
+                                                  "hash_key_file": str(key_file)}}))
+    out = tmp_path / "dash"
+    built = CliRunner().invoke(main, ["dashboards", "build", "-c", str(config), "--out",
+                                      str(out)])
+    assert built.exit_code == 0, built.output
+    files = sorted(p for p in out.rglob("*") if p.suffix in (".ndjson", ".json")
+                   and "grafana" not in p.parts)
+    assert files
+    checked = CliRunner().invoke(main, ["dashboards", "validate", "-c", str(config),
+                                        *map(str, files)])
+    assert checked.exit_code == 0, checked.output
+    kibana_objects = (out / "kibana" / "envoygeo.ndjson").read_text()
+    rule = (out / "kibana" / "rules" / "per-ip-rate.json").read_text()
+    osd = (out / "opensearch-dashboards" / "envoygeo.ndjson").read_text()
+    for text in (kibana_objects, rule, osd):
+        assert "envoygeo.client_id" in text
+    assert json.loads(rule)["rule"]["params"]["termField"] == "envoygeo.client_id"
+    # The alerts index keeps source.ip (full addresses): its views still read it.
+    assert "source.ip" in kibana_objects and "source.ip" in osd
