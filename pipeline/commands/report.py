@@ -52,14 +52,15 @@ def report(config_path: Path | None, index: str | None, alerts_index: str | None
         since_to_range(since)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--since") from None
-    es_settings = _load(config_path).elasticsearch
+    settings = _load(config_path)
+    es_settings = settings.elasticsearch
     legacy = es_url or os.environ.get(LEGACY_URL_VARIABLE)
     if legacy:
         click.echo(f"warning: {'--es' if es_url else LEGACY_URL_VARIABLE} is deprecated and "
                    "will be removed: set elasticsearch.hosts in the configuration "
                    "(-c config.yaml) or ENVOYGEO_ELASTICSEARCH__HOSTS", err=True)
         es_settings = es_settings.model_copy(update={"hosts": [legacy]})
-    names = IndexNames.from_settings(es_settings)
+    names = IndexNames.from_settings(es_settings, settings.privacy)
     index = index or names.logs_pattern
     alerts_index = alerts_index or names.alerts_pattern
     where = ", ".join(es_settings.hosts)
@@ -69,7 +70,7 @@ def report(config_path: Path | None, index: str | None, alerts_index: str | None
             click.echo(f"warning: no index matches {index!r} on {where}, so the report is "
                        "empty: is elasticsearch.index the index the worker writes "
                        "(or --index)?", err=True)
-        data = fetch(es, index, alerts_index, since, top)
+        data = fetch(es, index, alerts_index, since, top, names.client)
     except (TransportError, ApiError) as e:
         click.echo(f"error: {describe_elasticsearch_error(e, es_settings)}", err=True)
         sys.exit(1)

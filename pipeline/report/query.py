@@ -51,6 +51,7 @@ class ReportData:
     parse_failures: int = 0
     rate_windows: list[str] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    client_field: str = "source.ip"  # envoygeo.client_id under privacy.client_ip: hash
 
 
 def since_to_range(since: str) -> str:
@@ -84,7 +85,8 @@ def _first_key(bucket: dict[str, Any], agg: str, default: str = "") -> str:
 
 
 def fetch(es: Elasticsearch, index: str, alerts_index: str, since: str,
-          top: int = 25) -> ReportData:
+          top: int = 25, client_field: str = "source.ip") -> ReportData:
+    """`client_field`: the log index's field naming a client (`IndexNames.client`)."""
     gte = since_to_range(since)
     windows = rate_windows(es, index)
     time_filter = {"range": {"@timestamp": {"gte": gte}}}
@@ -97,7 +99,7 @@ def fetch(es: Elasticsearch, index: str, alerts_index: str, since: str,
                    "aggs": {"centroid": {"geo_centroid": {"field": "source.geo.location"}},
                             "country": {"terms": {"field": "source.geo.country_iso_code",
                                                   **one}}}},
-        "ips": {"terms": {"field": "source.ip", "size": top},
+        "ips": {"terms": {"field": client_field, "size": top},
                 "aggs": {"country": {"terms": {"field": "source.geo.country_iso_code", **one}},
                          "city": {"terms": {"field": "source.geo.city_name", **one}},
                          **{f"rate_{w}": {"max": {"field": f"{RATE_PREFIX}{w}"}}
@@ -110,7 +112,7 @@ def fetch(es: Elasticsearch, index: str, alerts_index: str, since: str,
                      allow_no_indices=True)
     a = resp.get("aggregations", {})
     data = ReportData(since=since, index=index, total=resp["hits"]["total"]["value"],
-                      rate_windows=windows)
+                      rate_windows=windows, client_field=client_field)
     if not a:
         return data
     data.countries = [Country(b["key"], _first_key(b, "name", b["key"]), b["doc_count"],

@@ -57,7 +57,8 @@ def render(data: ReportData, generated_at: datetime | None = None) -> str:
                               ((c.name, names.get(c.iso, c.iso), c.requests)
                                for c in data.cities[:25]), {2})),
         ("Top client IPs and request rates",
-         _table("ips", ["Client IP", "Country", "City", "Requests",
+         _table("ips", ["Client IP" if data.client_field == "source.ip"
+                        else "Client (pseudonym)", "Country", "City", "Requests",
                         *[f"max / {w}" for w in windows]],
                 ((i.ip, i.iso, i.city, i.requests, *[i.rates.get(w, "") for w in windows])
                  for i in data.ips), {3, *range(4, 4 + len(windows))})),

@@ -15,6 +15,8 @@ import orjson
 import pytest
 from elasticsearch import Elasticsearch
 
+from pipeline.report.query import fetch
+from pipeline.report.render import render
 from pipeline.schema import ECS_VERSION
 from tests.integration.harness import (
     ISTIO_LINE,
@@ -143,6 +145,12 @@ def test_indexed_documents_hold_no_full_address(
         agg = es_client.search(index=index, size=0, aggs={"top": {"terms": {
             "field": "envoygeo.client_id"}}})["aggregations"]["top"]["buckets"]
         assert sorted(b["doc_count"] for b in agg) == [PER_CLIENT] * len(CLIENTS)
+
+    # The report lists top clients: networks under truncate, pseudonyms under hash.
+    client = "envoygeo.client_id" if mode == "hash" else "source.ip"
+    report = fetch(es_client, index, f"{index}-alerts", "1h", 25, client)
+    assert len(report.ips) == (len(CLIENTS) if mode == "hash" else 2)
+    assert ("Client (pseudonym)" in render(report)) == (mode == "hash")
 
     # Alerts keep the full address: they are what enforcement blocks.
     assert sorted(orjson.loads(a.value())["source"]["ip"] for a in alerts) == sorted(CLIENTS)
