@@ -170,6 +170,13 @@ class Metrics:
             registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
         )
+        self.rates_unavailable = Gauge(
+            "envoygeo_rate_backend_unavailable",
+            "1 while the Redis rate backend does not answer (fetching paused, the batch "
+            "being counted is retried).", registry=r)
+        self.rates_retries = Counter(
+            "envoygeo_rate_backend_retries",
+            "Rate-backend calls sent again after Redis did not answer.", registry=r)
         self.alerts = Counter(
             "envoygeo_alerts", "Per-IP rate alerts emitted, by rule.", ["rule"], registry=r
         )

@@ -19,6 +19,7 @@ Shape, and why:
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
@@ -47,6 +48,14 @@ log = logging.getLogger("envoygeo.worker")
 # A bulk request out this long while fetching is paused is worth a warning: the usual
 # backpressure pause lasts as long as one bulk request (tens to hundreds of ms).
 STALL_WARN_S = 10.0
+# Back-off between calls to a Redis rate backend that does not answer: short at first
+# (a restart or failover takes seconds), capped so a fleet does not hammer it.
+REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S = 0.5, 5.0
+
+
+class RatesStopped(Exception):
+    """Stopping while the rate backend was unavailable: the batch being counted is
+    neither indexed nor committed (read again at the next start)."""
 
 
 class BatchEnricher(Protocol):
@@ -147,6 +156,12 @@ class Worker:
         self.status: StatusServer | None = None
         self._bulk_head = self.sink.action_head(settings.elasticsearch.index)
         self._paused_since, self._pause_said = 0.0, False
+        self._redis_down_since: float | None = None
+        self._next_progress = 0.0
+        self._redis_error = ""
+        rates = getattr(enricher, "rates", None)
+        if rates is not None and hasattr(rates, "outage"):  # Redis: outages waited out here
+            rates.outage = self
 
     # -- lifecycle --
 
@@ -192,7 +207,7 @@ class Worker:
                 }
             },
         )
-        next_progress = time.monotonic() + cfg.metrics.progress_interval_s
+        self._next_progress = time.monotonic() + cfg.metrics.progress_interval_s
         try:
             while not self.stopping.is_set():
                 if self.status:
@@ -202,10 +217,7 @@ class Worker:
                     break
                 # Here, not after fetching: while paused the loop never gets that far, and
                 # a progress line ("0 rec/s ..., paused") is what an outage should show.
-                if time.monotonic() >= next_progress:
-                    self._publish_enricher_stats()
-                    self._log_progress()
-                    next_progress = time.monotonic() + cfg.metrics.progress_interval_s
+                self._progress_due()
                 if len(self._inflight) >= cfg.worker.max_inflight_batches:
                     # Usually the oldest bulk is about to finish: wait for it first.
                     # Pausing costs a refetch on resume (librdkafka drops the paused
@@ -225,6 +237,8 @@ class Worker:
                 )
                 if msgs:
                     self._submit(self._prepare(msgs))
+        except RatesStopped as exc:
+            log.warning("%s", exc)
         except KafkaFatalError as exc:
             # One clear line (e.g. fenced by another worker with the same static member
             # id), no traceback: the consumer cannot go on, the process exits 1.
@@ -284,6 +298,66 @@ class Worker:
             log.info("resumed fetching after %.1fs paused", paused_for)
         else:
             log.debug("resumed fetching after %.1fs paused", paused_for)
+
+    # -- the Redis rate backend's outages (RedisRates.outage), on the main thread,
+    # -- inside _prepare: the batch being counted waits in hand --
+
+    def redis_unavailable(self, exc: BaseException, attempt: int) -> None:
+        """Redis did not answer while counting a batch: pause fetching (said once), keep
+        the loop's duties (heartbeat, Kafka callbacks, committing what finished before
+        this batch) for the back-off, then let the backend send the batch again. The
+        batch is held, not dropped: its offsets are not committed until it is indexed."""
+        from pipeline.service_errors import describe_redis_error
+
+        assert self.source is not None
+        now = time.monotonic()
+        self._redis_error = describe_redis_error(exc, self.settings.rates).rstrip(".")
+        if self._redis_down_since is None:
+            self._redis_down_since = now
+            self.source.pause()  # never paused here: the loop resumes before it polls
+            self.metrics.paused.set(1)
+            self.metrics.rates_unavailable.set(1)
+            log.warning("paused fetching: %s; retrying the batch (not committed) every "
+                        "%.1f-%.0fs until Redis answers", self._redis_error,
+                        REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
+        self.metrics.rates_retries.inc()
+        ceiling = min(REDIS_RETRY_MAX_S, REDIS_RETRY_INITIAL_S * 2 ** min(attempt, 10))
+        until = now + random.uniform(ceiling / 2, ceiling)
+        while True:
+            if self.stopping.is_set() or self._fatal is not None:
+                raise RatesStopped(
+                    f"stopping while Redis is unavailable ({self._redis_error}): the batch "
+                    f"being counted is not indexed; it and the records after it are read "
+                    f"again at the next start")
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            if self.status:
+                self.status.beat()
+            self.source.serve(min(0.2, left))
+            self._reap()
+            self._progress_due()
+
+    def redis_recovered(self) -> None:
+        """The batch went through: resume fetching, saying for how long it was paused."""
+        if self._redis_down_since is None:
+            return
+        down = time.monotonic() - self._redis_down_since
+        self._redis_down_since, self._redis_error = None, ""
+        self.metrics.rates_unavailable.set(0)
+        if self.source is not None and self.source.paused:
+            self.source.resume()
+            self.metrics.paused.set(0)
+        log.info("resumed fetching: Redis answers again after %.1fs paused", down)
+
+    def _progress_due(self) -> None:
+        """The progress line, every metrics.progress_interval_s (also while waiting for
+        Redis: "0 rec/s ..., paused" is what an outage should show)."""
+        if time.monotonic() >= self._next_progress:
+            self._publish_enricher_stats()
+            self._log_progress()
+            self._next_progress = (time.monotonic()
+                                   + self.settings.metrics.progress_interval_s)
 
     def _start_grace_timer(self) -> None:
         """Set `abort` once shutdown_grace_s have passed (idempotent)."""
@@ -507,6 +581,8 @@ class Worker:
         state = f"{n} partition(s)" if n else "no partitions assigned (idle member)"
         if not self.sink.writable.is_set():
             state += f"; elasticsearch not accepting writes, paused: {self.sink.last_error}"
+        if self._redis_down_since is not None:
+            state += f"; rate backend not answering, paused: {self._redis_error}"
         return True, f"ok: {state}"
 
     def _publish_enricher_stats(self) -> None:

@@ -22,16 +22,34 @@ batches. Keys expire ``R + key_ttl_slack_s`` seconds after their last update, so
 IPs cost nothing. All keys of a batch are passed in KEYS; on Redis Cluster that means a
 hash-tagged prefix (one slot) or per-slot batches, which this module does not do.
 
-Alert dedupe (`claim_alerts`) is a separate single pipeline of ``SET key 1 NX EX ttl``:
-it only runs for events that newly cross a threshold, which the alert engine already
-filters locally, so the counting path stays one round trip.
+Alert dedupe (`claim_alerts`) is a separate single pipeline of ``SET key token NX GET EX
+ttl``: it only runs for events that newly cross a threshold, which the alert engine
+already filters locally, so the counting path stays one round trip.
+
+Outages. A call that fails on the connection (refused, reset, timed out, Redis loading
+its data) is handed to `outage` (the worker: it pauses fetching and backs off) and then
+made again, for as long as `outage` lets it; refusals that will not heal
+(authentication, ACL, TLS) are raised at once. Sending the same batch twice must not
+count it twice, yet Redis may have run a script whose answer was lost with the
+connection (redis-py itself also re-sends a command after a connection error). So each
+batch carries an id (this client's random token and a sequence number): the script
+keeps its answer under ``<prefix>:b:<id>`` and, for an id it has already run, returns
+that answer instead of counting again. The next batch deletes the previous answer in
+the same script (no extra round trip); a worker that dies leaves one behind, expiring
+with the rate keys' TTL: past that the counts it protects have expired too. Alert
+claims store the claimer's token, so a re-sent claim that already won still wins.
+What is not covered: a batch counted and then read again from Kafka after the worker
+restarted (crash, or stopped during an outage) is counted again, as any replayed
+record is; at most the batches not yet committed, i.e. ``worker.max_inflight_batches``
++ 1 batches per restart.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import redis as redis_lib
 
@@ -42,10 +60,11 @@ log = logging.getLogger(__name__)
 # Lua's unpack() is limited to ~8000 values: a state holds at most 2 * R + 1.
 MAX_RETENTION_S = 3900
 
-# KEYS[i] = key of event i's IP; ARGV = nw, w1..wnw (ascending), R, lateness, ttl,
-# "t1,t2,...,tn" (buckets). Returns "c1,..,cnw,late,c1,..." (nw + 1 numbers per event):
-# one string each way, because building and parsing 500 nested RESP arrays in redis-py
-# (without hiredis) cost more than the script itself.
+# KEYS[i] = key of event i's IP, then the batch's answer key and the previous batch's;
+# ARGV = nw, w1..wnw (ascending), R, lateness, ttl, "t1,t2,...,tn" (buckets). Returns
+# "c1,..,cnw,late,c1,..." (nw + 1 numbers per event): one string each way, because
+# building and parsing 500 nested RESP arrays in redis-py (without hiredis) cost more
+# than the script itself.
 _LUA = r"""
 local nw = tonumber(ARGV[1])
 local W = {}
@@ -67,10 +86,18 @@ local function upper(A, x)
   return lo
 end
 
+-- The last two KEYS: this batch's answer (an id already run answers again, uncounted)
+-- and the previous batch's, now delivered, to drop.
+local n = #KEYS - 2
+local DONE = KEYS[n + 1]
+redis.call('DEL', KEYS[n + 2])
+local done = redis.call('GET', DONE)
+if done then return done end
+
 local cache = {}
 local order = {}
 local out = {}
-for i = 1, #KEYS do
+for i = 1, n do
   local k = KEYS[i]
   local t = T[i]
   local A = cache[k]
@@ -135,8 +162,35 @@ end
 for _, k in ipairs(order) do
   redis.call('SET', k, cmsgpack.pack(cache[k]), 'EX', TTL)
 end
-return table.concat(out, ',')
+local answer = table.concat(out, ',')
+redis.call('SET', DONE, answer, 'EX', TTL)
+return answer
 """
+
+
+T = TypeVar("T")
+
+
+class Outage(Protocol):
+    """Who decides how a connection failure is waited out (the worker)."""
+
+    def redis_unavailable(self, exc: BaseException, attempt: int) -> None:
+        """Back off before attempt `attempt + 1`; raise to give up (e.g. stopping)."""
+        ...
+
+    def redis_recovered(self) -> None:
+        """The call that failed went through."""
+        ...
+
+
+def retryable(exc: BaseException) -> bool:
+    """A failure that may heal by itself: the connection (refused, reset, timed out,
+    Redis still loading). Authentication, ACL and TLS refusals will not: raised at once."""
+    from pipeline.service_errors import tls_refusal
+
+    return (isinstance(exc, (redis_lib.ConnectionError, redis_lib.TimeoutError))
+            and not isinstance(exc, redis_lib.AuthenticationError)
+            and tls_refusal(exc, None) is None)
 
 
 _warned_unverified = False
@@ -206,6 +260,13 @@ class RedisRates:
         self.events = 0
         self.late_events = 0
         self.batches = 0
+        self.retries = 0
+        self.outage: Outage | None = None
+        # Batch ids: unique per client (workers share the Redis), stable across re-sends.
+        self._token = secrets.token_hex(8)
+        self._seq = 0
+        self._done_prefix = f"{key_prefix}:b:{self._token}:"
+        self._last_done = self._done_prefix + "0"
 
     @classmethod
     def from_config(cls, cfg: RatesConfig) -> RedisRates:
@@ -224,10 +285,16 @@ class RedisRates:
         if not events:
             return [], []
         prefix = self._rate_prefix
+        self._seq += 1
+        done = f"{self._done_prefix}{self._seq}"
         keys = [prefix + ip for ip, _ in events]
+        keys.append(done)
+        keys.append(self._last_done)
         args: list[int | str] = list(self._head)
         args.append(",".join([str(int(ts // 1)) for _, ts in events]))
-        flat = list(map(int, self._script(keys=keys, args=args).split(b",")))
+        answer = self._retrying(lambda: self._script(keys=keys, args=args))
+        self._last_done = done
+        flat = list(map(int, answer.split(b",")))
         nw = len(self.windows)
         step = nw + 1
         out: list[Counts] = [tuple(flat[k : k + nw]) for k in range(0, len(flat), step)]
@@ -240,10 +307,35 @@ class RedisRates:
     def claim_alerts(self, claims: Sequence[tuple[str, int]]) -> list[bool]:
         if not claims:
             return []
-        pipe = self.client.pipeline(transaction=False)
-        for key, ttl in claims:
-            pipe.set(self._alert_prefix + key, 1, nx=True, ex=max(1, int(ttl)))
-        return [bool(r) for r in pipe.execute()]
+        self._seq += 1
+        mine = f"{self._token}:{self._seq}".encode()
+
+        def claim() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for key, ttl in claims:
+                # GET: the value before; ours when a re-sent claim had already won.
+                pipe.set(self._alert_prefix + key, mine, nx=True, ex=max(1, int(ttl)),
+                         get=True)
+            return pipe.execute()
+
+        return [r is None or r == mine for r in self._retrying(claim)]
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """`call()`, again after each connection failure while `outage` waits it out."""
+        attempt = 0
+        while True:
+            try:
+                result = call()
+            except redis_lib.RedisError as exc:
+                if self.outage is None or not retryable(exc):
+                    raise
+                self.outage.redis_unavailable(exc, attempt)
+                attempt += 1
+                self.retries += 1
+                continue
+            if attempt and self.outage is not None:
+                self.outage.redis_recovered()
+            return result
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -251,6 +343,7 @@ class RedisRates:
             "events": self.events,
             "late_events": self.late_events,
             "batches": self.batches,
+            "retries": self.retries,
         }
 
     def close(self) -> None:
