@@ -175,18 +175,23 @@ def _without_variables(text: str) -> str:
 
 
 class RefusalLog:
-    """A librdkafka `logger` for short-lived clients (`setup`'s AdminClient): keeps the
-    first refusal, to explain a failed call in `describe_failure`'s words, and passes
-    every other line on."""
+    """A librdkafka `logger` for a client's start (`setup`'s AdminClient, `forward`'s
+    producer): keeps the first refusal, to explain a failed call in `describe_failure`'s
+    words, and passes every other line on; after `started()` it passes every line on
+    (a refusal while running is then logged as librdkafka says it)."""
 
     def __init__(self, forward: Any = None) -> None:
         self.kind: str | None = None
         self.text = ""
         self.since = 0.0  # time.monotonic() of the first refusal
         self._forward = forward
+        self._starting = True
+
+    def started(self) -> None:
+        self._starting = False
 
     def log(self, level: int, fmt: str, *args: object) -> None:
-        if len(args) == 3:
+        if self._starting and len(args) == 3:
             text = re.sub(r"^\[thrd:[^\]]*\]:\s*", "", str(args[2]))
             kind = classify(None, text)
             if kind is not None:
@@ -202,6 +207,35 @@ class RefusalLog:
 
     def explain(self, k: KafkaSettings) -> str | None:
         return describe_failure(self.kind, k, self.text, 0) if self.kind else None
+
+
+class KafkaUnavailable(RuntimeError):
+    """No metadata from Kafka at start; the message is one line (`describe_failure`'s
+    when Kafka refused this client, librdkafka's error otherwise)."""
+
+    def __init__(self, message: str, refused: bool) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def list_topics(client: Any, refusals: RefusalLog, k: KafkaSettings,
+                topic: str | None = None, within_s: float = 15.0) -> Any:
+    """`client.list_topics` at a client's start, in 1 s steps so that a refused
+    handshake or password ends it after SECURITY_GRACE_S instead of the whole wait
+    (librdkafka retries refusals as if the broker were down). `client` logs through
+    `refusals`. Raises KafkaUnavailable."""
+    from confluent_kafka import KafkaException
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return client.list_topics(topic, timeout=1)
+        except KafkaException as exc:
+            client.poll(0)  # serves the queued log lines that say why
+            if refusals.lasted(SECURITY_GRACE_S) or time.monotonic() >= deadline:
+                # A refusal is said as such, not as librdkafka's "transport failure".
+                raise KafkaUnavailable(refusals.explain(k) or str(exc),
+                                       refusals.kind is not None) from None
 
 
 # librdkafka property -> the kafka.security key that sets it (for error messages).

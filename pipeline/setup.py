@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import time
 
-from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 from elasticsearch import Elasticsearch
 
 from pipeline.config import Settings
 from pipeline.kafka_log import kafka_logger
-from pipeline.kafka_security import SECURITY_GRACE_S, RefusalLog, client_config
+from pipeline.kafka_security import RefusalLog, client_config, list_topics
 from pipeline.schema import component_templates, index_templates
 
 log = logging.getLogger(__name__)
@@ -56,16 +54,7 @@ def ensure_topics(settings: Settings, source_too: bool = True) -> list[str]:
     k = settings.kafka
     refusals = RefusalLog(forward=kafka_logger())
     admin = AdminClient(client_config(k), logger=refusals)
-    deadline = time.monotonic() + 15
-    while True:  # in 1 s steps, so a refused handshake or password ends it in seconds
-        try:
-            existing = set(admin.list_topics(timeout=1).topics)
-            break
-        except KafkaException as exc:
-            admin.poll(0)  # serves the queued log lines that say why
-            if refusals.lasted(SECURITY_GRACE_S) or time.monotonic() >= deadline:
-                # A refusal is said as such, not as librdkafka's "transport failure".
-                raise RuntimeError(refusals.explain(k) or str(exc)) from None
+    existing = set(list_topics(admin, refusals, k).topics)
     wanted = [k.dead_letter_topic, k.alerts_topic]
     if source_too and not k.topic_pattern:
         wanted += k.topics
