@@ -270,7 +270,8 @@ class ElasticsearchSink:
                     filter_path="errors,items.*.status,items.*.error",
                 )
             except (TransportConnectionError, ConnectionTimeout, TransportError) as exc:
-                self._failed(f"{type(exc).__name__}: {exc}", started, len(pending), len(body))
+                self._failed(failure_text(exc, self.settings), started, len(pending),
+                             len(body))
                 _release(exc)
                 retry = list(pending)
             except ApiError as exc:
@@ -343,6 +344,22 @@ class ElasticsearchSink:
 
     def close(self) -> None:
         self.client.close()
+
+
+def failure_text(exc: BaseException, settings: ElasticsearchSettings) -> str:
+    """What a failed request says in the retry warnings and the worker's pause line. The
+    client's own text is only "TLS error" / "Connection error"; the reason is at the
+    bottom of its exception chain. A TLS failure is retried like any connection failure
+    (a certificate may be fixed or rotated while the worker waits) and said in the words
+    of `run`'s start-up check (expired, not for this host, untrusted CA); another
+    failure gets its root cause (e.g. ConnectionRefusedError) in brackets."""
+    from pipeline.service_errors import _chain, describe_elasticsearch_error, tls_refusal
+
+    if tls_refusal(exc, settings.ca_certs) is not None:
+        return describe_elasticsearch_error(exc, settings)
+    text = f"{type(exc).__name__}: {exc}"
+    root = _chain(exc)[-1]
+    return text if root is exc else f"{text} ({type(root).__name__}: {root})"
 
 
 def _release(exc: BaseException) -> None:
