@@ -6,6 +6,8 @@
   counting, resumes when Redis answers (one line) and every record is indexed exactly
   once, counted exactly once (the largest 300 s count is the number of records), with
   `envoygeo_rate_backend_unavailable` / `_retries` on /metrics; SIGTERM then exits 0.
+* A Redis that stops answering (SIGSTOP) times out, is waited out the same way, and the
+  script it ran after the worker gave up on its answer is not counted twice.
 * SIGTERM while Redis is away: exit 0 at once, nothing past the indexed records committed.
 * A batch whose answer is lost after Redis ran it (the connection drops between the
   script and its reply; redis-py and the worker both send it again) is not counted
@@ -89,10 +91,10 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
 
 
 def _worker(own_redis: OwnRedis, tmp_path: Path, kafka: str, es_url: str,
-            unique: Callable[[str], str]) -> dict[str, Any]:
+            unique: Callable[[str], str], query: str = "") -> dict[str, Any]:
     topic = unique("rout")
     w = {"topic": topic, "index": unique("rout-idx"), "group": f"{topic}-g",
-         "mport": free_port(), "url": f"redis://127.0.0.1:{own_redis.port}/0",
+         "mport": free_port(), "url": f"redis://127.0.0.1:{own_redis.port}/0{query}",
          "log": tmp_path / "worker.log", "base": time.time() - 60}
     cfg = write_config(tmp_path / "worker.yaml", bootstrap=kafka, es_url=es_url,
                        topic=topic, group=w["group"], index=w["index"],
@@ -106,17 +108,21 @@ def _worker(own_redis: OwnRedis, tmp_path: Path, kafka: str, es_url: str,
 
 
 def _kill_under(w: dict[str, Any], own_redis: OwnRedis, kafka: str,
-                es_client: Elasticsearch) -> float:
-    """200 records indexed and committed, then Redis killed and 200 more produced;
-    returns when the worker said the pause (seconds after the kill)."""
+                es_client: Elasticsearch, sig: signal.Signals = signal.SIGKILL) -> float:
+    """200 records indexed and committed, then Redis killed (or stopped) and 200 more
+    produced; returns when the worker said the pause (seconds after the signal)."""
     worker, log = w["proc"], w["log"]
     assert wait_for_count(es_client, w["index"], 200, timeout_s=90, procs=[worker]) == 200
     assert wait_for_committed(kafka, w["group"], w["topic"], 200, timeout_s=30) == 200
-    own_redis.kill()
+    if sig == signal.SIGKILL:
+        own_redis.kill()
+    else:
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(sig)
     killed = time.monotonic()
     produce(kafka, w["topic"], access_records(200, start=200, base_ts=w["base"]))
     while not any(m.startswith("paused fetching: redis") for m in log_messages(log)):
-        assert time.monotonic() - killed < OUTAGE_S, "no pause said"
+        assert time.monotonic() - killed < 2 * OUTAGE_S, "no pause said"
         assert worker.poll() is None, f"worker exited with {worker.returncode}"
         time.sleep(0.2)
     return time.monotonic() - killed
@@ -198,6 +204,39 @@ def test_sigterm_while_redis_is_away_exits_0_committing_nothing_more(
     assert wait_for_committed(kafka_bootstrap, w["group"], w["topic"], 200,
                               timeout_s=1) == 200
     assert count_docs(es_client, w["index"]) == 200
+
+
+def test_a_redis_that_stops_answering_times_out_and_a_lost_answer_is_not_recounted(
+        own_redis: OwnRedis, tmp_path: Path, kafka_bootstrap: str, es_url: str,
+        es_client: Elasticsearch, unique: Callable[[str], str]) -> None:
+    """SIGSTOP: connections stay open and nothing answers, as in a partition. The batch
+    times out (socket_timeout=1 in the URL; 10 s by default), the worker pauses; the
+    script it had sent waits in the socket and runs when Redis continues (SIGCONT),
+    after the client gave up on its answer, and the worker then sends the batch again:
+    Redis ran more scripts than there were batches, yet every count is exact."""
+    w = _worker(own_redis, tmp_path, kafka_bootstrap, es_url, unique, "?socket_timeout=1")
+    worker, log = w["proc"], w["log"]
+    assert own_redis.proc is not None
+    try:
+        _kill_under(w, own_redis, kafka_bootstrap, es_client, signal.SIGSTOP)
+        time.sleep(1)
+        own_redis.proc.send_signal(signal.SIGCONT)
+        assert wait_for_count(es_client, w["index"], 400, timeout_s=60, procs=[worker]) == 400
+        batches = scrape_metric(w["mport"], "envoygeo_batch_records_count")
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+        rc = stop_worker(worker)
+    assert rc == 0, log.read_text()[-3000:]
+    pauses = [m for m in log_messages(log) if m.startswith("paused fetching")]
+    assert len(pauses) == 1 and "TimeoutError: Timeout reading from" in pauses[0], pauses
+    scripts = redis.Redis(port=own_redis.port).info("commandstats")["cmdstat_evalsha"]["calls"]
+    print(f"{scripts} scripts run for {batches:.0f} batches")
+    assert scripts > batches  # an answer was lost and its batch sent again
+    assert_exactly_once(es_client, w["index"], 400)
+    es_client.indices.refresh(index=w["index"])
+    top = es_client.search(index=w["index"], size=1, sort=[{"envoygeo.rate.300s": "desc"}],
+                           query={"match_all": {}})["hits"]["hits"][0]["_source"]
+    assert top["envoygeo"]["rate"]["300s"] == 400
 
 
 class _LoseFirstAnswer:

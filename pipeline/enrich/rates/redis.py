@@ -213,14 +213,21 @@ def _warn_unverified(url: str, parsed: dict[str, Any]) -> None:
 
 def connect(cfg: RatesConfig, **options: Any) -> redis_lib.Redis:
     """The client for `rates.redis_url` plus what a URL cannot carry well: the password
-    from `rates.redis_password_file` and the CA of a rediss:// server. Certificates are
-    always verified (redis-py's default for rediss://). The backend, `run`'s start-up
-    check and `check-config --connect` all connect here."""
+    from `rates.redis_password_file`, the CA of a rediss:// server, default timeouts
+    (5 s to connect, 10 s for an answer). Certificates are always verified (redis-py's
+    default for rediss://). The backend, `run`'s start-up check and `check-config
+    --connect` all connect here."""
     from redis.connection import parse_url
 
     from pipeline.config import read_secret
 
     _warn_unverified(cfg.redis_url, parse_url(cfg.redis_url))
+    # Without timeouts a Redis that stops answering without closing the connection (a
+    # partition, a stopped process) would block the worker forever; with them it is an
+    # outage like any other (`retryable`). A batch's script takes milliseconds. The URL
+    # may say otherwise (`?socket_timeout=30`: its query wins over these).
+    options.setdefault("socket_connect_timeout", 5.0)
+    options.setdefault("socket_timeout", 10.0)
     if cfg.redis_password_file is not None:
         options["password"] = read_secret(cfg.redis_password_file)
     if cfg.redis_ca_file is not None:
