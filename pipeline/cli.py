@@ -44,6 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.commands.dashboards:dashboards",
         "Build, validate and import Kibana / OpenSearch Dashboards objects and the rate rule.",
     ),
+    "policy": (
+        "pipeline.commands.policy:policy",
+        "Deny alerting client IPs at the gateway: Envoy RBAC file, Istio AuthorizationPolicy.",
+    ),
     "report": (
         "pipeline.commands.report:report",
         "Self-contained HTML report (world map, top countries/cities/IPs, alerts) from ES.",

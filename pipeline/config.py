@@ -568,6 +568,74 @@ class ForwardSettings(_Section):
         return self
 
 
+class PolicySettings(_Section):
+    """`envoygeo policy`: alerts and IP lists in, Istio AuthorizationPolicy and Envoy
+    RBAC out. The list files are read (and so checked, line by line) at start and
+    again every round, so editing them takes effect without a restart."""
+
+    source: Literal["elasticsearch", "kafka"] = Field(
+        "elasticsearch", description="Where alerts are read: elasticsearch.alerts_index "
+                                     "or kafka.alerts_topic (the worker writes both).")
+    rules: list[str] = Field(
+        default_factory=list, description="Alert rule names that lead to a deny (empty: all).")
+    expire_after_s: int = Field(
+        3600, ge=1, description="A denied address is released this long after its latest "
+                                "alert, unless it alerts again.")
+    max_entries: int = Field(
+        1000, ge=1, le=100_000,
+        description="Most networks denied at once; the smallest offenders (sum of alert "
+                    "counts) are cut first, and the cut is reported.")
+    allow_files: list[Path] = Field(
+        default_factory=list, description="CIDR list files never denied (the allow list wins).")
+    deny_files: list[Path] = Field(
+        default_factory=list, description="CIDR list files always denied (no expiry, no cut).")
+    allow_only: bool = Field(
+        False, description="Also deny every client outside the allow list (IP allow-listing).")
+    interval_s: float = Field(30.0, gt=0, le=86400, description="Seconds between rounds.")
+    envoy_rbac_file: Path | None = Field(
+        None, description="Envoy RBAC filter config, loaded by Envoy through ECDS "
+                          "(config_discovery with path_config_source).")
+    envoy_filter_name: str = Field(
+        "envoygeo-rbac", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The HTTP filter's name in Envoy's config (the ECDS resource name).")
+    istio_file: Path | None = Field(None, description="AuthorizationPolicy YAML to kubectl apply.")
+    istio_name: str = Field("envoygeo", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                            description="Policy name prefix (<name>-deny, <name>-allow).")
+    istio_namespace: str = Field("istio-system", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    istio_selector: dict[str, str] = Field(
+        default_factory=lambda: {"istio": "ingressgateway"},
+        description="matchLabels of the ingress gateway pods.")
+    state_file: Path | None = Field(
+        None, description="What the last round wrote (default: <first output>.state.json).")
+    audit_index: str = Field("envoygeo-policy-audit",
+                             description="Elasticsearch index of audit records, one per change.")
+
+    @field_validator("allow_files", "deny_files")
+    @classmethod
+    def _lists_parse(cls, v: list[Path]) -> list[Path]:
+        from pipeline.iplists import IpList
+
+        try:
+            IpList.load(v)
+        except OSError as exc:
+            raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        return v
+
+    @field_validator("istio_selector")
+    @classmethod
+    def _selector(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("an empty selector would apply the policy to every workload "
+                             "of the namespace; name the gateway's labels")
+        return v
+
+    @model_validator(mode="after")
+    def _allow_only_needs_list(self) -> PolicySettings:
+        if self.allow_only and not self.allow_files:
+            raise ValueError("allow_only needs allow_files (it would deny every client)")
+        return self
+
+
 class Settings(BaseModel):
     """Every section; read by `load_settings` (file, ${VAR}, then ENVOYGEO_* variables)."""
 
@@ -585,6 +653,7 @@ class Settings(BaseModel):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     kibana: KibanaSettings = Field(default_factory=KibanaSettings)
     forward: ForwardSettings = Field(default_factory=ForwardSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
 
 
 class ConfigError(Exception):
