@@ -299,3 +299,32 @@ def test_flood_alert_policy_403_then_expiry(gateway: Gateway, config: Path,
         ("added", changes[0]["reason"]), ("removed", "expired")]
     for index in (names["index"], alerts, names["audit"]):
         es_client.indices.delete(index=index, ignore_unavailable=True)
+
+
+def test_loop_runs_rounds_until_sigterm(tmp_path: Path, es_url: str, kafka_bootstrap: str,
+                                        es_client: Elasticsearch) -> None:
+    """Without --once: a round every --interval, hot-reading the deny list, and a
+    clean exit 0 on SIGTERM (as in a Kubernetes pod)."""
+    deny = tmp_path / "deny.txt"
+    deny.write_text("")
+    tag = f"it-policy-loop-{int(time.time() * 1000) % 10**9}"
+    config = write_config(tmp_path / "c.yaml", bootstrap=kafka_bootstrap, es_url=es_url,
+                          topic=tag, group=tag, index=tag,
+                          extra={"policy": {"istio_file": str(tmp_path / "authz.yaml"),
+                                            "deny_files": [str(deny)], "audit_index": tag}})
+    log = tmp_path / "policy.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "policy", "-c",
+                                 str(config), "--interval", "0.5"], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        _eventually(lambda: "0 denied" in log.read_text(), 30, "the first round")
+        deny.write_text("198.51.100.0/24  # added while running\n")
+        _eventually(lambda: "added 198.51.100.0/24: in the deny list" in log.read_text(), 30,
+                    "a later round to pick up the edited deny list")
+        assert "198.51.100.0/24" in (tmp_path / "authz.yaml").read_text()
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=30)
+    assert code == 0, log.read_text()
+    es_client.indices.delete(index=tag, ignore_unavailable=True)
