@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from string import Template
 
 import pytest
 import yaml
@@ -55,40 +56,19 @@ class Gateway:
     rbac: Path
 
 
-def _envoy_config(listen: int, admin: int, rbac: Path, log: Path) -> dict:
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                 "http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "ingress", "use_remote_address": True,
-        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": str(log),
-            "log_format": {"text_format_source": {"inline_string": ISTIO_DEFAULT}}}}],
-        "http_filters": [
-            {"name": FILTER, "config_discovery": {
-                "config_source": {"path_config_source": {"path": str(rbac)},
-                                  "resource_api_version": "V3"},
-                "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"]}},
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
-            "match": {"prefix": "/"},
-            "direct_response": {"status": 200, "body": {"inline_string": "hello\n"}}}]}]},
-    }
-    return {
-        "node": {"id": "envoygeo-policy-test", "cluster": "envoygeo"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {"listeners": [{
-            "name": "ingress",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
-            "listener_filters": [{"name": "envoy.filters.listener.proxy_protocol",
-                                  "typed_config": {"@type": "type.googleapis.com/envoy."
-                                                   "extensions.filters.listener."
-                                                   "proxy_protocol.v3.ProxyProtocol"}}],
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": hcm}]}]}]},
-    }
+SHIPPED = ROOT / "deploy" / "local" / "envoy" / "rbac-gateway.yaml"
+
+
+def _envoy_config(listen: int, admin: int, rbac: Path, log: Path) -> str:
+    """The shipped example, as a user fills it in (its format is Istio's default)."""
+    text = Template(SHIPPED.read_text()).substitute(
+        LISTEN_PORT=listen, ADMIN_PORT=admin, RBAC_FILE=rbac, ACCESS_LOG=log)
+    hcm = yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0][
+        "filters"][0]["typed_config"]
+    fmt = hcm["access_log"][0]["typed_config"]["log_format"]["text_format_source"]
+    assert fmt["inline_string"] == ISTIO_DEFAULT
+    assert hcm["http_filters"][0]["name"] == FILTER
+    return text
 
 
 def _policy(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -132,7 +112,7 @@ def gateway(workdir: Path, config: Path) -> Iterator[Gateway]:
     rbac = workdir / "rbac" / "rbac.json"
     listen, admin, front = free_port(), free_port(), free_port()
     log = workdir / "access.log"
-    (workdir / "envoy.json").write_text(json.dumps(_envoy_config(listen, admin, rbac, log)))
+    (workdir / "envoy.yaml").write_text(_envoy_config(listen, admin, rbac, log))
     (workdir / "haproxy.cfg").write_text(f"""
 global
     maxconn 100
@@ -148,7 +128,7 @@ frontend fe
 backend be
     server envoy 127.0.0.1:{listen} send-proxy-v2
 """)
-    envoy = subprocess.Popen([envoy_binary(), "-c", str(workdir / "envoy.json"),
+    envoy = subprocess.Popen([envoy_binary(), "-c", str(workdir / "envoy.yaml"),
                               "--base-id", str(admin), "--concurrency", "1", "-l", "warning"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     haproxy = None
