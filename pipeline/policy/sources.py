@@ -75,8 +75,11 @@ def from_kafka(conf: dict[str, Any], topic: str, since: float,
     partition's offset for that time up to the end as it was when reading started."""
     from confluent_kafka import Consumer, TopicPartition
 
+    from pipeline.kafka_log import kafka_logger
+
+    # Assigned partitions, never subscribed: the group id is required but never joined.
     consumer = Consumer({**conf, "group.id": "envoygeo-policy", "enable.auto.commit": False,
-                         "enable.partition.eof": True})
+                         "enable.partition.eof": True}, logger=kafka_logger())
     try:
         meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:

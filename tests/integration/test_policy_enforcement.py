@@ -28,7 +28,15 @@ import yaml
 from elasticsearch import Elasticsearch
 
 from pipeline.decode.presets import ISTIO_DEFAULT
-from pipeline.lab.stack import envoy_binary, free_port, haproxy_binary, stop_process, wait_port
+from pipeline.lab.stack import (
+    CLIENT_HEADER,
+    envoy_binary,
+    free_port,
+    haproxy_binary,
+    haproxy_config,
+    stop_process,
+    wait_port,
+)
 from tests.integration.harness import (
     ROOT,
     fluent_bit_record,
@@ -113,21 +121,9 @@ def gateway(workdir: Path, config: Path) -> Iterator[Gateway]:
     listen, admin, front = free_port(), free_port(), free_port()
     log = workdir / "access.log"
     (workdir / "envoy.yaml").write_text(_envoy_config(listen, admin, rbac, log))
-    (workdir / "haproxy.cfg").write_text(f"""
-global
-    maxconn 100
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 10s
-    timeout server 10s
-frontend fe
-    bind 127.0.0.1:{front}
-    http-request set-src hdr(x-test-client-ip) if {{ req.hdr(x-test-client-ip) -m found }}
-    default_backend be
-backend be
-    server envoy 127.0.0.1:{listen} send-proxy-v2
-""")
+    # The lab's HAProxy: its v2 frontend sends PROXY v2 with the address a request
+    # names in CLIENT_HEADER (its v1 frontend is not used here).
+    (workdir / "haproxy.cfg").write_text(haproxy_config(free_port(), front, listen))
     envoy = subprocess.Popen([envoy_binary(), "-c", str(workdir / "envoy.yaml"),
                               "--base-id", str(admin), "--concurrency", "1", "-l", "warning"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -147,7 +143,7 @@ backend be
 def _status(gw: Gateway, client: str, xff: str | None = None) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
     try:
-        headers = {"x-test-client-ip": client, "user-agent": "envoygeo-it/1.0"}
+        headers = {CLIENT_HEADER: client, "user-agent": "envoygeo-it/1.0"}
         if xff:
             headers["x-forwarded-for"] = xff
         conn.request("GET", "/items", headers=headers)
