@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -104,16 +105,34 @@ class IpList:
     def __iter__(self) -> Iterator[Network]:
         return iter(self.networks)
 
+    @cached_property
+    def _by_prefix(self) -> dict[int, list[tuple[int, dict[int, Network]]]]:
+        """version -> [(prefix length, {network bits: network})], the longest-listed
+        first in file order of lengths. A lookup costs one dict probe per distinct
+        prefix length, not one comparison per network: lists of thousands of ranges
+        (threat feeds) stay cheap."""
+        out: dict[int, dict[int, dict[int, Network]]] = {}
+        for net in self.networks:
+            bits = net.max_prefixlen - net.prefixlen
+            by_len = out.setdefault(net.version, {}).setdefault(net.prefixlen, {})
+            by_len.setdefault(int(net.network_address) >> bits, net)
+        return {v: sorted(d.items()) for v, d in out.items()}
+
     def covering(self, ip: str | Network) -> Network | None:
-        """The first network of the list that contains `ip` (an address or a network),
-        or None. Linear: lists are checked for candidates, not for every log line."""
+        """The widest network of the list that contains `ip` (an address or a
+        network), or None."""
         try:
             target = parse_network(ip) if isinstance(ip, str) else ip
         except ValueError:
             return None
-        for net in self.networks:
-            if net.version == target.version and target.subnet_of(net):  # type: ignore[arg-type]
-                return net
+        addr = int(target.network_address)
+        width = target.max_prefixlen
+        for plen, nets in self._by_prefix.get(target.version, ()):
+            if plen > target.prefixlen:
+                break
+            hit = nets.get(addr >> (width - plen))
+            if hit is not None:
+                return hit
         return None
 
     def overlapping(self, net: Network) -> list[Network]:

@@ -99,19 +99,18 @@ def decide(offences: Iterable[Offence], deny_list: IpList, allow_list: IpList, *
         if e.last_alert is None or o.ts > e.last_alert:
             e.last_alert = o.ts
             e.expires_at = o.ts + expire_after_s
-    static = [Entry(cidr=str(n), origin="deny_list") for n in deny_list]
+    static = {n: Entry(cidr=str(n), origin="deny_list") for n in deny_list}
     allowlisted: list[Entry] = []
     dynamic: list[Entry] = []
     for net, e in by_net.items():
         if allow_list.covering(net) is not None:
             allowlisted.append(e)
-        elif deny_list.covering(net) is not None:
+            continue
+        covering = deny_list.covering(net)
+        if covering is not None:
             # Denied anyway, for good; keep the alert ids on the static entry for the audit.
-            covering = str(deny_list.covering(net))
-            for s in static:
-                if s.cidr == covering:
-                    s.alert_ids.extend(e.alert_ids)
-                    s.score += e.score
+            static[covering].alert_ids.extend(e.alert_ids)
+            static[covering].score += e.score
         else:
             dynamic.append(e)
     # Largest offenders first; ties: the most recent, then the address (stable output).
@@ -119,7 +118,7 @@ def decide(offences: Iterable[Offence], deny_list: IpList, allow_list: IpList, *
     room = max_entries - len(static)
     kept, cut = dynamic[:room], dynamic[room:]
     kept.sort(key=lambda e: _net_key(e.cidr))
-    return Decision(deny=static + kept, allow=[str(n) for n in allow_list],
+    return Decision(deny=list(static.values()) + kept, allow=[str(n) for n in allow_list],
                     allowlisted=allowlisted, cut=cut, invalid=invalid)
 
 

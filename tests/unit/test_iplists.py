@@ -55,3 +55,24 @@ def test_mapped_v6_network_is_v4() -> None:
 def test_unreadable_file_is_oserror(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         IpList.load([tmp_path / "missing.txt"])
+
+
+def test_covering_is_exact_at_every_prefix_length() -> None:
+    """The prefix-bucket lookup agrees with ipaddress' own subnet test."""
+    import random
+
+    rng = random.Random(7)
+    nets = [ipaddress.ip_network((rng.getrandbits(32), p), strict=False)
+            for p in (8, 12, 16, 20, 24, 28, 32) for _ in range(30)]
+    lst = IpList(tuple(nets))
+    for _ in range(3000):
+        probe = ipaddress.ip_network((rng.getrandbits(32), rng.choice((16, 24, 32))),
+                                     strict=False)
+        want = [n for n in nets if probe.subnet_of(n)]
+        got = lst.covering(probe)
+        assert (got is None) == (not want)
+        if got is not None:
+            assert got.prefixlen == min(n.prefixlen for n in want)
+    # Draw probes from inside the listed networks too, so hits are tested, not only misses.
+    for n in nets:
+        assert lst.covering(n) is not None and lst.covering(str(n.network_address)) is not None

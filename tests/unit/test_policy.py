@@ -261,3 +261,21 @@ def test_command_needs_an_output_and_teaches(tmp_path: Path) -> None:
     for phrase in ("--dry-run", "--once", "expire_after_s", "allow list wins", "remote_ip",
                    "remoteIpBlocks", "policy.audit_index", "max_entries"):
         assert phrase in help_text, phrase
+
+
+def test_a_failed_round_changes_nothing_and_once_exits_1(tmp_path: Path) -> None:
+    """Elasticsearch down: one line saying why, no output file written, exit 1."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    out = tmp_path / "rbac.json"
+    cfg.write_text(yaml.safe_dump({
+        "elasticsearch": {"hosts": ["http://127.0.0.1:9"], "request_timeout_s": 2},
+        "policy": {"envoy_rbac_file": str(out)}}))
+    res = CliRunner().invoke(main, ["policy", "-c", str(cfg), "--once"])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("policy: round failed, nothing changed: elasticsearch: ")
+    assert "127.0.0.1:9" in res.output
+    assert not out.exists()
