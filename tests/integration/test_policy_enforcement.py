@@ -179,31 +179,37 @@ def test_flood_alert_policy_403_then_expiry(gateway: Gateway, config: Path,
     gw = gateway
     ecds = f"extension_config_discovery.http_filter.{FILTER}"
     assert _envoy_stat(gw, f"{ecds}.update_success") == "1"
-    # 1. Everybody gets through; the flooder crosses the threshold.
-    assert _status(gw, OTHER) == 200
-    for _ in range(THRESHOLD + 10):
-        assert _status(gw, FLOODER) == 200
-    want = THRESHOLD + 11
-
-    def logged() -> list[str]:
-        return gw.log.read_text().splitlines() if gw.log.exists() else []
-
-    _eventually(lambda: len(logged()) >= want, 20, f"{want} lines in Envoy's access log")
-    lines = logged()
-    assert sum(FLOODER in line for line in lines) == THRESHOLD + 10
-    # 2. Ship Envoy's lines as Fluent Bit does; the real worker raises the alert.
+    # The worker is up (partitions assigned) before the flood, so the time from the
+    # flood to the alert is the pipeline's, not the worker's start-up: the deny's expiry
+    # runs from the alert's event time.
     setup_worker_env(config)
-    produce(kafka_bootstrap, names["topic"], [fluent_bit_record(line, time.time())
-                                               for line in lines])
     worker = start_worker(config, workdir / "worker.log")
     alerts = f"{names['index']}-alerts"
     try:
+        _eventually(lambda: '"message":"assigned ' in (workdir / "worker.log").read_text(), 120,
+                    "the worker's partitions to be assigned")
+        # 1. Everybody gets through; the flooder crosses the threshold.
+        assert _status(gw, OTHER) == 200
+        for _ in range(THRESHOLD + 10):
+            assert _status(gw, FLOODER) == 200
+        want = THRESHOLD + 11
+
+        def logged() -> list[str]:
+            return gw.log.read_text().splitlines() if gw.log.exists() else []
+
+        _eventually(lambda: len(logged()) >= want, 20, f"{want} lines in Envoy's access log")
+        lines = logged()
+        assert sum(FLOODER in line for line in lines) == THRESHOLD + 10
+        # 2. Ship Envoy's lines as Fluent Bit does; the real worker raises the alert.
+        produce(kafka_bootstrap, names["topic"], [fluent_bit_record(line, time.time())
+                                                   for line in lines])
+
         def alerted() -> bool:
             if not es_client.indices.exists(index=alerts):
                 return False
             es_client.indices.refresh(index=alerts)
             return es_client.count(index=alerts)["count"] > 0
-        _eventually(alerted, 90, "the worker's alert in " + alerts)
+        _eventually(alerted, 60, "the worker's alert in " + alerts)
     finally:
         assert stop_worker(worker) == 0, (workdir / "worker.log").read_text()[-3000:]
     hits = es_client.search(index=alerts)["hits"]["hits"]
