@@ -413,6 +413,11 @@ class RatesSettings(RatesConfig):
 
 
 class ParseSettings(_Section):
+    envelope: Literal["auto", "raw"] = Field(
+        "auto", description="auto: each record's envelope is detected (Fluent Bit kafka "
+        "json with any timestamp_format, msgpack, raw; Fluentd; Docker; CRI; the bare "
+        "line). raw: every record is the access-log line itself, for Fluent Bit's "
+        "`format raw` of lines that are themselves JSON with a log/message/kubernetes key.")
     log_format: str = Field(
         "auto", description="auto | envoy | istio | istio-legacy | json | an Envoy format string"
     )

@@ -115,7 +115,8 @@ class Enricher:
                 processor.parser, processor.resolver,
                 self._geo_source_fragment if geoip is not None else None,
                 geoip.cache_size if geoip is not None else 0,
-                rates.windows if rates is not None else (), processor.limits)
+                rates.windows if rates is not None else (), processor.limits,
+                processor.envelope)
             self.native_status = "on" if self._fast is not None else f"off: {why}"
         tune_gc()
 
@@ -137,7 +138,8 @@ class Enricher:
                                      lateness_s=settings.rates.lateness_s)
         limits = Limits(settings.limits.max_line_bytes, settings.limits.max_field_bytes)
         resolver = ClientIpResolver(policy, privacy=settings.privacy.policy())
-        return cls(RecordProcessor(parser, resolver, limits), geoip, rates, alerts, on_rates)
+        return cls(RecordProcessor(parser, resolver, limits, settings.parse.envelope), geoip,
+                   rates, alerts, on_rates)
 
     @classmethod
     def build(cls, processor: RecordProcessor, geoip: GeoIP | None,
@@ -328,7 +330,7 @@ class Enricher:
         k = 0  # the next native record not yet offered to the joiner
         for i in (*batch.fallback, len(values)):
             while k < i and joiner.pending:
-                env = decode_envelope(values[k])
+                env = decode_envelope(values[k], self.processor.envelope)
                 joined = feed(env)  # as process_record(values[k]) would
                 if joined is not env:  # a piece of the open line: the joiner's now
                     hand_back(batch, k)

@@ -45,6 +45,7 @@ UNPARSED_REASONS: tuple[tuple[str, str], ...] = (
     ("empty record", "empty_record"),
     ("no access-log payload", "no_payload"),
     ("envelope decoder failed", "bad_envelope"),
+    ("malformed msgpack record", "bad_envelope"),
     ("parser error", "parser_bug"),
 )
 UNPARSED_REASON_LABELS = tuple(dict.fromkeys(label for _, label in UNPARSED_REASONS)) + ("other",)

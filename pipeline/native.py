@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.clientip import _V4_TABLE, _V6_TABLE, ClientIpResolver
 from pipeline.decode.access_log import to_int
+from pipeline.decode.envelope import ENVELOPE_AUTO, ENVELOPE_RAW
 from pipeline.decode.envoy_format import (
     _CANONICAL_ORDER,
     _NUM_RE,
@@ -136,7 +137,8 @@ def _table(table: tuple[list[int], list[str]]) -> tuple[list[int], list[str]]:
 
 def build_core(parser: LineParser, resolver: ClientIpResolver, geo_lookup: Any,
                geo_cache_size: int, windows: tuple[int, ...],
-               limits: Limits | None = None) -> tuple[Any, str]:
+               limits: Limits | None = None, envelope: str = ENVELOPE_AUTO,
+               ) -> tuple[Any, str]:
     """(native Core, "") or (None, why not)."""
     limits = limits or Limits()
     if not available():
@@ -167,6 +169,7 @@ def build_core(parser: LineParser, resolver: ClientIpResolver, geo_lookup: Any,
         list(_CANONICAL_ORDER),
         _privacy(resolver),
     )
+    core.set_raw_envelope(envelope == ENVELOPE_RAW)
     return core, ""
 
 

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 from pipeline.clientip import ClientIpResolver
 from pipeline.decode.access_log import AccessLog
-from pipeline.decode.envelope import Envelope, PartialJoiner, decode_envelope
+from pipeline.decode.envelope import ENVELOPE_AUTO, Envelope, PartialJoiner, decode_envelope
 from pipeline.decode.envoy_format import _CANONICAL_ORDER
 from pipeline.decode.parser import LineParser
 from pipeline.document import build_document, build_failure_document
@@ -85,8 +85,9 @@ class RecordProcessor:
     """Stateful only for partial-line joining; counts outcomes for summaries."""
 
     def __init__(self, parser: LineParser, resolver: ClientIpResolver,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, envelope: str = ENVELOPE_AUTO) -> None:
         self.parser = parser
+        self.envelope = envelope  # `parse.envelope`: auto (detected per record) | raw
         self.resolver = resolver
         self.limits = limits or Limits()
         self.joiner = PartialJoiner()
@@ -109,7 +110,7 @@ class RecordProcessor:
 
         `kafka_ts`: the Kafka record's timestamp (epoch seconds), the `@timestamp` of a
         record whose line and envelope carry no time."""
-        env = self.joiner.feed(decode_envelope(data))
+        env = self.joiner.feed(decode_envelope(data, self.envelope))
         if env is None:
             return None
         return self.record(env, kafka_ts)

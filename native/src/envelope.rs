@@ -2,6 +2,10 @@
 //! `pipeline.decode.envelope` as the reference: every decision mirrors `_decode` and
 //! `_from_json`, and anything outside the common case is handed back to it.
 //!
+//! Fluent Bit's `format msgpack` records are not UTF-8 and go to Python (msgpack-python
+//! reads them; the README has the measured cost); its `iso8601`/`iso8601_ns` stamps
+//! and `format raw` lines run here.
+//!
 //! Records of the container runtime's own formats (CRI lines, Docker json-file) are
 //! always Python's: only its partial-line joiner may decide whether they continue a
 //! split line. A bare line that merely starts with a digit (a custom format beginning
@@ -59,9 +63,13 @@ fn is_cri(line: &[u8]) -> bool {
 }
 
 /// Rendered Kubernetes metadata by raw JSON text; None: not renderable here (floats).
+/// Also the core's envelope setting, since every decode already receives it.
 #[derive(Default)]
 pub struct KubeCache {
     map: AHashMap<Box<str>, Option<Arc<Vec<u8>>>>,
+    /// `parse.envelope: raw` (`ENVELOPE_RAW` in Python): no detection, every record
+    /// is the access-log line itself.
+    pub raw_envelope: bool,
 }
 
 impl KubeCache {
@@ -323,11 +331,13 @@ fn parse_top(line: &str) -> Option<Top<'_>> {
     (sc.i == sc.b.len()).then_some(top)
 }
 
-/// parse_epoch_or_iso for what JSON can hold; Err: only Python can say (strings).
+/// parse_epoch_or_iso for what JSON can hold; Err: only Python can say (strings
+/// other than the RFC 3339 UTC form Fluent Bit writes).
 fn epoch(v: Option<&str>) -> Result<Option<f64>, ()> {
     let Some(raw) = v else { return Ok(None) };
     match raw.as_bytes()[0] {
-        b'"' => Err(()),
+        // Fluent Bit's `timestamp_format iso8601` / `iso8601_ns`; any other text: Python.
+        b'"' => crate::timefmt::rfc3339_utc(&raw[1..raw.len() - 1]).map(Some).ok_or(()),
         b'-' | b'0'..=b'9' => {
             let f: f64 = raw.parse().map_err(|_| ())?;
             let f = if f > 1e11 { f / 1000.0 } else { f };
@@ -348,6 +358,10 @@ pub fn decode(data: &[u8], kube_cache: &mut KubeCache) -> Decoded {
     let Some(&first) = line.as_bytes().first() else { return Decoded::Fallback };
     if line.bytes().all(is_py_space) || !first.is_ascii() {
         return Decoded::Fallback;
+    }
+    if kube_cache.raw_envelope {
+        return Decoded::Ok(Env { kind: "bare", payload: line.to_owned(), stream: None, ts: None,
+                                 kubernetes: None });
     }
     if first.is_ascii_digit() && (!line.is_ascii() || is_cri(line.as_bytes())) {
         return Decoded::Fallback; // CRI (or maybe, with Unicode digits): the joiner's

@@ -304,6 +304,11 @@ impl Core {
         self.geo_dbs = Some(out);
         None
     }
+
+    /// `parse.envelope: raw` (see `envelope::KubeCache::raw_envelope`).
+    fn set_raw_envelope(&mut self, raw: bool) {
+        self.kube_cache.raw_envelope = raw;
+    }
 }
 
 impl Core {

@@ -118,3 +118,34 @@ impl IsoClock {
         true
     }
 }
+
+/// A collector's `@timestamp` text, `YYYY-MM-DDTHH:MM:SS.fffffffffZ` (Fluent Bit's
+/// `iso8601` and `iso8601_ns`; 1 to any number of fraction digits), -> epoch seconds
+/// exactly as `timeparse.parse_iso8601` computes them: the fraction cut to
+/// microseconds, then `datetime.timestamp()`, which divides whole microseconds by 10^6
+/// (one correctly rounded division, as here). None for every other form (offsets, no
+/// fraction, a space for `T`, ...) and outside 1970..2255: the Python path decides those.
+pub fn rfc3339_utc(v: &str) -> Option<f64> {
+    let b = v.as_bytes();
+    if b.len() < 22 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':'
+        || b[16] != b':' || b[19] != b'.' || b[b.len() - 1] != b'Z'
+    {
+        return None;
+    }
+    let frac = &b[20..b.len() - 1];
+    let (y, mo, d) = (digits(&b[0..4])?, digits(&b[5..7])?, digits(&b[8..10])?);
+    let (h, mi, s) = (digits(&b[11..13])?, digits(&b[14..16])?, digits(&b[17..19])?);
+    if frac.is_empty() || !frac.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let kept = &frac[..frac.len().min(6)];
+    let us = digits(kept)? * 10i64.pow(6 - kept.len() as u32);
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&mo) || d < 1
+        || d > days_in_month(y, mo) || h > 23 || mi > 59 || s > 59
+    {
+        return None;
+    }
+    let total = (days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + s) * 1_000_000 + us;
+    // Exact as a double only below 2^53 µs (year 2255); later instants take Python's path.
+    (total < 1i64 << 53).then(|| total as f64 / 1e6)
+}

@@ -1,10 +1,17 @@
 """Unwrap the transport envelope around an access-log line, detected per record.
 
 A Kafka message value (or a file line) may be: Fluent Bit's kafka output JSON
-(`log`/`message`, `kubernetes{...}`, `@timestamp`), Fluentd out_kafka2 JSON, a Docker
-json-file line, a CRI line (`<time> stdout F <line>`), or the bare access-log line
-(text or Envoy JSON). Nothing here raises: bad input becomes an `Envelope` with
-`error` set, so the caller can still index or dead-letter it with its bytes.
+(`log`/`message`, `kubernetes{...}`, `@timestamp` as an epoch double or `iso8601`/
+`iso8601_ns` text), its `format msgpack` (the same record as a msgpack map), Fluentd
+out_kafka2 JSON, a Docker json-file line, a CRI line (`<time> stdout F <line>`), or
+the bare access-log line (text or Envoy JSON; also what Fluent Bit's `format raw`
+sends). Nothing here raises: bad input becomes an `Envelope` with `error` set, so the
+caller can still index or dead-letter it with its bytes.
+
+Detection is per record and needs no configuration, with one ambiguity: `format raw`
+of a line that is itself a collector record (JSON holding a `log`/`message` string or
+a `kubernetes` object) reads as that record. `envelope: raw` (`ENVELOPE_RAW`) turns
+detection off: every record is the access-log line itself.
 """
 
 from __future__ import annotations
@@ -13,9 +20,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import orjson
 
 from pipeline.decode.timeparse import MIN_EPOCH, parse_epoch_or_iso, parse_iso8601
+
+ENVELOPE_AUTO = "auto"
+ENVELOPE_RAW = "raw"
+
+# First bytes of a msgpack map (fixmap, map16, map32). None of them can start a UTF-8
+# text (0x80-0x8f are continuation bytes; 0xde/0xdf need a continuation byte next,
+# and a map16/map32 length's first byte is one only above 8191 entries), so a record
+# starting with one is Fluent Bit's `format msgpack`, not a line.
+_MSGPACK_MAP_FIRST = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 
 # <RFC3339Nano> <stream> <P|F> <line>  (the line may be empty)
 _CRI = re.compile(r"(\d{4}-\d\d-\d\dT\S+) (stdout|stderr) ([FP])(?: (.*))?", re.DOTALL)
@@ -66,16 +83,29 @@ def _from_cri(line: str, kind: str, env: Envelope | None) -> Envelope | None:
     return env
 
 
-def decode_envelope(data: bytes | str) -> Envelope:
-    """Detect and unwrap one record. Never raises."""
+def decode_envelope(data: bytes | str, mode: str = ENVELOPE_AUTO) -> Envelope:
+    """Detect and unwrap one record (`mode` raw: the record is the line). Never raises."""
     try:
+        if mode == ENVELOPE_RAW:
+            return _raw(data)
         return _decode(data)
     except Exception as e:  # noqa: BLE001 - the contract is "never raises"
         text, _ = _to_text(data) if isinstance(data, bytes | str) else (repr(data), False)
         return Envelope("invalid", None, text, error=f"envelope decoder failed: {e!r}")
 
 
+def _raw(data: bytes | str) -> Envelope:
+    """`envelope: raw`: the record is the access-log line, whatever it looks like."""
+    text, valid = _to_text(data)
+    line = text.rstrip("\r\n")
+    if not line or line.isspace():
+        return Envelope("invalid", None, text, tags=_invalid_tags(valid), error="empty record")
+    return Envelope("bare", line, line, tags=_invalid_tags(valid))
+
+
 def _decode(data: bytes | str) -> Envelope:
+    if type(data) is bytes and data and data[0] in _MSGPACK_MAP_FIRST:
+        return _from_msgpack(data)
     text, valid = _to_text(data)
     line = text.rstrip("\r\n")
     if not line or line.isspace():
@@ -97,6 +127,48 @@ def _invalid_tags(valid: bool) -> list[str]:
     return [] if valid else ["envelope_invalid_utf8"]
 
 
+def _msgpack_default(value: Any) -> Any:
+    """orjson's fallback for what msgpack holds and JSON has not (bin, ext, timestamps)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, msgpack.Timestamp):
+        return value.to_unix()
+    if isinstance(value, msgpack.ExtType):
+        return {"ext": value.code, "data": value.data.hex()}
+    raise TypeError(type(value).__name__)
+
+
+def _msgpack_value(value: Any) -> Any:
+    """A msgpack Timestamp ext as epoch seconds; anything else as it is."""
+    return value.to_unix() if isinstance(value, msgpack.Timestamp) else value
+
+
+def _from_msgpack(data: bytes) -> Envelope:
+    """Fluent Bit's kafka `format msgpack`: one map, read as its JSON form would be.
+
+    Malformed bytes (truncated, trailing data, a string that is not UTF-8, a map key
+    that is not hashable) are an `invalid` envelope with the reason, for the dead
+    letter; `original` is then the bytes as hex, since they are not text.
+    """
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except Exception as e:  # noqa: BLE001 - any msgpack failure is a malformed record
+        return Envelope("invalid", None, data.hex(), tags=["envelope_msgpack_malformed"],
+                        error=f"malformed msgpack record: {e}")
+    if type(obj) is not dict:
+        return Envelope("invalid", None, data.hex(), tags=["envelope_msgpack_malformed"],
+                        error="malformed msgpack record: not a map")
+    original = orjson.dumps(obj, default=_msgpack_default,
+                            option=orjson.OPT_NON_STR_KEYS).decode()
+    stamp = obj.get("@timestamp")
+    if stamp is not None:
+        obj["@timestamp"] = _msgpack_value(stamp)
+    env = _from_record(obj, original)
+    if env is None:  # no line in it: the map itself is the access log, as JSON
+        return Envelope("bare", original, original)
+    return env
+
+
 def _from_json(line: str) -> Envelope | None:
     """Collector JSON, or None when the object is the access log itself (or not JSON)."""
     try:
@@ -105,6 +177,11 @@ def _from_json(line: str) -> Envelope | None:
         return None
     if type(obj) is not dict:
         return None
+    return _from_record(obj, line)
+
+
+def _from_record(obj: dict[Any, Any], line: str) -> Envelope | None:
+    """A collector record (from JSON or msgpack); `line`: its text, for the original."""
     # Hot path (every Kafka record): exact type checks, each key read once.
     payload = obj.get("log")
     if type(payload) is not str:
