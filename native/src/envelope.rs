@@ -2,9 +2,8 @@
 //! `pipeline.decode.envelope` as the reference: every decision mirrors `_decode` and
 //! `_from_json`, and anything outside the common case is handed back to it.
 //!
-//! Fluent Bit's `format msgpack` records are not UTF-8 and go to Python (msgpack-python
-//! reads them; the README has the measured cost); its `iso8601`/`iso8601_ns` stamps
-//! and `format raw` lines run here.
+//! Fluent Bit's `format msgpack` records are read by `crate::msgpack` into the same
+//! members as JSON; its `iso8601`/`iso8601_ns` stamps and `format raw` lines run here too.
 //!
 //! Records of the container runtime's own formats (CRI lines, Docker json-file) are
 //! always Python's: only its partial-line joiner may decide whether they continue a
@@ -282,18 +281,19 @@ impl<'a> Scan<'a> {
     }
 }
 
-/// The members of a collector record that decide its envelope.
+/// The members of a collector record that decide its envelope (from JSON text, or
+/// from a msgpack map by `crate::msgpack`).
 #[derive(Default)]
-struct Top<'a> {
-    log: Option<Option<Cow<'a, str>>>, // Some(None): present but not a string
-    message: Option<Option<Cow<'a, str>>>,
-    stream: Option<Option<Cow<'a, str>>>,
-    at_timestamp: Option<&'a str>, // raw JSON text of the value
-    time: Option<&'a str>,
-    timestamp: Option<&'a str>,
-    kubernetes: Option<&'a str>,
+pub(crate) struct Top<'a> {
+    pub log: Option<Option<Cow<'a, str>>>, // Some(None): present but not a string
+    pub message: Option<Option<Cow<'a, str>>>,
+    pub stream: Option<Option<Cow<'a, str>>>,
+    pub at_timestamp: Option<Cow<'a, str>>, // JSON text of the value
+    pub time: Option<Cow<'a, str>>,
+    pub timestamp: Option<Cow<'a, str>>,
+    pub kubernetes: Option<Cow<'a, str>>,
     /// A key Docker's json-file driver never writes.
-    not_docker: bool,
+    pub not_docker: bool,
 }
 
 fn parse_top(line: &str) -> Option<Top<'_>> {
@@ -310,10 +310,10 @@ fn parse_top(line: &str) -> Option<Top<'_>> {
                 "log" => top.log = Some(sc.text()?),
                 "message" => top.message = Some(sc.text()?),
                 "stream" => top.stream = Some(sc.text()?),
-                "@timestamp" => top.at_timestamp = Some(sc.value(1)?),
-                "time" => top.time = Some(sc.value(1)?),
-                "timestamp" => top.timestamp = Some(sc.value(1)?),
-                "kubernetes" => top.kubernetes = Some(sc.value(1)?),
+                "@timestamp" => top.at_timestamp = Some(Cow::Borrowed(sc.value(1)?)),
+                "time" => top.time = Some(Cow::Borrowed(sc.value(1)?)),
+                "timestamp" => top.timestamp = Some(Cow::Borrowed(sc.value(1)?)),
+                "kubernetes" => top.kubernetes = Some(Cow::Borrowed(sc.value(1)?)),
                 _ => {
                     sc.value(1)?;
                 }
@@ -353,6 +353,13 @@ fn strip_line_end(s: &str) -> &str {
 }
 
 pub fn decode(data: &[u8], kube_cache: &mut KubeCache) -> Decoded {
+    if matches!(data.first(), Some(0x80..=0x8f | 0xde | 0xdf)) && !kube_cache.raw_envelope {
+        // Fluent Bit's `format msgpack` (see `pipeline.decode.envelope`): not UTF-8 text.
+        return match crate::msgpack::parse_top(data) {
+            Some(top) => from_top(top, kube_cache),
+            None => Decoded::Fallback,
+        };
+    }
     let Ok(text) = std::str::from_utf8(data) else { return Decoded::Fallback };
     let line = strip_line_end(text);
     let Some(&first) = line.as_bytes().first() else { return Decoded::Fallback };
@@ -371,20 +378,25 @@ pub fn decode(data: &[u8], kube_cache: &mut KubeCache) -> Decoded {
                                  kubernetes: None });
     }
     let Some(top) = parse_top(line) else { return Decoded::Fallback };
+    from_top(top, kube_cache)
+}
+
+/// The envelope of a collector record, whichever form it came in.
+fn from_top(top: Top<'_>, kube_cache: &mut KubeCache) -> Decoded {
     let (payload, from_log) = match (top.log, top.message) {
         (Some(Some(p)), _) => (p, true),
         (_, Some(Some(p))) => (p, false),
         _ => return Decoded::Fallback, // Merge_Log, or an Envoy JSON line itself
     };
-    let kube_raw = top.kubernetes.filter(|k| k.starts_with('{'));
+    let kube_raw = top.kubernetes.as_deref().filter(|k| k.starts_with('{'));
     let has_stamp = top.at_timestamp.is_some();
     if from_log && !has_stamp && kube_raw.is_none() && !top.not_docker {
         return Decoded::Fallback; // Docker json-file: lines may be split, the joiner's
     }
     let kind = if has_stamp { "fluent-bit" } else { "fluentd" };
-    let stamp = match top.at_timestamp {
+    let stamp = match top.at_timestamp.as_deref() {
         Some(v) if v != "null" => Some(v),
-        _ => top.time.or(top.timestamp),
+        _ => top.time.as_deref().or(top.timestamp.as_deref()),
     };
     let Ok(ts) = epoch(stamp) else { return Decoded::Fallback };
     let kubernetes = match kube_raw {

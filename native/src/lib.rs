@@ -11,6 +11,7 @@ mod document;
 mod envelope;
 mod geo;
 mod json;
+mod msgpack;
 mod rates;
 mod scan;
 mod timefmt;

@@ -321,9 +321,15 @@ def run_once(
               help="Only privacy.client_ip keep vs truncate vs hash: the full pipeline over "
                    "the Istio corpus (--events), each path, CPU µs per event and the cost "
                    "added to keep, measured in the same runs.")
+@click.option("--fluent-bit-formats", "formats_only", is_flag=True,
+              help="Only Fluent Bit's kafka output formats (json with double / iso8601 / "
+                   "iso8601_ns @timestamp, msgpack, raw): the Istio corpus (--custom-events "
+                   "records) in each, Python decode µs and CPU µs per record of decode, "
+                   "parse, client IP and document on each path.")
 def command(
     events: int, distinct_ips: int, runs: int, batch: int, cache_size: int,
     geoip_path: str | None, custom_events: int, custom_only: bool, privacy_only: bool,
+    formats_only: bool,
 ) -> None:
     """Core pipeline events/s on one core, µs per stage, against a plain-geoip2 baseline.
 
@@ -338,13 +344,19 @@ def command(
         )
     pinned = _pin_one_core()
     click.echo(
-        f"corpus: {0 if custom_only else events} Fluent Bit records (Istio text lines), "
+        f"corpus: {0 if custom_only or formats_only else events} Fluent Bit records "
+        "(Istio text lines), "
         f"{custom_events} per custom-format corpus; {distinct_ips} distinct public client "
         f"IPs (Zipf, ~10% IPv6); GeoIP {os.path.basename(geoip_path)}; {pinned}",
         err=True,
     )
     if privacy_only:
         _privacy_section(events, distinct_ips, runs, batch, cache_size, geoip_path)
+        return
+    if formats_only:
+        from pipeline.bench.envelopes import envelope_section
+        envelope_section(corpus(custom_events, distinct_ips)[0], runs, batch, cache_size,
+                         geoip_path)
         return
     if not custom_only:
         _istio_section(events, distinct_ips, runs, batch, cache_size, geoip_path)

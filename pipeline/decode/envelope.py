@@ -28,10 +28,11 @@ from pipeline.decode.timeparse import MIN_EPOCH, parse_epoch_or_iso, parse_iso86
 ENVELOPE_AUTO = "auto"
 ENVELOPE_RAW = "raw"
 
-# First bytes of a msgpack map (fixmap, map16, map32). None of them can start a UTF-8
-# text (0x80-0x8f are continuation bytes; 0xde/0xdf need a continuation byte next,
-# and a map16/map32 length's first byte is one only above 8191 entries), so a record
-# starting with one is Fluent Bit's `format msgpack`, not a line.
+# First bytes of a msgpack map (fixmap, map16, map32). 0x80-0x8f cannot start UTF-8
+# text (continuation bytes); 0xde/0xdf can (Thaana, NKo), but then the next byte is a
+# continuation byte, which as a map16/map32 length would mean 32768+ entries. So a
+# record starting with one is Fluent Bit's `format msgpack`; one that fails to read as
+# msgpack yet is UTF-8 text starting with 0xde/0xdf is read as text after all.
 _MSGPACK_MAP_FIRST = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 
 # <RFC3339Nano> <stream> <P|F> <line>  (the line may be empty)
@@ -105,7 +106,9 @@ def _raw(data: bytes | str) -> Envelope:
 
 def _decode(data: bytes | str) -> Envelope:
     if type(data) is bytes and data and data[0] in _MSGPACK_MAP_FIRST:
-        return _from_msgpack(data)
+        packed = _from_msgpack(data)
+        if packed.error is None or data[0] < 0xDE or not _to_text(data)[1]:
+            return packed
     text, valid = _to_text(data)
     line = text.rstrip("\r\n")
     if not line or line.isspace():

@@ -34,9 +34,9 @@ ORIGINAL = Path(__file__).resolve().parents[3] / "shared" / "samples" / "fluent-
 VARIANTS = ("json-default", "json-iso8601", "json-iso8601-ns", "msgpack", "raw",
             "json-msgkey-field", "json-msgkey-static")
 # Records the compiled core writes itself, per variant: all but the 7 Envoy JSON lines
-# (the JSON log parser is Python's) and the non-ASCII line n=17 (Python's by design);
-# msgpack records are not UTF-8 and are read by msgpack-python (see the README).
-NATIVE = {v: 0 if v == "msgpack" else 16 for v in VARIANTS}
+# (the JSON log parser is Python's) and the non-ASCII line n=17 (Python's by design),
+# in every format (msgpack records are read by the core's own msgpack reader).
+NATIVE = dict.fromkeys(VARIANTS, 16)
 
 
 @cache
@@ -229,3 +229,88 @@ def test_iso_collector_times_identical_on_both_paths() -> None:
     assert stamps[4] == "2028-03-01T00:00:00.000Z"  # rounded half up to the millisecond
     sources = [orjson.loads(d.document)["envoygeo"]["timestamp_source"] for d in docs]
     assert sources[:10] == ["envelope"] * 10
+
+
+def test_text_starting_like_a_msgpack_map_is_still_text() -> None:
+    """0xde/0xdf also start UTF-8 letters (Thaana, NKo): such a line stays a line."""
+    for line in ("ހ access line", "߀ access line"):
+        env = decode_envelope(line.encode())
+        assert (env.kind, env.payload, env.error) == ("bare", line, None)
+
+
+def _mp(*pairs: tuple[Any, Any]) -> bytes:
+    """A msgpack map with the given pairs in order (duplicates kept)."""
+    out = bytearray(b"\xde" + len(pairs).to_bytes(2, "big"))
+    for k, v in pairs:
+        out += msgpack.packb(k, use_bin_type=True) + msgpack.packb(v, use_bin_type=True)
+    return bytes(out)
+
+
+@pytest.mark.usefixtures("_native_pinned")
+def test_msgpack_edge_cases_identical_on_both_paths() -> None:
+    """msgpack maps around what Fluent Bit writes: the core reads the common ones itself
+    (exactly `native` of them) and hands the rest to msgpack-python; same documents."""
+    line = expected()[0]["log"]
+    kube = {"pod_name": "gw-1", "namespace_name": "istio-system", "labels": {"app": "gw"},
+            "container_name": "istio-proxy", "restarts": 3, "ready": True, "ids": [1, -2]}
+    ts = 1795914780.667
+    native_ones = [
+        msgpack.packb({"@timestamp": ts, "log": line, "kubernetes": kube}),
+        msgpack.packb({"@timestamp": int(ts), "stream": "stderr", "log": line}),
+        msgpack.packb({"@timestamp": int(ts * 1000), "log": line}),  # milliseconds
+        msgpack.packb({"@timestamp": None, "time": ts, "message": line}),
+        msgpack.packb({"@timestamp": "2026-11-29T01:13:00.667000123Z", "log": line}),
+        msgpack.packb({"@timestamp": 1e300, "log": line}),  # out of range: unknown
+        msgpack.packb({"log": line, "tag": "kube.x"}),  # fluentd-like
+        msgpack.packb({"@timestamp": ts, "log": 7, "message": line}),
+        _mp(("@timestamp", ts), ("log", "x"), ("log", line)),  # the later duplicate
+        msgpack.packb({"@timestamp": ts, "log": line, "kubernetes": "not a map"}),
+        struct_float32(line),
+    ]
+    python_ones = [
+        msgpack.packb({"log": line, "stream": "stdout", "time": "2026-11-29T01:13:00Z"}),  # Docker
+        msgpack.packb({"@timestamp": msgpack.Timestamp(1795914780, 667000000), "log": line},
+                      datetime=False),
+        msgpack.packb({"@timestamp": ts, "log": line.encode()}, use_bin_type=True),  # bin
+        msgpack.packb({"@timestamp": ts, 1: "x", "log": line}),  # a non-str key
+        msgpack.packb({"@timestamp": ts, "log": line, "kubernetes": {"cpu": 0.5}}),  # float
+        msgpack.packb({"@timestamp": "1795914780.5", "log": line}),  # epoch as text
+        msgpack.packb({"@timestamp": ts, "log": "ünï " + line}),  # non-ASCII
+        msgpack.packb({"@timestamp": ts, "authority": "x", "path": "/"}),  # the log itself
+        msgpack.packb({"@timestamp": ts, "log": line}) + b"\x00",  # trailing byte
+        msgpack.packb({"@timestamp": ts, "log": line})[:-3],  # truncated
+        b"\x81\xa3log\xa2\xff\xfe",  # not UTF-8
+    ]
+    docs, _, _ = run_both(native_ones + python_ones, batch=7, native=len(native_ones))
+    errors = [d.error for d in docs]
+    assert errors[:len(native_ones)] == [None] * len(native_ones)
+    first = orjson.loads(docs[0].document)
+    assert first["kubernetes"]["labels"] == {"app": "gw"}
+    assert first["url"]["path"] == "/hello.txt"
+
+
+def struct_float32(line: str) -> bytes:
+    """`@timestamp` as a msgpack float32 (0xca), which Fluent Bit does not write."""
+    import struct
+    return (b"\x82" + msgpack.packb("@timestamp") + b"\xca" + struct.pack(">f", 1.7e9)
+            + msgpack.packb("log") + msgpack.packb(line))
+
+
+def test_bench_corpus_is_shaped_like_the_captures() -> None:
+    """`bench core --fluent-bit-formats` measures records laid out as Fluent Bit's."""
+    from pipeline.bench.core import corpus
+    from pipeline.bench.envelopes import FORMATS, in_every_format
+    records = corpus(50, 10)[0]
+    formats = in_every_format(records)
+    assert set(formats) == set(FORMATS)
+    first = {name: values[0] for name, values in formats.items()}
+    assert 0x80 <= first["msgpack"][0] <= 0x8F  # a fixmap, `@timestamp` first
+    assert first["msgpack"][1:12] == b"\xaa@timestamp"
+    assert first["msgpack"][12] == 0xCB  # float64, as captured
+    assert orjson.loads(first["json iso8601"])["@timestamp"].endswith("Z")
+    assert len(orjson.loads(first["json iso8601_ns"])["@timestamp"]) == 30
+    for name, values in formats.items():
+        envs = [decode_envelope(v) for v in values]
+        logs = [orjson.loads(r)["log"] for r in records]
+        assert [e.payload for e in envs] == logs, name
+        assert all(e.error is None for e in envs), name
