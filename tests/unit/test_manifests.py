@@ -513,7 +513,7 @@ def test_fluent_bit_ships_what_envoygeo_reads() -> None:
     (tail,) = conf["pipeline"]["inputs"]
     assert tail["path"] == "/var/log/containers/*istio-ingressgateway*_istio-proxy-*.log"
     assert tail["multiline.parser"] == "cri"
-    assert [f["name"] for f in conf["pipeline"]["filters"]] == ["kubernetes"]
+    assert [f["name"] for f in conf["pipeline"]["filters"]] == ["kubernetes", "record_modifier"]
     (out,) = conf["pipeline"]["outputs"]
     assert out["name"] == "kafka" and out["format"] == "json"
     assert out["timestamp_key"] == "@timestamp"
@@ -522,6 +522,46 @@ def test_fluent_bit_ships_what_envoygeo_reads() -> None:
     assert "@type kafka2" in fluentd
     assert re.search(r"default_topic\s+envoy-access-logs", fluentd)
     assert "time_key @timestamp" in fluentd
+
+
+def _size(text: str) -> int:
+    """A Fluent Bit size (`64k`, `1M`, `32768`) in bytes."""
+    m = re.fullmatch(r"(\d+)([kKmMgG]?)[bB]?", str(text))
+    assert m is not None, text
+    return int(m[1]) * 1024 ** " kmg".index(m[2].lower() or " ")
+
+
+def test_fluent_bit_keeps_what_the_captures_showed_it_loses() -> None:
+    """The facts of tests/data/fluent-bit-5.1.1: a physical line over buffer_max_size
+    (default 32k) is dropped under skip_long_lines; iso8601 is cut to microseconds; a
+    joined split line keeps the first chunk's `_p: "P"`."""
+    conf = yaml.safe_load((K8S / "fluent-bit" / "fluent-bit.yaml").read_text())
+    (tail,) = conf["pipeline"]["inputs"]
+    limit = load_settings().limits.max_line_bytes
+    if str(tail.get("skip_long_lines", "off")).lower() in ("on", "true"):
+        # Every line the worker would index whole (and a margin for the CRI prefix) fits.
+        assert _size(tail.get("buffer_max_size", "32k")) >= 2 * limit
+    assert _size(tail.get("buffer_chunk_size", "32k")) <= _size(tail["buffer_max_size"])
+    (out,) = conf["pipeline"]["outputs"]
+    assert out.get("timestamp_format") == "iso8601_ns"
+    modifier = next(f for f in conf["pipeline"]["filters"] if f["name"] == "record_modifier")
+    assert modifier["remove_key"] == "_p" and modifier["match"] == tail["tag"]
+
+
+def test_fluentd_keeps_what_a_split_line_needs() -> None:
+    """Fluentd: nanosecond @timestamp; a line whose last chunk never comes is flushed to
+    a label that ships it (an unlabelled concat timeout is an error event, lost); the
+    P/F flag removed; no in_tail max_line_size below the worker's line limit."""
+    fluentd = (K8S / "fluentd" / "fluent.conf").read_text()
+    assert re.search(r"time_format %Y-%m-%dT%H:%M:%S\.%NZ", fluentd)
+    timeout = re.search(r"timeout_label (@\w+)", fluentd)
+    assert timeout is not None
+    label = re.search(rf"<label {timeout[1]}>(.*?)</label>", fluentd, re.S)
+    assert label is not None and "@type kafka2" in label[1]
+    assert re.search(r"@type relabel\s+@label " + timeout[1], fluentd)
+    assert re.search(r"remove_keys logtag", label[1])
+    max_line = re.search(r"max_line_size (\d+)", fluentd)
+    assert max_line is None or int(max_line[1]) >= load_settings().limits.max_line_bytes
 
 
 def test_dockerfile_agrees_with_the_deployment(tools: dict[str, str]) -> None:
