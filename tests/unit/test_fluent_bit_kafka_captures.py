@@ -20,6 +20,8 @@ from typing import Any
 import msgpack
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pipeline.enricher as enricher_mod
 from pipeline import native
@@ -316,3 +318,44 @@ def test_bench_corpus_is_shaped_like_the_captures() -> None:
         logs = [orjson.loads(r)["log"] for r in records]
         assert [e.payload for e in envs] == logs, name
         assert all(e.error is None for e in envs), name
+
+
+@pytest.mark.usefixtures("_native_pinned")
+def test_parse_envelope_setting_reaches_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ENVOYGEO_PARSE__ENVELOPE=raw` as the worker builds its enricher: the compiled core
+    reads the collector-shaped line as the line, as the Python path does."""
+    from pipeline.config import load_settings
+    from pipeline.enricher import Enricher
+    monkeypatch.setenv("ENVOYGEO_RATES__ENABLED", "false")
+    shaped = orjson.dumps({"log": "not the access log", "authority": "a.example", "path": "/x"})
+    text = captured()["raw"][0]
+    for mode, envelope in (("raw", "bare"), ("auto", "fluentd")):
+        monkeypatch.setenv("ENVOYGEO_PARSE__ENVELOPE", mode)
+        e = Enricher.from_settings(load_settings())
+        assert e.processor.envelope == mode and e.native_status == "on"
+        docs, _ = e.enrich_batch([shaped, text])
+        # The text line is the core's either way; the shaped one is Python's either way
+        # (raw: an Envoy JSON line, the JSON parser's; auto: its `log` parses as nothing).
+        assert e.records_native == 1
+        assert orjson.loads(docs[0].document)["envoygeo"]["envelope"] == envelope
+
+
+# float32-sized floats: packed either as float32 (0xca) or float64 (0xcb), per example.
+_MP_VALUES = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) \
+    | st.floats(width=32) \
+    | st.text(max_size=20) | st.binary(max_size=8)
+
+
+@pytest.mark.usefixtures("_native_pinned")
+@given(st.lists(st.dictionaries(
+    st.sampled_from(["@timestamp", "log", "message", "stream", "time", "timestamp",
+                     "kubernetes", "_p", "attrs", "tag"]),
+    _MP_VALUES | st.sampled_from([x["log"] for x in expected()[:3]])
+    | st.dictionaries(st.text(max_size=5), _MP_VALUES, max_size=3), max_size=6),
+    max_size=8), st.booleans())
+@settings(max_examples=150, deadline=None)
+def test_arbitrary_msgpack_maps_identical(maps: list[dict[str, Any]], single: bool) -> None:
+    """Whatever a map holds (floats as float32 or float64), both paths write the same
+    documents; the captured record at the end is always the core's."""
+    values = [msgpack.packb(m, use_bin_type=True, use_single_float=single) for m in maps]
+    run_both([*values, captured()["msgpack"][0]], native_min=1)
