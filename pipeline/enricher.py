@@ -212,6 +212,8 @@ class Enricher:
                 continue
             if lookup is not None:
                 apply_geo(doc, lookup(ip))
+            if not doc.get("source", True):  # a hashed client without GeoIP: no `{}`
+                del doc["source"]
             if ts is not None and MIN_EVENT_TS <= ts < MAX_EVENT_TS:
                 events.append((ip, ts))
                 event_docs.append(doc)

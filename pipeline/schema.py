@@ -52,8 +52,6 @@ FIELDS: tuple[Field, ...] = (
     _kw("tags", "Tags: parse failures, private client IPs, GeoIP misses, bad addresses.", True),
     Field("source.ip", "ip", "The true client address (PROXY protocol, peer or trusted XFF); "
           "its network with privacy.client_ip truncate, absent with hash."),
-    _kw("source.address", "Client address as logged, without port (as source.ip under "
-        "privacy.client_ip)."),
     Field("source.port", "long", "Client port, when the address came with one.",
           search=False),
     _kw("source.geo.continent_code", "GeoIP continent code."),
@@ -92,13 +90,13 @@ FIELDS: tuple[Field, ...] = (
     _kw("envoy.upstream_transport_failure_reason", "UPSTREAM_TRANSPORT_FAILURE_REASON."),
     _kw("envoy.route_name", "ROUTE_NAME."),
     _kw("envoy.x_forwarded_for", "X-Forwarded-For as received.", search=False),
-    _kw("envoy.downstream_remote_address", "DOWNSTREAM_REMOTE_ADDRESS as logged.",
-        search=False),
+    _kw("envoy.downstream_remote_address", "DOWNSTREAM_REMOTE_ADDRESS as logged, when it is "
+        "not source.ip[:source.port] (an XFF client, an IPv4-mapped form).", search=False),
     _kw("envoy.downstream_direct_remote_address", "DOWNSTREAM_DIRECT_REMOTE_ADDRESS (the LB).",
         search=False),
-    _kw("envoy.downstream_local_address", "DOWNSTREAM_LOCAL_ADDRESS as logged.",
-        search=False),
-    _kw("envoy.protocol", "PROTOCOL as logged (HTTP/1.1, HTTP/2, ...)."),
+    _kw("envoy.downstream_local_address", "DOWNSTREAM_LOCAL_ADDRESS as logged, when it is "
+        "not destination.ip[:destination.port].", search=False),
+    _kw("envoy.protocol", "PROTOCOL as logged when not HTTP (HTTP/x is http.version)."),
     _kw("envoy.upstream.host", "UPSTREAM_HOST."),
     _kw("envoy.upstream.cluster", "UPSTREAM_CLUSTER."),
     _kw("envoy.upstream.local_address", "UPSTREAM_LOCAL_ADDRESS.", search=False),

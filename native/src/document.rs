@@ -79,6 +79,43 @@ fn endpoint(text: &str) -> Result<Option<(&str, Option<i64>)>, ()> {
     }))
 }
 
+/// `document.renders_endpoint`: `text` is exactly `host[:port]` (`[host]:port` for IPv6).
+fn renders_endpoint(text: &str, host: &str, port: Option<i64>) -> bool {
+    let Some(port) = port else {
+        return text == host;
+    };
+    let rest = if host.contains(':') {
+        text.strip_prefix('[')
+            .and_then(|t| t.strip_prefix(host))
+            .and_then(|t| t.strip_prefix("]:"))
+    } else {
+        text.strip_prefix(host).and_then(|t| t.strip_prefix(':'))
+    };
+    // Python compares with str(port): digits only, no sign, no leading zero.
+    match rest {
+        Some(r) if !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit())
+            && (r.len() == 1 || !r.starts_with('0')) => r.parse::<i64>() == Ok(port),
+        _ => false,
+    }
+}
+
+/// Starts `"key":{`; `close_object` ends it, or takes it back when nothing was
+/// written inside (documents carry no empty objects).
+fn open_object(out: &mut Vec<u8>, quoted_key: &[u8]) -> (usize, usize) {
+    let mark = out.len();
+    key_quoted(out, quoted_key);
+    out.push(b'{');
+    (mark, out.len())
+}
+
+fn close_object(out: &mut Vec<u8>, (mark, inner): (usize, usize)) {
+    if out.len() == inner {
+        out.truncate(mark);
+    } else {
+        out.push(b'}');
+    }
+}
+
 pub struct Fields<'a> {
     line: &'a str,
     parsed: &'a Parsed,
@@ -220,13 +257,10 @@ pub fn build(
     }
     let early_tags = !tags.is_empty();
     if let Some(ip) = &cip.ip {
-        key!(out, "source");
-        out.push(b'{');
+        let source = open_object(out, q!("source"));
         match &mut mask {
             None => {
                 key!(out, "ip");
-                write_str(out, ip);
-                key!(out, "address");
                 write_str(out, ip);
                 opt_int(out, q!("port"), cip.port);
             }
@@ -234,8 +268,6 @@ pub fn build(
             Some((m, _)) => {
                 let shown = m.ip(ip);
                 key!(out, "ip");
-                write_str(out, shown);
-                key!(out, "address");
                 write_str(out, shown);
             }
         }
@@ -251,12 +283,14 @@ pub fn build(
                 out.extend_from_slice(frag);
             }
         }
-        out.push(b'}');
+        close_object(out, source); // hashed without GeoIP: no `"source":{}`
     }
-    if let Some((host, port)) = match f.s(DOWNSTREAM_LOCAL_ADDRESS) {
+    let local = f.s(DOWNSTREAM_LOCAL_ADDRESS);
+    let dest = match local {
         Some(t) => endpoint(t)?,
         None => None,
-    } {
+    };
+    if let Some((host, port)) = dest {
         key!(out, "destination");
         out.push(b'{');
         key!(out, "ip");
@@ -265,22 +299,25 @@ pub fn build(
         out.push(b'}');
     }
 
-    key!(out, "http");
-    out.extend_from_slice(b"{\"request\":{");
+    // No empty objects: a TCP proxy line has no request or response (issue 15).
+    let http = open_object(out, q!("http"));
+    let request = open_object(out, q!("request"));
     opt_str(out, q!("method"), f.s(METHOD));
     opt_str(out, q!("id"), f.s(REQUEST_ID));
     opt_int(out, q!("bytes"), f.i(BYTES_RECEIVED));
-    out.extend_from_slice(b"},\"response\":{");
+    close_object(out, request);
+    let response = open_object(out, q!("response"));
     let status = f.i(RESPONSE_CODE).filter(|&s| s != 0);
     opt_int(out, q!("status_code"), status);
     opt_int(out, q!("bytes"), f.i(BYTES_SENT));
-    out.push(b'}');
-    let protocol = f.s(PROTOCOL);
+    close_object(out, response);
+    let mut protocol = f.s(PROTOCOL);
     if let Some(v) = protocol.and_then(|p| p.strip_prefix("HTTP/")) {
         key!(out, "version");
         write_str(out, v);
+        protocol = None; // http.version says it: envoy.protocol only for other values
     }
-    out.push(b'}');
+    close_object(out, http);
 
     let original = f.s(PATH);
     let authority = f.s(AUTHORITY);
@@ -344,10 +381,16 @@ pub fn build(
     opt_str(out, q!("connection_termination_details"), f.s(CONNECTION_TERMINATION_DETAILS));
     opt_str(out, q!("upstream_transport_failure_reason"), f.s(UPSTREAM_TRANSPORT_FAILURE_REASON));
     opt_str(out, q!("route_name"), f.s(ROUTE_NAME));
+    // The addresses "as logged" only where they say more than source/destination do
+    // (`document.renders_endpoint`).
+    let remote = f.s(DOWNSTREAM_REMOTE_ADDRESS).filter(|r| match &cip.ip {
+        Some(ip) => !renders_endpoint(r, ip, cip.port),
+        None => true,
+    });
     match &mut mask {
         None => {
             opt_str(out, q!("x_forwarded_for"), f.s(X_FORWARDED_FOR));
-            opt_str(out, q!("downstream_remote_address"), f.s(DOWNSTREAM_REMOTE_ADDRESS));
+            opt_str(out, q!("downstream_remote_address"), remote);
             opt_str(out, q!("downstream_direct_remote_address"),
                     f.s(DOWNSTREAM_DIRECT_REMOTE_ADDRESS));
         }
@@ -356,13 +399,16 @@ pub fn build(
                 key!(out, "x_forwarded_for");
                 write_str(out, &m.entries(policy, x)?);
             }
-            let remote = m.field(policy, f.s(DOWNSTREAM_REMOTE_ADDRESS))?;
+            let remote = m.field(policy, remote)?;
             opt_str(out, q!("downstream_remote_address"), remote.as_deref());
             let direct = m.field(policy, f.s(DOWNSTREAM_DIRECT_REMOTE_ADDRESS))?;
             opt_str(out, q!("downstream_direct_remote_address"), direct.as_deref());
         }
     }
-    opt_str(out, q!("downstream_local_address"), f.s(DOWNSTREAM_LOCAL_ADDRESS));
+    opt_str(out, q!("downstream_local_address"), local.filter(|t| match dest {
+        Some((host, port)) => !renders_endpoint(t, host, port),
+        None => true,
+    }));
     opt_str(out, q!("protocol"), protocol);
     let (uh, uc, ul, ust) = (
         f.s(UPSTREAM_HOST),

@@ -38,8 +38,12 @@ def test_ecs_document_shape() -> None:
     code, (doc,), _ = run(["--log-format", "istio"], ISTIO_LINE.encode())
     assert code == 0
     assert doc["@timestamp"] == "2026-11-29T01:13:00.689Z"
-    assert doc["source"] == {"ip": "2001:4860:4860::8888", "address": "2001:4860:4860::8888",
-                             "port": 36400}
+    assert doc["source"] == {"ip": "2001:4860:4860::8888", "port": 36400}
+    # Written once: the logged remote address is source.ip:source.port, HTTP/1.1 is
+    # http.version; the IPv4-mapped local address says more than destination, so it stays.
+    assert "downstream_remote_address" not in doc["envoy"]
+    assert "protocol" not in doc["envoy"]
+    assert doc["envoy"]["downstream_local_address"] == "[::ffff:127.0.0.1]:18002"
     assert doc["destination"] == {"ip": "127.0.0.1", "port": 18002}
     assert doc["http"] == {"request": {"method": "GET", "id": "ac4d1392-5144-4a20-b37e-"
                                                                "4ea5ea55ac80", "bytes": 0},
