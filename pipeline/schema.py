@@ -200,11 +200,36 @@ LEAN_CHOICES: dict[str, str] = {
     # for it (else stored _source). Not shipped: it costs CPU, which issue 15 is about;
     # opt in by overriding envoygeo-settings with index.mode: logsdb.
     "logsdb": "index.mode: logsdb (synthetic _source, host.name/@timestamp sort)",
+    # Synthetic _source alone, in the standard index mode: logsdb's store saving without
+    # its index sorting (what cost CPU in sort_timestamp and logsdb). `envoygeo bench
+    # index --rounds 3 --choices synthetic_source --only envoygeo,istio-integration,
+    # optimised` (200,000 documents, same run, load 2-3): store 221.1 -> 106.9 B/doc
+    # (-52%; 0.40x the Istio integration's), CPU 130.9 vs 144.5 us/doc (0.89x vs 0.91x the
+    # Istio mapping's, paired by round: inside the noise); aggregation p50s unchanged.
+    # What _source then returns: geo_point quantised (-22.9068 reads back as
+    # -22.906800038181245), keyword/ip arrays sorted and deduplicated (tags,
+    # related.ip, event.category), everything else as sent. On Elasticsearch without a
+    # licence that includes synthetic _source, the node stores _source as usual instead
+    # (Elasticsearch's SyntheticSourceIndexSettingsProvider), so the setting is safe to
+    # ship: the saving comes where the licence allows. SHIPPED; a cluster that needs the
+    # exact bytes back overrides envoygeo-settings with index.mapping.source.mode: stored.
+    "synthetic_source": "index.mapping.source.mode: synthetic (standard index mode)",
 }
-# Together (`envoygeo bench index --rounds 3`, 200,000 documents, same run): 66.9 us/doc
-# and 249.8 B/doc against 88.5 and 458.5 without them (envoygeo-plain) and 80.2 and
-# 309.0 for the Istio integration's mapping (0.83x, 0.81x); aggregation p50s unchanged.
-SHIPPED_LEAN: frozenset[str] = frozenset({"best_compression", "doc_values_only"})
+# Together, before synthetic_source (`envoygeo bench index --rounds 3`, 200,000
+# documents, same run): 66.9 us/doc and 249.8 B/doc against 88.5 and 458.5 without them
+# (envoygeo-plain) and 80.2 and 309.0 for the Istio integration's mapping (0.83x,
+# 0.81x). With synthetic_source and the leaner documents (no field under two names,
+# pipeline/document.py), `envoygeo bench index --rounds 3 --only envoygeo,dynamic,
+# istio-integration` on a busier machine (node CPU per document ~2x the earlier run's
+# for every candidate): 151.4 us/doc and 107.0 B/doc against 157.3 and 270.7 for the
+# Istio mapping (0.91x, 0.40x paired by round) and 245.6 and 482.7 for dynamic mapping
+# (1.45x, 1.78x); aggregation p50s the same within 2 ms.
+# Arrays kept as sent (else a one-element array reads back as a scalar and arrays come
+# back sorted and deduplicated: `tags`, `event.category`, `related.ip`).
+SYNTHETIC_SOURCE: dict[str, Any] = {
+    "mapping": {"source": {"mode": "synthetic"}, "synthetic_source_keep": "arrays"}}
+SHIPPED_LEAN: frozenset[str] = frozenset({"best_compression", "doc_values_only",
+                                          "synthetic_source"})
 
 
 def _mapping_for(f: Field, lean: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -238,6 +263,8 @@ def index_settings(lean: frozenset[str] = frozenset()) -> dict[str, Any]:
         index["sort"] = {"field": "@timestamp", "order": "desc"}
     if "logsdb" in lean:
         index["mode"] = "logsdb"
+    if "synthetic_source" in lean:
+        index.update(SYNTHETIC_SOURCE)
     return index
 
 
@@ -280,14 +307,18 @@ def component_templates() -> dict[str, dict[str, Any]]:
         "template": {
             # Replicas, refresh and the codec are cluster choices: override this
             # component template per cluster (index.mode: logsdb, see LEAN_CHOICES).
-            "settings": {"index": index_settings(SHIPPED_LEAN)}
+            "settings": {"index": index_settings(SHIPPED_LEAN - {"synthetic_source"})}
         },
         "_meta": {"managed_by": "envoygeo", "doc": "Index settings; override per cluster."},
     }
     return {
         "envoygeo-settings": settings,
         "envoygeo-logs-mappings": {
-            "template": {"mappings": mappings(FIELDS, SHIPPED_LEAN)},
+            # Synthetic _source for the access logs only: `envoygeo policy` reads alerts
+            # back from their _source, exactly as written.
+            "template": {"mappings": mappings(FIELDS, SHIPPED_LEAN),
+                         **({"settings": {"index": SYNTHETIC_SOURCE}}
+                            if "synthetic_source" in SHIPPED_LEAN else {})},
             "_meta": {"managed_by": "envoygeo", "ecs_version": ECS_VERSION},
         },
         "envoygeo-alerts-mappings": {

@@ -38,7 +38,7 @@ refresh 5 s); the mapping and the mapping-related index settings differ:
   candidate per choice of the optimised candidate (shipped ones too), without it.
 
 Figures are medians over the rounds; ratios are against `istio-integration` measured
-in the same run.
+in the same run, each the median of the per-round ratios (see `format_table`).
 """
 
 from __future__ import annotations
@@ -269,16 +269,21 @@ def _median(values: list[float]) -> float | None:
 
 
 def format_table(results: dict[str, Figures], baseline: str = BASELINE) -> list[str]:
-    """One row per candidate: medians, then CPU and store as ratios to the baseline."""
+    """One row per candidate: medians, then CPU and store as ratios to the baseline.
+
+    A ratio is the median of the rounds' own ratios (candidate / baseline of the same
+    round): on a shared machine the node's CPU per document drifts between rounds far
+    more than between two candidates indexed minutes apart, so pairing by round cancels
+    the drift a ratio of medians would keep.
+    """
     base = results.get(baseline)
-    base_cpu = _median(base.es_cpu_us) if base else None
-    base_store = _median(base.store_bytes) if base else None
 
     def num(v: float | None, fmt: str) -> str:
         return "n/a" if v is None else format(v, fmt)
 
-    def ratio(v: float | None, b: float | None) -> str:
-        return "n/a" if v is None or not b else f"{v / b:.2f}"
+    def ratio(values: list[float], base_values: list[float] | None) -> str:
+        pairs = [v / b for v, b in zip(values, base_values or (), strict=False) if b]
+        return f"{statistics.median(pairs):.2f}" if pairs else "n/a"
 
     head = (f"{'mapping':<34} {'ES CPU us/doc':>13} {'docs/s':>8} {'store B/doc':>11} "
             + " ".join(f"{q + ' ms':>12}" for q in QUERIES)
@@ -290,7 +295,8 @@ def format_table(results: dict[str, Figures], baseline: str = BASELINE) -> list[
             f"{name:<34} {num(cpu, '.1f'):>13} {num(_median(r.docs_per_s), ',.0f'):>8} "
             f"{num(store, '.1f'):>11} "
             + " ".join(f"{num(_median(r.query_ms.get(q, [])), '.2f'):>12}" for q in QUERIES)
-            + f" {ratio(cpu, base_cpu):>6} {ratio(store, base_store):>7}")
+            + f" {ratio(r.es_cpu_us, base and base.es_cpu_us):>6}"
+            f" {ratio(r.store_bytes, base and base.store_bytes):>7}")
     return rows
 
 
@@ -436,7 +442,8 @@ def command(n: int, rounds: int, batch: int, concurrency: int, es_url: str,
             drop(index)
         sink.close()
     click.echo(f"envoygeo bench index: {len(docs):,} docs, {rounds} round(s); medians; "
-               f"query p50 of {QUERY_RUNS} runs; CPU x / store x: ratio to {BASELINE}")
+               f"query p50 of {QUERY_RUNS} runs; CPU x / store x: median of each round's "
+               f"ratio to {BASELINE}")
     for line in format_table(results):
         click.echo(line)
     spread = {k: (min(v.es_cpu_us), max(v.es_cpu_us)) for k, v in results.items()

@@ -117,7 +117,12 @@ def test_indexed_documents_hold_no_full_address(
     # n % 3; .161 shares .160's network in the database).
     for d in parsed:
         client = CLIENTS[int(d["http"]["request"]["id"][4:]) % len(CLIENTS)]
-        assert d["source"]["geo"] == expected(client.replace(".161", ".160"))["geo"]
+        want = expected(client.replace(".161", ".160"))["geo"]
+        got = dict(d["source"]["geo"])
+        # The logs index keeps a synthetic _source: geo_point reads back quantised.
+        assert got.pop("location") == {k: pytest.approx(v, abs=1e-6)
+                                       for k, v in want.pop("location").items()}
+        assert got == want
     # Rates per full address: 81.2.69.160 and .161 share a /24 but were counted apart.
     assert max(d["envoygeo"]["rate"]["60s"] for d in parsed) == PER_CLIENT
     # Which path wrote them: the compiled core unless switched off; the mode is said.
