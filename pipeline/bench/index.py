@@ -295,8 +295,8 @@ def format_table(results: dict[str, Figures], baseline: str = BASELINE) -> list[
             f"{name:<34} {num(cpu, '.1f'):>13} {num(_median(r.docs_per_s), ',.0f'):>8} "
             f"{num(store, '.1f'):>11} "
             + " ".join(f"{num(_median(r.query_ms.get(q, [])), '.2f'):>12}" for q in QUERIES)
-            + f" {ratio(r.es_cpu_us, base and base.es_cpu_us):>6}"
-            f" {ratio(r.store_bytes, base and base.store_bytes):>7}")
+            + f" {ratio(r.es_cpu_us, base.es_cpu_us if base else None):>6}"
+            f" {ratio(r.store_bytes, base.store_bytes if base else None):>7}")
     return rows
 
 

@@ -264,7 +264,7 @@ def _run_variant(variant: str, runs: int, rate: float, bootstrap: str, es_url: s
             with make_client(settings.elasticsearch) as es:
                 for name in (index, f"{index}-alerts"):
                     es.options(ignore_status=404).indices.delete(index=name)
-            _delete_topics(bootstrap, [topic, f"{topic}-dlq", f"{topic}-alerts"])
+            _delete_topics(settings.kafka, [topic, f"{topic}-dlq", f"{topic}-alerts"])
     return out
 
 
