@@ -513,14 +513,21 @@ class ForwardUser(_Section):
 
 class ForwardSettings(_Section):
     """`envoygeo forward`: a Fluent Forward protocol v1 server (Fluent Bit's and Fluentd's
-    `forward` outputs point at it) that relays every event to Kafka, one record each.
+    `forward` outputs point at it) that relays every event to Kafka, one record each
+    (mode relay), or enriches and indexes the events itself (mode direct, no Kafka).
     The limits bound memory: a chunk over them gets no ack, so the shipper resends it."""
 
     host: str = "0.0.0.0"
     port: int = Field(24224, ge=0, le=65535, description="TCP port (24224: Fluentd's).")
     mode: Literal["relay", "direct"] = Field(
-        "relay", description="relay: produce to Kafka for the workers. direct (index into "
-                             "Elasticsearch without Kafka) is not built yet.")
+        "relay", description="relay: produce to Kafka for the workers. direct: enrich and "
+                             "index into Elasticsearch in this process, no Kafka (small "
+                             "setups: no replay, one process).")
+    dead_letter_index: str = Field(
+        "envoygeo-dead-letter", min_length=1,
+        description="direct mode: Elasticsearch index of the dead letters (unparsable "
+                    "lines with parse.unparsed: dead_letter, documents Elasticsearch "
+                    "rejects), as the worker's kafka.dead_letter_topic.")
     topic: str | None = Field(
         None, min_length=1, description="Kafka topic relayed to (default: kafka.topics[0], "
                                         "the worker's first topic).")
@@ -561,8 +568,12 @@ class ForwardSettings(_Section):
 
     @model_validator(mode="after")
     def _built(self) -> ForwardSettings:
-        if self.mode == "direct":
-            raise ValueError("mode direct is not built yet; use relay (through Kafka)")
+        if self.mode == "direct" and self.topic is not None:
+            raise ValueError("topic is the Kafka topic of mode relay; mode direct indexes "
+                             "into elasticsearch.index (remove forward.topic)")
+        if self.mode == "direct" and self.tag_header:
+            raise ValueError("tag_header is a Kafka header of mode relay; mode direct has "
+                             "no Kafka record")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_ca_file is not None and self.tls_cert_file is None:

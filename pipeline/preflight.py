@@ -122,8 +122,10 @@ def probe_services(settings: Settings, timeout_s: float = 5.0) -> list[ServiceCh
     redis_why = ("" if settings.rates.enabled and settings.rates.backend == "redis"
                  else "rates.backend is not redis" if settings.rates.enabled
                  else "rates.enabled is false")
+    # `envoygeo forward` in mode direct is the one command that runs without Kafka.
+    kafka_why = "forward.mode is direct (no Kafka)" if settings.forward.mode == "direct" else ""
     probes: list[tuple[str, Callable[[Settings, float], str], str]] = [
-        ("kafka", probe_kafka, ""), ("elasticsearch", probe_elasticsearch, ""),
+        ("kafka", probe_kafka, kafka_why), ("elasticsearch", probe_elasticsearch, ""),
         ("redis", probe_redis, redis_why)]
     outcome: dict[str, ServiceCheck] = {}
 
