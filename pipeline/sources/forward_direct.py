@@ -116,7 +116,6 @@ class DirectMetrics(ForwardMetrics):
         self.elasticsearch_up = Gauge(
             "envoygeo_forward_elasticsearch_writable",
             "1 while the last bulk request got through (direct mode).", registry=r)
-        self.elasticsearch_up.set(1)
         for stage in ("parse", "index"):
             self.events_dead_lettered.labels(stage)
         for reason in ("elasticsearch_error", "enrich_error"):
@@ -158,6 +157,8 @@ class DirectServer(ForwardServer):
             self._bulk_pool.shutdown(wait=False)
             raise
         self._head = sink.action_head(settings.elasticsearch.index)
+        # Read at each scrape: the sink knows while a bulk request is being retried.
+        self.dm.elasticsearch_up.set_function(lambda: 1.0 if sink.writable.is_set() else 0.0)
         self._unacked_pending = 0  # frames without an ack request being indexed
         self._paused: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -220,7 +221,6 @@ class DirectServer(ForwardServer):
                     self._paused.clear()
             if self.inflight == 0:
                 self._idle.set()
-        self.dm.elasticsearch_up.set(1 if self.sink.writable.is_set() else 0)
         if ok and frame.chunk is not None:
             conn.write(self._ack(frame.chunk))
             self.metrics.chunks_acked.inc()
@@ -350,9 +350,16 @@ class DirectServer(ForwardServer):
         return finished
 
     def close(self) -> None:
-        close = getattr(self.enricher, "close", None)
-        if close is not None:
-            self._enrich_pool.submit(close)
+        """Close the enricher on its own thread and drop it there: the compiled core's
+        objects must be freed by the thread that made them."""
+
+        def drop() -> None:
+            close = getattr(self.enricher, "close", None)
+            if close is not None:
+                close()
+            self.enricher = None
+
+        self._enrich_pool.submit(drop)
         self._enrich_pool.shutdown(wait=True, cancel_futures=False)
         self._bulk_pool.shutdown(wait=False, cancel_futures=True)
         self.sink.close()
