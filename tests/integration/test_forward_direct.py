@@ -39,6 +39,7 @@ from tests.integration.harness import (
     count_docs,
     free_port,
     log_messages,
+    request_id_counts,
     scrape_metric,
     wait_for_count,
 )
@@ -169,21 +170,42 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(
 
     client = ResendingClient(port, {(after_sent, "sent"): kill_and_restart,
                                     (mid_frame, "mid"): kill_and_restart})
+    frames = []
     try:
         for n in range(chunks):
             payload = b"".join(
                 msgpack.packb([int(time.time()), {"log": line(n * per_chunk + i)}])
                 for i in range(per_chunk))
-            chunk = f"chunk-{n}"
-            client.send(n, msgpack.packb(["envoy", payload, {"chunk": chunk,
-                                                             "size": per_chunk}]), chunk)
+            frames.append(msgpack.packb(["envoy", payload, {"chunk": f"chunk-{n}",
+                                                            "size": per_chunk}]))
+            client.send(n, frames[n], f"chunk-{n}")
+        # Chunks indexed and acked, sent again (a shipper whose ack got lost does):
+        # they overwrite their documents.
+        for n in (0, after_sent, chunks - 1):
+            client.send(n, frames[n], f"chunk-{n}")
+        # A frame without an ack request, written twice: its id is its content's digest.
+        extra = 5
+        plain = msgpack.packb(["envoy", [[int(time.time()), {"log": line(10_000 + i)}]
+                                         for i in range(extra)]])
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(plain)
+        total = chunks * per_chunk + extra
+        deadline = time.monotonic() + 30
+        while scrape_metric(mport, "envoygeo_forward_events_indexed_total") < \
+                3 * per_chunk + 2 * extra and time.monotonic() < deadline:
+            time.sleep(0.2)  # this process's count: the resent chunks and both frames
     finally:
         if client.sock is not None:
             client.sock.close()
         assert stop(procs[-1]) == 0
     assert len(procs) == 3 and mid_frame in client.resent
     assert set(client.resent) <= {after_sent, mid_frame}
-    assert_exactly_once(es_client, index, chunks * per_chunk)
+    counts = request_id_counts(es_client, index)
+    assert sum(counts.values()) == total and set(counts.values()) == {1}
+    assert set(counts) == {f"req-{i}" for i in range(chunks * per_chunk)} | {
+        f"req-{10_000 + i}" for i in range(extra)}
+    assert count_docs(es_client, index) == total
 
 
 class Proxy:
