@@ -23,6 +23,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "pipeline.bench.forward:command",
         "Events/s one envoygeo forward relays to Kafka with acks, CPU per event.",
     ),
+    "forward-direct": (
+        "pipeline.bench.forward_direct:command",
+        "Events/s one envoygeo forward in mode direct indexes with acks, CPU per event.",
+    ),
     "recovery": (
         "pipeline.bench.recovery:command",
         "Restart after kill -9 -> first indexed record; join/leave indexing stalls.",
