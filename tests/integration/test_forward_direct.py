@@ -10,6 +10,7 @@ proxy of the test's own where an outage is needed, so the shared node never stop
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -349,3 +350,16 @@ def test_direct_mode_refuses_kafka_only_keys_and_starts_without_kafka(
                               "ENVOYGEO_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1"})
     assert out.returncode == 0, out.stdout + out.stderr
     assert "kafka          skipped  forward.mode is direct (no Kafka)" in out.stdout
+
+
+def test_bench_forward_direct_reports_acked_rates(es_url: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "forward-direct",
+                           "--es-url", es_url, "--seconds", "1", "--runs", "1",
+                           "--connections", "2", "--chunk-events", "200"],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert [r["mode"] for r in rows] == ["PackedForward", "CompressedPackedForward"]
+    for row in rows:
+        assert row["events_per_s"] > 0 and row["cpu_us_per_event"] > 0
+    assert "documents in envoygeo-logs-bench-direct-" in proc.stderr
