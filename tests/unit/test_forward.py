@@ -526,8 +526,10 @@ def test_readme_lists_every_forward_metric() -> None:
 
     from prometheus_client.metrics import MetricWrapperBase
 
+    from pipeline.sources.forward_direct import DirectMetrics  # relay's and direct's
+
     exported = {}
-    for metric in vars(ForwardMetrics()).values():
+    for metric in vars(DirectMetrics()).values():
         if isinstance(metric, MetricWrapperBase):
             suffix = "_total" if metric._type == "counter" else ""
             exported[metric._name + suffix] = set(metric._labelnames)
@@ -537,4 +539,4 @@ def test_readme_lists_every_forward_metric() -> None:
     rows = re.findall(r"^\| `(envoygeo_\w+)(?:\{([^}]*)\})?` \|", section, re.M)
     listed = {name: set(filter(None, (x.strip() for x in (labels or "").split(","))))
               for name, labels in rows}
-    assert listed == exported and len(exported) == 12
+    assert listed == exported and len(exported) == 17
