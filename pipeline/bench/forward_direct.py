@@ -107,6 +107,6 @@ def command(es_url: str, connections: int, chunk_events: int, seconds: float, ru
             proc.wait(60)
         if not keep:
             es.indices.delete(index=index, ignore_unavailable=True)
-            es.indices.delete_index_template(name=index, ignore=[404])
+            es.options(ignore_status=404).indices.delete_index_template(name=index)
         es.close()
     click.echo(json.dumps(rows))
