@@ -65,13 +65,14 @@ CAPTURES = ROOT / "tests" / "data" / "fluent-bit-5.1.1"
 
 def direct_config(path: Path, es_url: str, index: str, port: int, metrics_port: int,
                   parse: dict[str, Any] | None = None, es: dict[str, Any] | None = None,
-                  **forward: Any) -> Path:
+                  rates: dict[str, Any] | None = None, **forward: Any) -> Path:
     """A direct-mode configuration: no kafka section at all (nothing needs it)."""
     path.write_text(yaml.safe_dump({
         "elasticsearch": {"hosts": [es_url], "index": index,
                           "alerts_index": f"{index}-alerts", **(es or {})},
         "metrics": {"host": "127.0.0.1"},
         "parse": parse or {},
+        "rates": rates or {},
         "forward": {"host": "127.0.0.1", "port": port, "metrics_port": metrics_port,
                     "mode": "direct", "shutdown_grace_s": 20,
                     "dead_letter_index": f"{index}-dead", **forward},
@@ -363,3 +364,43 @@ def test_bench_forward_direct_reports_acked_rates(es_url: str) -> None:
     for row in rows:
         assert row["events_per_s"] > 0 and row["cpu_us_per_event"] > 0
     assert "documents in envoygeo-logs-bench-direct-" in proc.stderr
+
+
+def test_rates_in_redis_and_alerts_as_the_worker_does_them(
+        tmp_path: Path, es_url: str, es_client: Elasticsearch, redis_url: str,
+        unique: Callable[[str], str]) -> None:
+    """rates.backend redis: each document carries its client's counts, and a client
+    over a rule's threshold gets its alert in the alerts index (no alerts topic)."""
+    import redis
+
+    index, prefix = unique("envoygeo-logs-direct"), unique("egdirect")
+    port, mport = free_port(), free_port()
+    cfg = direct_config(tmp_path / "direct.yaml", es_url, index, port, mport, rates={
+        "backend": "redis", "redis_url": redis_url, "key_prefix": prefix,
+        "alerts": [{"name": "burst", "window_s": 60, "threshold": 10}]})
+    fwd = start_forward(cfg, tmp_path / "forward.log", port, mport)
+    try:
+        payload = b"".join(msgpack.packb([int(time.time()), {"log": line(i)}])
+                           for i in range(15))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(msgpack.packb(["envoy", payload, {"chunk": "r0", "size": 15}]))
+            u = unpacker(1 << 16)
+            u.feed(s.recv(100))
+            assert list(u) == [{"ack": "r0"}]
+        assert scrape_metric(mport, "envoygeo_forward_alerts_total") == 1
+    finally:
+        assert stop(fwd) == 0
+    assert count_docs(es_client, index) == 15
+    hits = es_client.search(index=index, size=20, sort=[{"http.request.id": "asc"}],
+                            source_includes=["envoygeo.rate", "http.request.id"])
+    rates = {h["_source"]["http"]["request"]["id"]: h["_source"]["envoygeo"]["rate"]["60s"]
+             for h in hits["hits"]["hits"]}
+    assert sorted(rates.values()) == list(range(1, 16))
+    assert wait_for_count(es_client, f"{index}-alerts", 1, timeout_s=30) == 1
+    alert = es_client.search(index=f"{index}-alerts")["hits"]["hits"][0]["_source"]
+    assert alert["rule"]["name"] == "burst"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert list(client.scan_iter(f"{prefix}*"))  # counted in Redis, not in memory
+    finally:
+        client.close()
