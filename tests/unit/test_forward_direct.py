@@ -228,3 +228,43 @@ def test_direct_mode_refuses_relay_only_keys(key: str, value: str, why: str) -> 
         load_settings(environ={"ENVOYGEO_FORWARD__MODE": "direct",
                                f"ENVOYGEO_FORWARD__{key}": value})
     assert why.split(": ", 1)[1] in str(err.value)
+
+
+def test_frames_without_ack_request_pause_reading_past_the_limit() -> None:
+    """They cannot be refused (the client would not resend), so their connection stops
+    being read at max_inflight_chunks pending frames and resumes once they are indexed."""
+
+    class Transport:
+        resumed = 0
+
+        def resume_reading(self) -> None:
+            self.resumed += 1
+
+    class PausingConn(FakeConn):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transport = Transport()  # type: ignore[assignment]
+            self.paused = 0
+
+        def stop_reading(self) -> None:
+            self.paused += 1
+
+    sink = FakeSink()
+    server = DirectServer(options(), Settings(), lambda: Enricher.from_settings(Settings()),
+                          sink)  # type: ignore[arg-type]
+    conn = PausingConn()
+
+    async def go() -> list[bool]:
+        got = [server.relay(conn, frame(2, chunk=None)) for _ in range(5)]  # type: ignore[arg-type]
+        paused_before_done = conn.paused
+        await asyncio.wait_for(server._idle.wait(), 30)
+        return [*got, paused_before_done > 0]
+
+    try:
+        assert asyncio.run(go()) == [True] * 6  # none refused; paused at the limit
+        assert conn.transport.resumed >= 1  # type: ignore[attr-defined]
+        assert conn.written == [] and not conn.closed
+        assert len({d[1] for d in sink.docs()}) == 2  # five identical frames: one id set
+        assert server.indexed == 10
+    finally:
+        server.close()
