@@ -9,6 +9,7 @@
 mod clientip;
 mod document;
 mod envelope;
+mod forward;
 mod geo;
 mod json;
 mod msgpack;
@@ -713,3 +714,4 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_EVENT_TS", rates::MAX_EVENT_TS)?;
     Ok(())
 }
+    m.add_function(wrap_pyfunction!(forward::forward_relay_values, m)?)?;

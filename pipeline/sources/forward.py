@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -69,6 +70,14 @@ class Frame:
     tag: str
     entries: list[tuple[Time, dict[Any, Any]]]
     option: dict[str, Any] = field(default_factory=dict)
+    # The events' Kafka values made by the compiled core straight from a packed payload
+    # (`entries` is then empty): see `decode_frame`'s `relay_values`.
+    values: list[bytes] | None = None
+
+    @property
+    def count(self) -> int:
+        """How many events the frame holds, whichever form they are in."""
+        return len(self.entries) if self.values is None else len(self.values)
 
     @property
     def chunk(self) -> Any:
@@ -108,9 +117,15 @@ def ack(chunk: Any) -> bytes:
     return pack({"ack": chunk})
 
 
-def decode_frame(obj: Any, max_bytes: int) -> Frame:
+def decode_frame(obj: Any, max_bytes: int,
+                 relay_values: Callable[[bytes], list[bytes] | None] | None = None) -> Frame:
     """The frame of one top-level object; ForwardError for what the spec does not allow.
-    `max_bytes` bounds a gzip payload once decompressed."""
+    `max_bytes` bounds a gzip payload once decompressed.
+
+    `relay_values` (the relay's compiled fast path, `pipeline._native`): the Kafka values
+    of a (decompressed) PackedForward payload without a Python object per event, or None
+    for a payload it leaves to Python (then decoded into `entries` as without it).
+    """
     if type(obj) is not list or len(obj) < 2 or len(obj) > 4:
         raise ForwardError("unknown_mode", f"not a forward message: {_show(obj)}")
     tag = obj[0]
@@ -130,6 +145,10 @@ def decode_frame(obj: Any, max_bytes: int) -> Frame:
             payload, mode = gunzip(payload, max_bytes), "CompressedPackedForward"
         elif compressed not in (None, "text"):
             raise ForwardError("bad_compression", f"unknown compressed: {_show(compressed)}")
+        if relay_values is not None:
+            values = relay_values(payload)
+            if values is not None:
+                return Frame(mode, tag, [], option, values)
         return Frame(mode, tag, unpack_entries(payload), option)
     if len(obj) >= 3 and type(obj[2]) is dict:
         option = _option(obj, 3)

@@ -225,10 +225,12 @@ class FakeProducer:
         self.records: list[tuple[str, bytes, Any]] = []
         self.pending: list[Any] = []
 
-    def produce(self, topic: str, value: bytes, key: Any = None, headers: Any = None,
-                on_delivery: Any = None) -> None:
+    def produce(self, topic: str, value: bytes, key: Any = None, partition: int = -1,
+                callback: Any = None, on_delivery: Any = None, timestamp: int = 0,
+                headers: Any = None) -> None:
+        # confluent-kafka's signature, positional order included (the relay passes them so)
         self.records.append((topic, value, headers))
-        self.pending.append(on_delivery)
+        self.pending.append(on_delivery or callback)
 
     def poll(self, timeout: float = 0) -> int:
         return 0
