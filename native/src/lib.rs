@@ -710,8 +710,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Core>()?;
     m.add_class::<Batch>()?;
     m.add_class::<NativeRates>()?;
+    m.add_function(wrap_pyfunction!(forward::forward_relay_values, m)?)?;
     m.add("EPOCH_BASE", rates::EPOCH_BASE)?;
     m.add("MAX_EVENT_TS", rates::MAX_EVENT_TS)?;
     Ok(())
 }
-    m.add_function(wrap_pyfunction!(forward::forward_relay_values, m)?)?;
