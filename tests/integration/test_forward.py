@@ -29,6 +29,7 @@ import yaml
 from elasticsearch import Elasticsearch
 from fluent import asyncsender, sender
 
+from pipeline import native
 from pipeline.sources.forward import unpacker
 from tests.integration.harness import (
     ISTIO_LINE,
@@ -58,6 +59,16 @@ CAPTURE_IPS = [
     "175.16.199.5", None, "127.0.0.9", "127.0.0.9",
 ]
 CLIENT_IP = "81.2.69.160"  # the Python client's lines
+
+
+def relayed(value: bytes) -> dict[str, Any]:
+    """A relayed Kafka value as a dict: Fluent Bit's `format msgpack` record where the
+    compiled relay took the chunk (a map's first byte is never `{`), else its JSON."""
+    if value[:1] == b"{":
+        return orjson.loads(value)  # type: ignore[no-any-return]
+    record = msgpack.unpackb(value, raw=False)
+    assert isinstance(record, dict)
+    return record
 
 
 def capture(name: str) -> bytes:
@@ -193,8 +204,19 @@ def test_fluent_bit_captures_and_fluent_logger_reach_elasticsearch(
     assert any("malformed msgpack" in m for m in messages)
     assert any("disconnected mid-frame" in m for m in messages)
 
-    # Every record is the Fluent Bit kafka JSON the worker reads, tag in a header.
-    values = [orjson.loads(r.value()) for r in records]
+    # Every record is a Fluent Bit kafka record the worker reads (msgpack where the
+    # compiled relay took the chunk, JSON otherwise), tag in a header.
+    values = [relayed(r.value()) for r in records]
+    # Fluent Bit sends Forward mode (an array of entries) unless `compress gzip` makes it
+    # CompressedPackedForward: with the compiled core built, the packed capture is relayed
+    # as msgpack, the Forward-mode ones (Python path) and the Python client's as JSON.
+    capture_forms = Counter(r.value()[:1] == b"{" for r, v in zip(records, values, strict=True)
+                            if v["log"] in set(expected_logs()))
+    packed = len(CAPTURE_IPS) if native.available() else 0  # gzip-ack, the one packed mode
+    assert capture_forms == +Counter({False: packed,
+                                      True: len(REPLAYED) * len(CAPTURE_IPS) - packed})
+    assert all(r.value()[:1] == b"{" for r, v in zip(records, values, strict=True)
+               if v["log"] in lines)
     logs = Counter(v["log"] for v in values)
     assert all(logs[line] == len(REPLAYED) for line in expected_logs())
     assert all(logs[line] == 1 for line in lines)
@@ -299,7 +321,7 @@ def test_shared_key_handshake_on_the_real_process(
     records = read_topic(kafka_bootstrap, forward_topic, 25, timeout_s=15)
     assert len(records) == 25
     assert all(r.headers() is None for r in records)  # forward.tag_header is off by default
-    assert "small" in {orjson.loads(r.value())["log"] for r in records}
+    assert "small" in {relayed(r.value())["log"] for r in records}
     messages = log_messages(fwd_log)
     assert any("sent a wrong shared key" in m for m in messages)
     assert any("dropped 1 event(s) of a chunk larger than Kafka takes" in m for m in messages)
@@ -395,7 +417,7 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_only_resent_chunks(
         assert stop(procs[-1]) == 0
     assert len(procs) == 3 and mid_frame in client.resent
     assert set(client.resent) <= {after_sent, mid_frame}
-    seen = Counter(orjson.loads(r.value())["log"]
+    seen = Counter(relayed(r.value())["log"]
                    for r in read_topic(kafka_bootstrap, forward_topic, chunks * per_chunk))
     ids = [f"req-{n}-{i}" for n in range(chunks) for i in range(per_chunk)]
     assert all(seen[i] >= 1 for i in ids), "an acked or resent event is missing"
@@ -411,7 +433,12 @@ def test_bench_forward_reports_acked_rates(kafka_bootstrap: str) -> None:
                           capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout.splitlines()[-1])
-    assert [r["mode"] for r in rows] == ["PackedForward", "CompressedPackedForward"]
+    paths = ["native", "python"] if native.available() else ["python"]
+    assert [(r["path"], r["mode"]) for r in rows] == [
+        (p, m) for p in paths for m in ("PackedForward", "CompressedPackedForward")]
+    assert [r["value_format"] for r in rows] == [
+        "msgpack" if p == "native" else "json" for p in paths for _ in range(2)]
+    assert proc.stdout.count("worker on ") == len(paths)
     for row in rows:
         assert row["events_per_s"] > 0 and row["cpu_us_per_event"] > 0
         assert row["chunk_bytes_on_wire"] > 0 and row["bytes_per_event"] > 100
