@@ -9,13 +9,17 @@ shipper notices at once instead of after its ack timeout. The one exception is a
 too large for Kafka ever to take: resending could not help, so it is dropped (logged,
 counted) and the rest of the chunk acked.
 
-The Kafka value is the JSON Fluent Bit's kafka output writes (`format json`,
-`timestamp_key @timestamp` as epoch seconds first, then the record's keys), the
-envelope the worker already reads on its fastest path (`pipeline.decode.envelope`); the
-tag goes in a `fluent.tag` header only when asked (`forward.tag_header`), as Fluent Bit's
-kafka output drops it too. JSON rather than msgpack because the worker does
-not decode msgpack values; writing it costs about 1.5 µs a record (orjson), less than
-decoding the msgpack (about 2.5 µs, `envoygeo bench forward` has the whole figures).
+The Kafka value is a record of Fluent Bit's kafka output (`timestamp_key @timestamp` as
+epoch seconds first, then the record's keys), an envelope the worker reads without
+configuration (`pipeline.decode.envelope`). Packed chunks (PackedForward, gzip'ed or not:
+Fluentd, fluency, Fluent Bit with `compress gzip`) go through the compiled core when it is
+built (`native_relay_values`): each value is the `format msgpack` record, sliced from the
+payload without decoding anything, because decoding with msgpack-python and re-encoding
+as JSON was most of the relay's CPU. Everything else (Message and Forward mode, Fluent
+Bit's default, a record the strict compiled reader leaves alone, no compiled core) is
+decoded here and written as the `format json` record (`relay_value`). The worker's
+compiled core reads both forms at about the same cost. The tag goes in a `fluent.tag`
+header only when asked (`forward.tag_header`), as Fluent Bit's kafka output drops it too.
 
 Bounded memory: one frame per connection is buffered (at most `max_chunk_bytes`, also
 after gunzip), at most `max_inflight_chunks` chunks wait for their ack at once, and
