@@ -18,65 +18,9 @@
 //! payload None: the Python path relays it as JSON (or reports it), exactly as before.
 //! So a chunk is relayed one way or the other, never half and half.
 
-const MAX_DEPTH: usize = 64;
-
-struct Reader<'a> {
-    b: &'a [u8],
-    i: usize,
-}
+use crate::msgpack::{Reader, MAX_DEPTH};
 
 impl<'a> Reader<'a> {
-    #[inline]
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let s = self.b.get(self.i..self.i.checked_add(n)?)?;
-        self.i += n;
-        Some(s)
-    }
-
-    #[inline]
-    fn byte(&mut self) -> Option<u8> {
-        let c = *self.b.get(self.i)?;
-        self.i += 1;
-        Some(c)
-    }
-
-    #[inline]
-    fn be(&mut self, n: usize) -> Option<u64> {
-        Some(self.take(n)?.iter().fold(0u64, |v, &c| (v << 8) | u64::from(c)))
-    }
-
-    /// The length of a str whose marker is `m`; None when `m` is not one.
-    #[inline]
-    fn str_len(&mut self, m: u8) -> Option<Option<usize>> {
-        Some(Some(match m {
-            0xa0..=0xbf => usize::from(m & 0x1f),
-            0xd9 => self.be(1)? as usize,
-            0xda => self.be(2)? as usize,
-            0xdb => self.be(4)? as usize,
-            _ => return Some(None),
-        }))
-    }
-
-    #[inline]
-    fn map_len(&mut self, m: u8) -> Option<Option<usize>> {
-        Some(Some(match m {
-            0x80..=0x8f => usize::from(m & 0x0f),
-            0xde => self.be(2)? as usize,
-            0xdf => self.be(4)? as usize,
-            _ => return Some(None),
-        }))
-    }
-
-    #[inline]
-    fn array_len(&mut self, m: u8) -> Option<Option<usize>> {
-        Some(Some(match m {
-            0x90..=0x9f => usize::from(m & 0x0f),
-            0xdc => self.be(2)? as usize,
-            0xdd => self.be(4)? as usize,
-            _ => return Some(None),
-        }))
-    }
-
     /// A UTF-8 str (the only key type taken); None for anything else.
     #[inline]
     fn key(&mut self) -> Option<&'a [u8]> {

@@ -14,12 +14,8 @@ use serde_json::{Map, Number, Value};
 
 use crate::envelope::Top;
 
-const MAX_DEPTH: usize = 64;
-
-struct Reader<'a> {
-    b: &'a [u8],
-    i: usize,
-}
+/// Nesting past this is left to the Python path (both readers share the bound).
+pub(crate) const MAX_DEPTH: usize = 64;
 
 /// A top-level value as `Top` keeps it.
 enum Scalar<'a> {
@@ -28,23 +24,36 @@ enum Scalar<'a> {
     Text(Cow<'a, str>),
 }
 
+/// The msgpack primitives both readers (this one and `crate::forward`'s relay) walk with:
+/// a cursor over borrowed bytes; every method is None past the end.
+pub(crate) struct Reader<'a> {
+    pub(crate) b: &'a [u8],
+    pub(crate) i: usize,
+}
+
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    #[inline]
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let s = self.b.get(self.i..self.i.checked_add(n)?)?;
         self.i += n;
         Some(s)
     }
 
-    fn byte(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
+    #[inline]
+    pub(crate) fn byte(&mut self) -> Option<u8> {
+        let c = *self.b.get(self.i)?;
+        self.i += 1;
+        Some(c)
     }
 
-    fn be(&mut self, n: usize) -> Option<u64> {
+    #[inline]
+    pub(crate) fn be(&mut self, n: usize) -> Option<u64> {
         Some(self.take(n)?.iter().fold(0u64, |v, &c| (v << 8) | u64::from(c)))
     }
 
-    /// The length of a str whose marker is `m`, None when `m` is not a str marker.
-    fn str_len(&mut self, m: u8) -> Option<Option<usize>> {
+    /// The length of a str whose marker is `m`; None when `m` is not one.
+    #[inline]
+    pub(crate) fn str_len(&mut self, m: u8) -> Option<Option<usize>> {
         Some(Some(match m {
             0xa0..=0xbf => usize::from(m & 0x1f),
             0xd9 => self.be(1)? as usize,
@@ -54,26 +63,30 @@ impl<'a> Reader<'a> {
         }))
     }
 
-    fn str_body(&mut self, n: usize) -> Option<&'a str> {
-        std::str::from_utf8(self.take(n)?).ok() // msgpack-python refuses non-UTF-8 str
-    }
-
-    fn map_len(m: u8, r: &mut Self) -> Option<Option<usize>> {
+    #[inline]
+    pub(crate) fn map_len(&mut self, m: u8) -> Option<Option<usize>> {
         Some(Some(match m {
             0x80..=0x8f => usize::from(m & 0x0f),
-            0xde => r.be(2)? as usize,
-            0xdf => r.be(4)? as usize,
+            0xde => self.be(2)? as usize,
+            0xdf => self.be(4)? as usize,
             _ => return Some(None),
         }))
     }
 
-    fn array_len(m: u8, r: &mut Self) -> Option<Option<usize>> {
+    #[inline]
+    pub(crate) fn array_len(&mut self, m: u8) -> Option<Option<usize>> {
         Some(Some(match m {
             0x90..=0x9f => usize::from(m & 0x0f),
-            0xdc => r.be(2)? as usize,
-            0xdd => r.be(4)? as usize,
+            0xdc => self.be(2)? as usize,
+            0xdd => self.be(4)? as usize,
             _ => return Some(None),
         }))
+    }
+}
+
+impl<'a> Reader<'a> {
+    fn str_body(&mut self, n: usize) -> Option<&'a str> {
+        std::str::from_utf8(self.take(n)?).ok() // msgpack-python refuses non-UTF-8 str
     }
 
     /// Any value as JSON; None for what JSON cannot say alike (bin, ext, NaN, non-str keys).
@@ -85,7 +98,7 @@ impl<'a> Reader<'a> {
         if let Some(n) = self.str_len(m)? {
             return Some(Value::String(self.str_body(n)?.to_owned()));
         }
-        if let Some(n) = Self::map_len(m, self)? {
+        if let Some(n) = self.map_len(m)? {
             let mut map = Map::new();
             for _ in 0..n {
                 let km = self.byte()?;
@@ -96,7 +109,7 @@ impl<'a> Reader<'a> {
             }
             return Some(Value::Object(map));
         }
-        if let Some(n) = Self::array_len(m, self)? {
+        if let Some(n) = self.array_len(m)? {
             let mut out = Vec::with_capacity(n.min(1024));
             for _ in 0..n {
                 out.push(self.json(depth + 1)?);
@@ -161,7 +174,7 @@ fn as_json(v: Scalar<'_>) -> Cow<'_, str> {
 pub fn parse_top(data: &[u8]) -> Option<Top<'_>> {
     let mut r = Reader { b: data, i: 0 };
     let m = r.byte()?;
-    let n = Reader::map_len(m, &mut r)??;
+    let n = r.map_len(m)??;
     let mut top = Top::default();
     for _ in 0..n {
         let km = r.byte()?;
