@@ -226,3 +226,146 @@ pub fn forward_relay_values<'py>(
     }
     pyo3::types::PyList::new(py, values).map(Some)
 }
+
+/// Why a scan stopped before the end of an object: `Need(n)`, the buffer must hold at
+/// least `n` bytes before scanning again can get further; `Foreign`, bytes that are not
+/// msgpack (0xc1) or nest deeper than `MAX_DEPTH`, which the caller leaves to
+/// msgpack-python (it reports or decodes them as it always has).
+enum Stop {
+    Need(usize),
+    Foreign,
+}
+
+/// `n` big-endian bytes at `at`, or how much the buffer lacks.
+#[inline]
+fn be_at(b: &[u8], at: usize, n: usize) -> Result<usize, Stop> {
+    let end = at.saturating_add(n);
+    let s = b.get(at..end).ok_or(Stop::Need(end))?;
+    Ok(s.iter().fold(0usize, |v, &c| (v << 8) | usize::from(c)))
+}
+
+/// Moves `*i` past the msgpack object that starts there, without decoding it.
+fn skip(b: &[u8], i: &mut usize, depth: usize) -> Result<(), Stop> {
+    if depth > MAX_DEPTH {
+        return Err(Stop::Foreign);
+    }
+    let at = *i;
+    let m = *b.get(at).ok_or(Stop::Need(at + 1))?;
+    // (bytes before the body, body bytes, objects that follow as members)
+    let (head, body, members): (usize, usize, usize) = match m {
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (1, 0, 0),
+        0x80..=0x8f => (1, 0, 2 * usize::from(m & 0x0f)),
+        0x90..=0x9f => (1, 0, usize::from(m & 0x0f)),
+        0xa0..=0xbf => (1, usize::from(m & 0x1f), 0),
+        0xc4 | 0xd9 => (2, be_at(b, at + 1, 1)?, 0),
+        0xc5 | 0xda => (3, be_at(b, at + 1, 2)?, 0),
+        0xc6 | 0xdb => (5, be_at(b, at + 1, 4)?, 0),
+        0xc7 => (3, be_at(b, at + 1, 1)?, 0), // ext 8: length, type, data
+        0xc8 => (4, be_at(b, at + 1, 2)?, 0),
+        0xc9 => (6, be_at(b, at + 1, 4)?, 0),
+        0xca | 0xce | 0xd2 => (1, 4, 0),
+        0xcb | 0xcf | 0xd3 => (1, 8, 0),
+        0xcc | 0xd0 => (1, 1, 0),
+        0xcd | 0xd1 => (1, 2, 0),
+        0xd4 => (2, 1, 0), // fixext: type, data
+        0xd5 => (2, 2, 0),
+        0xd6 => (2, 4, 0),
+        0xd7 => (2, 8, 0),
+        0xd8 => (2, 16, 0),
+        0xdc => (3, 0, be_at(b, at + 1, 2)?),
+        0xdd => (5, 0, be_at(b, at + 1, 4)?),
+        0xde => (3, 0, 2 * be_at(b, at + 1, 2)?),
+        0xdf => (5, 0, 2 * be_at(b, at + 1, 4)?),
+        0xc1 => return Err(Stop::Foreign),
+    };
+    let end = at.saturating_add(head).saturating_add(body);
+    if end > b.len() {
+        return Err(Stop::Need(end));
+    }
+    *i = end;
+    for _ in 0..members {
+        skip(b, i, depth + 1)?;
+    }
+    Ok(())
+}
+
+/// `pipeline._native.forward_frame_scan(buf, off, pos, left, estart)`: where the frame
+/// starting at `buf[off]` ends (positions below are relative to `off`), so that a Forward-mode frame (Fluent Bit's default: `[tag,
+/// [entry, ...], option]`) can be relayed from its bytes like a packed payload (its entries
+/// back to back are exactly one) instead of being decoded into Python objects first.
+///
+/// Returns `(status, a, b, c, d)`:
+/// - `(0, pos, left, estart, need)`: incomplete; call again with `pos, left, estart` once
+///   the buffer holds `need` bytes. Inside a Forward frame's entries `pos` is where the
+///   last whole entry ended and `left` how many are still to come, so a large frame
+///   arriving in many reads is scanned once, not once a read.
+/// - `(1, end, 0, 0, 0)`: one whole object that is not a Forward frame (PackedForward,
+///   Message, a handshake message): the caller decodes `buf[:end]`.
+/// - `(2, end, 0, estart, eend)`: a whole Forward frame, its entries at `buf[estart:eend]`.
+/// - `(-1, 0, 0, 0, 0)`: not msgpack, or nested past `MAX_DEPTH`: the caller hands the
+///   stream to msgpack-python.
+///
+/// Takes the bytearray itself (no copy per read); the GIL is held, so it cannot change
+/// underneath.
+#[pyo3::pyfunction]
+pub fn forward_frame_scan(
+    buf: &pyo3::Bound<'_, pyo3::types::PyByteArray>,
+    off: usize,
+    pos: usize,
+    left: usize,
+    estart: usize,
+) -> (i8, usize, usize, usize, usize) {
+    use pyo3::types::PyByteArrayMethods;
+    // SAFETY: no Python code runs while the slice is in use, so nothing can resize it.
+    let b = unsafe { buf.as_bytes() }.get(off..).unwrap_or_default();
+    match scan_frame(b, pos, left, estart) {
+        Ok(Scanned::Other(end)) => (1, end, 0, 0, 0),
+        Ok(Scanned::Forward { end, estart, eend }) => (2, end, 0, estart, eend),
+        Err((Stop::Need(need), pos, left, estart)) => (0, pos, left, estart, need),
+        Err((Stop::Foreign, ..)) => (-1, 0, 0, 0, 0),
+    }
+}
+
+enum Scanned {
+    Other(usize),
+    Forward { end: usize, estart: usize, eend: usize },
+}
+
+type Resume = (Stop, usize, usize, usize);
+
+fn scan_frame(b: &[u8], pos: usize, left: usize, estart: usize) -> Result<Scanned, Resume> {
+    let fresh = |s: Stop| (s, 0, 0, 0);
+    let (mut i, mut left, estart) = if pos == 0 {
+        // A Forward frame: a 2- or 3-array, a str tag, then an array of entries.
+        let first = *b.first().ok_or(fresh(Stop::Need(1)))?;
+        let mut i = 1;
+        let forward = matches!(first, 0x92 | 0x93)
+            && matches!(b.get(1), Some(0xa0..=0xbf | 0xd9..=0xdb))
+            && skip(b, &mut i, 1).map_err(fresh).is_ok()
+            && matches!(b.get(i), Some(0x90..=0x9f | 0xdc | 0xdd));
+        if !forward {
+            let mut end = 0;
+            skip(b, &mut end, 0).map_err(fresh)?;
+            return Ok(Scanned::Other(end));
+        }
+        let m = b[i];
+        let (head, n) = match m {
+            0xdc => (3, be_at(b, i + 1, 2).map_err(fresh)?),
+            0xdd => (5, be_at(b, i + 1, 4).map_err(fresh)?),
+            _ => (1, usize::from(m & 0x0f)),
+        };
+        (i + head, n, i + head)
+    } else {
+        (pos, left, estart)
+    };
+    while left > 0 {
+        let at = i;
+        skip(b, &mut i, 2).map_err(|s| (s, at, left, estart))?;
+        left -= 1;
+    }
+    let eend = i;
+    if b[0] == 0x93 {
+        skip(b, &mut i, 1).map_err(|s| (s, eend, 0, estart))?;
+    }
+    Ok(Scanned::Forward { end: i, estart, eend })
+}

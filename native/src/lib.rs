@@ -711,6 +711,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Batch>()?;
     m.add_class::<NativeRates>()?;
     m.add_function(wrap_pyfunction!(forward::forward_relay_values, m)?)?;
+    m.add_function(wrap_pyfunction!(forward::forward_frame_scan, m)?)?;
     m.add("EPOCH_BASE", rates::EPOCH_BASE)?;
     m.add("MAX_EVENT_TS", rates::MAX_EVENT_TS)?;
     Ok(())

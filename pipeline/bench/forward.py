@@ -2,14 +2,15 @@
 
 The load is what Fluent Bit sends with `Require_ack_response On`: chunks of Fluent Bit
 records (`[EventTime, {time, stream, _p, log}]`, the access-log lines of the Fluent Bit
-5.1.1 capture) as PackedForward, or CompressedPackedForward with `--gzip`, on several
+5.1.1 capture) in each event mode a shipper uses (Forward: Fluent Bit's default;
+PackedForward: Fluentd; CompressedPackedForward: `compress gzip`), on several
 connections, each waiting for a chunk's ack before sending the next. A rate counts only
 acked events (Kafka has every record). CPU per event is the forward process's own CPU
 (all its threads, from /proc) over the events acked meanwhile; the load generator runs
 in this process and is not counted. Medians of `--runs`.
 
 Both relay paths run in the same invocation, one forward process each: the compiled
-core's (`format msgpack` values sliced from the payload, `native/src/forward.rs`) and the
+core's (`format msgpack` values sliced from the frame, `native/src/forward.rs`) and the
 Python one (`ENVOYGEO_NATIVE=0`: msgpack-python entries, orjson values), so their ratio
 is not blurred by the shared machine's drift between invocations. The yardstick is the
 worker's own rate over the records each path relayed, read back from Kafka: the worker's
@@ -69,13 +70,35 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load(port: int, connections: int, seconds: float, events: int,
-         compress: bool) -> int:
+MODES = ("Forward", "PackedForward", "CompressedPackedForward")
+
+
+class Frames:
+    """One mode's chunk frames, the chunk id the only part that changes between them:
+    Forward (Fluent Bit's default: `[tag, [entry, ...], option]`), PackedForward (`[tag,
+    entries as bin, option]`, Fluentd) or CompressedPackedForward (gzip, Fluent Bit with
+    `compress gzip`)."""
+
+    def __init__(self, mode: str, events: int) -> None:
+        entries, self.raw = chunk_payload(events, mode == "CompressedPackedForward")
+        option: dict[str, Any] = {"size": events}
+        if mode == "CompressedPackedForward":
+            option["compressed"] = "gzip"
+        self.option = option
+        tag = msgpack.packb("bench.forward")
+        if mode == "Forward":  # the entries' bytes as an array's members
+            head = b"\xdd" + events.to_bytes(4, "big")
+        else:  # the entries as one bin
+            head = b"\xc6" + len(entries).to_bytes(4, "big")
+        self.prefix = b"\x93" + tag + head + entries
+
+    def frame(self, chunk: str) -> bytes:
+        return self.prefix + msgpack.packb({**self.option, "chunk": chunk})
+
+
+def load(port: int, connections: int, seconds: float, events: int, mode: str) -> int:
     """Events acked in `seconds` by `connections` senders, each waiting for its acks."""
-    payload, _ = chunk_payload(events, compress)
-    option: dict[str, Any] = {"size": events}
-    if compress:
-        option["compressed"] = "gzip"
+    frames = Frames(mode, events)
     acked = [0] * connections
     errors: list[str] = []
 
@@ -89,8 +112,7 @@ def load(port: int, connections: int, seconds: float, events: int,
                 n = 0
                 while time.monotonic() < end:
                     chunk = f"{c}-{n}"
-                    s.sendall(msgpack.packb(["bench.forward", payload,
-                                             {**option, "chunk": chunk}]))
+                    s.sendall(frames.frame(chunk))
                     while True:
                         data = s.recv(4096)
                         if not data:
@@ -151,7 +173,7 @@ def _free_port() -> int:
 def command(bootstrap: str, connections: int, chunk_events: int, seconds: float, runs: int,
             partitions: int, paths: str, yardstick_records: int) -> None:
     """Events/s one `envoygeo forward` relays to Kafka with acks, and its CPU per event,
-    for PackedForward and CompressedPackedForward (gzip) chunks, on the compiled and the
+    for Forward, PackedForward and CompressedPackedForward (gzip) chunks, on the compiled and the
     Python relay path; then the worker's own rate over the records relayed.
 
     \b
@@ -224,23 +246,23 @@ def _path_rows(path: str, bootstrap: str, connections: int, chunk_events: int,
         try:
             _wait_ready(proc, metrics_port, log)
             rows = []
-            for compress in (False, True):
-                payload, raw = chunk_payload(chunk_events, compress)
+            for mode in MODES:
+                frames = Frames(mode, chunk_events)
                 rates, cpus = [], []
                 for _ in range(runs):
                     cpu0, t0 = _cpu_s(proc.pid), time.monotonic()
-                    events = load(port, connections, seconds, chunk_events, compress)
+                    events = load(port, connections, seconds, chunk_events, mode)
                     elapsed, cpu = time.monotonic() - t0, _cpu_s(proc.pid) - cpu0
                     rates.append(events / elapsed)
                     cpus.append(cpu / max(events, 1) * 1e6)
                 rows.append({
                     "path": path,
-                    "mode": "CompressedPackedForward" if compress else "PackedForward",
+                    "mode": mode,
                     "events_per_s": round(statistics.median(rates)),
                     "cpu_us_per_event": round(statistics.median(cpus), 2),
                     "events_per_cpu_s": round(1e6 / statistics.median(cpus)),
-                    "bytes_per_event": round(raw / chunk_events),
-                    "chunk_bytes_on_wire": len(payload),
+                    "bytes_per_event": round(frames.raw / chunk_events),
+                    "chunk_bytes_on_wire": len(frames.frame("0-0")),
                     "runs": [round(r) for r in rates]})
         finally:
             proc.terminate()

@@ -27,7 +27,7 @@ from typing import Any
 import click
 import yaml
 
-from pipeline.bench.forward import _cpu_s, _free_port, _wait_ready, chunk_payload, load
+from pipeline.bench.forward import Frames, _cpu_s, _free_port, _wait_ready, load
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,20 +74,20 @@ def command(es_url: str, connections: int, chunk_events: int, seconds: float, ru
     es = Elasticsearch(es_url, request_timeout=60)
     try:
         _wait_ready(proc, mport, log)
-        load(port, connections, 1.0, chunk_events, False)  # warm-up: caches, JIT-free paths
-        for mode, gz in (("PackedForward", False), ("CompressedPackedForward", True)):
+        load(port, connections, 1.0, chunk_events, "PackedForward")  # warm-up: caches
+        for mode in ("PackedForward", "CompressedPackedForward"):
             rates, cpus = [], []
             for _ in range(runs):
                 # The load's chunk ids restart each run: a fresh index keeps every run
                 # to creating documents (an overwrite costs Elasticsearch more).
                 es.indices.delete(index=index, ignore_unavailable=True)
                 cpu0, t0 = _cpu_s(proc.pid), time.monotonic()
-                acked = load(port, connections, seconds, chunk_events, gz)
+                acked = load(port, connections, seconds, chunk_events, mode)
                 wall, cpu = time.monotonic() - t0, _cpu_s(proc.pid) - cpu0
                 rates.append(acked / wall)
                 cpus.append(cpu / max(acked, 1) * 1e6)
             rate, cpu_us = statistics.median(rates), statistics.median(cpus)
-            wire, _ = chunk_payload(chunk_events, gz)
+            wire = Frames(mode, chunk_events).frame("0-0")
             rows.append({"mode": mode, "events_per_s": round(rate),
                          "cpu_us_per_event": round(cpu_us, 2),
                          "events_per_cpu_s": round(1e6 / cpu_us) if cpu_us else None,

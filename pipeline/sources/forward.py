@@ -156,6 +156,29 @@ def decode_frame(obj: Any, max_bytes: int,
     raise ForwardError("unknown_mode", f"unknown event mode: {_show(obj)}")
 
 
+def unpack_one(data: bytes) -> Any:
+    """One whole object, decoded as the streaming `unpacker` decodes it."""
+    return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape",
+                           ext_hook=_ext_hook, strict_map_key=False)
+
+
+def forward_frame(raw: bytes, estart: int, eend: int, max_bytes: int,
+                  relay_values: Callable[[bytes], list[bytes] | None]) -> Frame:
+    """A Forward-mode frame (`[tag, [entry, ...], option?]`, Fluent Bit's default) from
+    its bytes, its entries at `raw[estart:eend]` (`_native.forward_frame_scan` found
+    them). Entries back to back are a PackedForward payload, so the compiled relay takes
+    them as they are; what it leaves goes through `decode_frame` as without it, so the
+    frame is relayed (or refused) exactly as the Python path would."""
+    values = relay_values(raw[estart:eend])
+    if values is None:
+        return decode_frame(unpack_one(raw), max_bytes)
+    head = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape")
+    head.feed(raw[1:estart])
+    tag = head.unpack()  # the scan checked it is a str; the entries' header follows
+    option = _option([tag, None, unpack_one(raw[eend:])], 2) if raw[0] == 0x93 else {}
+    return Frame("Forward", tag, [], option, values)
+
+
 def _option(obj: list[Any], index: int) -> dict[str, Any]:
     if len(obj) <= index:
         return {}

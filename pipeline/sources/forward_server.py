@@ -61,10 +61,12 @@ from pipeline.sources.forward import (
     TooLarge,
     ack,
     decode_frame,
+    forward_frame,
     helo,
     parse_ping,
     ping_ok,
     pong,
+    unpack_one,
     unpacker,
     user_ok,
 )
@@ -126,6 +128,16 @@ class ForwardMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def native_frame_scan() -> Callable[..., tuple[int, int, int, int, int]] | None:
+    """The compiled core's frame scan (`forward_frame_scan` in `native/src/forward.rs`),
+    None when it is not built or switched off."""
+    from pipeline import native
+
+    if not native.available():
+        return None
+    return native._native.forward_frame_scan  # type: ignore[no-any-return]
 
 
 def native_relay_values() -> Callable[[bytes], list[bytes] | None] | None:
@@ -444,6 +456,14 @@ class _Connection(asyncio.Protocol):
         self.unpacker = unpacker(opts.max_chunk_bytes + 256 * 1024)
         self.fed = 0
         self.done = 0  # stream offset where the last whole object ended
+        self.base = 0  # stream offset of the streaming decoder's first byte
+        # Relaying with the compiled core, the stream is cut into frames by its scan
+        # (`_frames`) so that Forward-mode frames never become Python objects; otherwise
+        # (and from the first bytes the scan does not take) msgpack-python's decoder.
+        self.scan = native_frame_scan() if server.relay_values is not None else None
+        self.buf: bytearray | None = bytearray() if self.scan is not None else None
+        self.resume = (0, 0, 0)  # the scan's place in an unfinished frame
+        self.need = 0  # bytes the buffer must hold before scanning again helps
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.nonce: bytes | None = None  # set while the handshake is pending
@@ -496,6 +516,13 @@ class _Connection(asyncio.Protocol):
             return
         self.server.metrics.bytes_in.inc(len(data))
         self.fed += len(data)
+        if self.buf is not None:
+            self._frames(self.buf, data)
+        else:
+            self._unpack(data)
+
+    def _unpack(self, data: bytes) -> None:
+        """The stream through msgpack-python's streaming decoder, object by object."""
         try:
             self.unpacker.feed(data)
         except Exception:  # BufferFull: one frame larger than the limit
@@ -509,7 +536,7 @@ class _Connection(asyncio.Protocol):
             except Exception as exc:
                 self._bad("malformed", f"malformed msgpack after byte {self.done}: {exc!r}")
                 return
-            end = self.unpacker.tell()
+            end = self.base + self.unpacker.tell()
             size, self.done = end - self.done, end
             if size > self.max_frame:
                 self._too_large(f"a frame of {size} bytes, over {self.max_frame} "
@@ -517,20 +544,64 @@ class _Connection(asyncio.Protocol):
                 return
             self._handle(obj)
 
+    def _frames(self, buf: bytearray, data: bytes) -> None:
+        """The stream cut into frames by the compiled scan: a Forward-mode frame is
+        relayed from its bytes (`forward_frame`), any other object decoded whole as
+        `_unpack` would. The buffer holds one unfinished frame plus one read, as the
+        streaming decoder's does; it is trimmed once per read, not once per frame."""
+        assert self.scan is not None
+        buf += data
+        off = 0
+        while not self.closing and off < len(buf) and len(buf) - off >= self.need:
+            status, a, b, c, d = self.scan(buf, off, *self.resume)
+            if status == 0:
+                self.resume, self.need = (a, b, c), d
+                break
+            self.resume, self.need = (0, 0, 0), 0
+            if status < 0:  # not msgpack, or nested too deep: msgpack-python's to say
+                self.buf, self.base = None, self.done
+                self._unpack(bytes(buf[off:]))
+                return
+            raw = bytes(buf[off:off + a])
+            off += a
+            self.done += a
+            if a > self.max_frame:
+                self._too_large(f"a frame of {a} bytes, over {self.max_frame} "
+                                "(forward.max_chunk_bytes)")
+                return
+            if status == 2 and self.nonce is None:
+                self._relay(forward_frame, raw, c, d, self.max_frame,
+                            self.server.relay_values)
+                continue
+            try:
+                obj = unpack_one(raw)
+            except Exception as exc:
+                self._bad("malformed", f"malformed msgpack after byte {self.done - a}: "
+                                       f"{exc!r}")
+                return
+            self._handle(obj)
+        del buf[:off]
+        # The same bound as the streaming decoder's buffer; a frame whose header already
+        # says it is larger is refused without waiting for its bytes.
+        if self.need > self.max_frame or len(buf) > self.max_frame + 256 * 1024:
+            self._too_large(f"a frame over {self.max_frame} bytes (forward.max_chunk_bytes)")
+
     def _handle(self, obj: Any) -> None:
-        server = self.server
         if self.nonce is not None:
             self._handshake(obj)
             return
+        self._relay(decode_frame, obj, self.max_frame, self.server.relay_values)
+
+    def _relay(self, decode: Callable[..., Frame], *args: Any) -> None:
         try:
-            frame = decode_frame(obj, self.max_frame, server.relay_values)
+            frame = decode(*args)
         except TooLarge as exc:
             self._too_large(str(exc))
             return
         except ForwardError as exc:
             self._bad(exc.reason, str(exc))
             return
-        server.relay(self, frame)
+        self.server.relay(self, frame)
 
     def _handshake(self, obj: Any) -> None:
         server = self.server

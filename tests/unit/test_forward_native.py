@@ -213,14 +213,20 @@ def test_the_worker_indexes_both_relay_forms_alike_on_both_of_its_paths() -> Non
         [orjson.loads(d.document) for d in docs_slow]
 
 
+MODES = {"default": "Forward", "ack": "Forward", "gzip-ack": "CompressedPackedForward",
+         "time-int": "Forward"}
+
+
+@pytest.mark.parametrize("variant", list(MODES))
 def test_the_server_relays_msgpack_on_the_compiled_path_and_json_without_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every captured Fluent Bit stream: Forward mode (its default) as well as gzip."""
     async def main(expect_msgpack: bool) -> None:
         h = Harness()
         assert (h.server.relay_values is not None) == expect_msgpack
         await h.server.start()
         reader, writer = await asyncio.open_connection("127.0.0.1", h.server.port)
-        writer.write(stream("gzip-ack"))
+        writer.write(stream(variant))
         await writer.drain()
         for _ in range(200):
             if len(h.producer.records) == 24:
@@ -234,16 +240,122 @@ def test_the_server_relays_msgpack_on_the_compiled_path_and_json_without_it(
             events = [orjson.loads(v) for v in values]
         assert [e["log"] for e in events] == [r["log"] for r in expected_records()]
         h.producer.deliver()
-        assert await _recv(reader, 100) == server_sent("gzip-ack")
-        assert h.value("envoygeo_forward_events_received_total",
-                       mode="CompressedPackedForward") == 24
+        if server_sent(variant):
+            assert await _recv(reader, 100) == server_sent(variant)
+        for _ in range(200):  # delivery reports reach the loop thread-safely
+            if h.value("envoygeo_forward_events_relayed_total") == 24:
+                break
+            await asyncio.sleep(0.01)
+        assert h.value("envoygeo_forward_events_received_total", mode=MODES[variant]) == 24
         assert h.value("envoygeo_forward_events_relayed_total") == 24
         writer.close()
         assert await h.server.drain(1)
+        return events
 
-    run(main(True))
+    compiled = run(main(True))
     monkeypatch.setenv("ENVOYGEO_NATIVE", "0")
-    run(main(False))
+    assert run(main(False)) == compiled  # the same events, key for key
+
+
+def serve(data: bytes, pieces: list[int], expect: int = 0,
+          **options: Any) -> tuple[list[bytes], Harness]:
+    """`data` written to a forward server in pieces of the given sizes (then the rest),
+    each drained and given a moment so the server reads them apart; the Kafka values it
+    produced (waiting for `expect` of them or a malformed-input report) and its harness."""
+    async def main() -> tuple[list[bytes], Harness]:
+        h = Harness(**options)
+        await h.server.start()
+        _, writer = await asyncio.open_connection("127.0.0.1", h.server.port)
+        at = 0
+        for n in pieces:
+            writer.write(data[at:at + n])
+            at += n
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        writer.write(data[at:])
+        await writer.drain()
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if h.value("envoygeo_forward_bad_input_total", reason="malformed") or \
+                    len(h.producer.records) >= expect:
+                break
+        await asyncio.sleep(0.05)
+        writer.close()
+        await h.server.drain(1)
+        return [v for _, v, _ in h.producer.records], h
+
+    return run(main())  # type: ignore[no-any-return]
+
+
+STREAMS = b"".join(stream(v) for v in MODES)  # four frames back to back, 96 events
+
+
+@pytest.mark.parametrize("piece", [1, 7, 100, 1500, 65536])
+def test_frames_split_anywhere_are_relayed_whole_by_the_compiled_path(piece: int) -> None:
+    """A stream read in pieces of any size, frames back to back: every event relayed once,
+    each as the compiled path's msgpack (so the Forward frames took it too)."""
+    n = len(STREAMS) // piece + 1 if piece < 1500 else 40
+    values, h = serve(STREAMS, [piece] * min(n, 3000), expect=96)
+    assert len(values) == 96
+    assert all(v[:1] != b"{" for v in values)  # 96 values from the compiled path
+    logs = [r["log"] for r in expected_records()]
+    assert [msgpack.unpackb(v)["log"] for v in values] == logs * 4
+    assert h.value("envoygeo_forward_events_received_total", mode="Forward") == 72
+    assert h.value("envoygeo_forward_bad_input_total", reason="malformed") == 0
+
+
+def test_a_large_forward_frame_is_scanned_once_not_once_per_read() -> None:
+    """The scan's resume point moves past every whole entry, so the next read starts
+    there instead of at the frame's first byte."""
+    scan = native._native.forward_frame_scan
+    entries = [[i, {"log": "x" * 200, "n": i}] for i in range(1000)]
+    frame = msgpack.packb(["tag", entries, {"chunk": "c1"}])
+    buf = bytearray()
+    resume = (0, 0, 0)
+    positions = []
+    for at in range(0, len(frame), 4096):
+        buf += frame[at:at + 4096]
+        status, a, b, c, d = scan(buf, 0, *resume)
+        if status == 0:
+            assert d > len(buf)  # it asks for more than it has
+            resume = (a, b, c)
+            positions.append(a)
+    assert status == 2 and a == len(frame)
+    estart, eend = c, d
+    assert frame[estart:eend] == b"".join(msgpack.packb(e) for e in entries)
+    # every resume point but the first is past the entries already read in full
+    assert positions == sorted(positions) and positions[-1] > len(frame) - 4096 - 300
+    assert len(positions) == len(frame) // 4096
+
+
+def test_what_the_scan_or_the_relay_leaves_is_decoded_by_python_as_before() -> None:
+    """A record the compiled relay does not take (a bin value) is relayed as JSON by the
+    Python path; a record nested past the scan's depth hands the rest of the connection
+    to msgpack-python, which relays the next frames as before; 0xc1 is malformed."""
+    odd = msgpack.packb(["t", [[1, {"log": "a", "b": b"\x00"}]]], use_bin_type=True)
+    deep: Any = "x"
+    for _ in range(80):
+        deep = [deep]
+    nested = msgpack.packb(["t", [[2, {"log": "b", "deep": deep}]]])
+    plain = msgpack.packb(["t", [[3, {"log": "c"}]]])
+    values, h = serve(odd + plain + nested + plain, [], expect=4)
+    assert [relayed_form(v) for v in values] == ["json", "msgpack", "json", "json"]
+    assert h.value("envoygeo_forward_bad_input_total", reason="malformed") == 0
+    values, h = serve(plain + b"\xc1" + plain, [], expect=2)
+    assert [relayed_form(v) for v in values] == ["msgpack"]
+    assert h.value("envoygeo_forward_bad_input_total", reason="malformed") == 1
+
+
+def relayed_form(value: bytes) -> str:
+    return "json" if value[:1] == b"{" else "msgpack"
+
+
+def test_a_forward_frame_over_the_limit_is_refused_as_before() -> None:
+    frame = msgpack.packb(["t", [[i, {"log": "y" * 100}] for i in range(100)]])
+    for pieces in ([], [100] * 50):
+        values, h = serve(frame, pieces, max_chunk_bytes=len(frame) - 1)
+        assert values == []
+        assert h.value("envoygeo_forward_chunks_refused_total", reason="too_large") == 1
 
 
 def test_a_gzip_chunk_of_captured_events_round_trips() -> None:
