@@ -11,13 +11,14 @@ counted) and the rest of the chunk acked.
 
 The Kafka value is a record of Fluent Bit's kafka output (`timestamp_key @timestamp` as
 epoch seconds first, then the record's keys), an envelope the worker reads without
-configuration (`pipeline.decode.envelope`). Packed chunks (PackedForward, gzip'ed or not:
-Fluentd, fluency, Fluent Bit with `compress gzip`) go through the compiled core when it is
-built (`native_relay_values`): each value is the `format msgpack` record, sliced from the
-payload without decoding anything, because decoding with msgpack-python and re-encoding
-as JSON was most of the relay's CPU. Everything else (Message and Forward mode, Fluent
-Bit's default, a record the strict compiled reader leaves alone, no compiled core) is
-decoded here and written as the `format json` record (`relay_value`). The worker's
+configuration (`pipeline.decode.envelope`). With the compiled core built, the stream is
+cut into frames by it (`_Connection._frames`), and Forward (Fluent Bit's default),
+PackedForward (Fluentd) and CompressedPackedForward (`compress gzip`) frames are relayed
+from their bytes (`native_relay_values`): each value is the `format msgpack` record,
+sliced from the frame without decoding anything, because decoding with msgpack-python
+and re-encoding as JSON was most of the relay's CPU. Everything else (Message mode, a
+record the strict compiled reader leaves alone, no compiled core) is decoded here and
+written as the `format json` record (`relay_value`). The worker's
 compiled core reads both forms at about the same cost. The tag goes in a `fluent.tag`
 header only when asked (`forward.tag_header`), as Fluent Bit's kafka output drops it too.
 
