@@ -584,7 +584,8 @@ class _Connection(asyncio.Protocol):
         del buf[:off]
         # The same bound as the streaming decoder's buffer; a frame whose header already
         # says it is larger is refused without waiting for its bytes.
-        if self.need > self.max_frame or len(buf) > self.max_frame + 256 * 1024:
+        if not self.closing and (self.need > self.max_frame
+                                 or len(buf) > self.max_frame + 256 * 1024):
             self._too_large(f"a frame over {self.max_frame} bytes (forward.max_chunk_bytes)")
 
     def _handle(self, obj: Any) -> None:
