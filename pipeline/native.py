@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from pipeline.clientip import _V4_TABLE, _V6_TABLE, ClientIpResolver
@@ -36,7 +37,7 @@ from pipeline.process import Limits
 from pipeline.schema import ECS_VERSION
 
 try:
-    from pipeline import _native
+    from pipeline import _native  # type: ignore[attr-defined]  # compiled, no stubs
 except ImportError:  # built without a Rust toolchain: everything runs in Python
     _native = None  # type: ignore[assignment]
 
@@ -131,7 +132,7 @@ def parser_formats(parser: LineParser) -> list[CompiledFormat] | None:
     return None  # JSON logs: the Python path
 
 
-def _table(table: tuple[list[int], list[str]]) -> tuple[list[int], list[str]]:
+def _table(table: tuple[Sequence[int], Sequence[str]]) -> tuple[list[int], list[str]]:
     return list(table[0]), list(table[1])
 
 

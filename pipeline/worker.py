@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 from confluent_kafka import Message, TopicPartition
@@ -398,9 +398,11 @@ class Worker:
         enrich_bulk = getattr(self.enricher, "enrich_bulk", None)
         ready = None
         if enrich_bulk is not None:
-            topics = [m.topic() for m in msgs]
-            partitions = [m.partition() for m in msgs]
-            offsets = [m.offset() for m in msgs]
+            # A fetched record always has its topic, partition and offset (the client's
+            # stubs say Optional for every message).
+            topics = cast(list[str], [m.topic() for m in msgs])
+            partitions = cast(list[int], [m.partition() for m in msgs])
+            offsets = cast(list[int], [m.offset() for m in msgs])
             ready = enrich_bulk(values, topics, partitions, offsets, self._bulk_head,
                                 self.settings.parse.unparsed == "dead_letter", kafka_ts)
         if ready is not None:
@@ -416,9 +418,9 @@ class Worker:
         offsets_done: dict[tuple[str, int], int] = {}
         assigned = len(self.source.assigned) if self.source is not None else 0
         for msg in reversed(msgs):
-            key = (msg.topic(), msg.partition())
+            key = cast(tuple[str, int], (msg.topic(), msg.partition()))
             if key not in offsets_done:
-                offsets_done[key] = msg.offset() + 1
+                offsets_done[key] = cast(int, msg.offset()) + 1
                 if len(offsets_done) == assigned:
                     break
         self.progress.records_in += len(msgs)

@@ -532,16 +532,18 @@ class CompiledFormat:
                     return self._build_general(m)
                 args[pos] = value
         extra: dict[str, Any] = {}
-        for idx, target, conv in self._extras:
+        for idx, target, xconv in self._extras:
             raw = values[idx]
             if raw is not None:
-                if conv is None:
+                if xconv is None:
                     extra[target] = raw
                 else:
-                    value = conv(raw)
+                    value = xconv(raw)
                     if value is not None:
                         extra[target] = value
-        return AccessLog(*args, extra, self.name)
+        # Positional in constructor order (`_pick` made `args` so): mypy cannot see a
+        # list's length.
+        return AccessLog(*args, extra, self.name)  # type: ignore[call-arg]
 
     def _build_general(self, m: re.Match[str]) -> AccessLog:
         # A flat loop over precomputed (group, target, converter) tuples into one

@@ -34,7 +34,8 @@ def produce_waiting(producer: Producer, topic: str, value: bytes, key: bytes | N
     """
     while True:
         try:
-            producer.produce(topic, value=value, key=key, headers=headers,
+            producer.produce(topic, value=value, key=key,
+                             headers=headers,  # type: ignore[arg-type]  # list invariance
                              on_delivery=on_delivery)
             return
         except BufferError:

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from confluent_kafka import (
@@ -430,7 +430,9 @@ class KafkaSource:
             # Paused partitions deliver nothing; anything here arrived before the pause
             # and must not be skipped, so seek back to it.
             if msg.error() is None:
-                self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+                self.consumer.seek(TopicPartition(
+                    cast(str, msg.topic()), cast(int, msg.partition()),
+                    cast(int, msg.offset())))  # set on every fetched record
 
     def _check_refused(self, answered: bool) -> bool:
         """Raise KafkaFatalError for a fatal error or for security refusals that

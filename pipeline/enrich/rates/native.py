@@ -18,7 +18,7 @@ class NativeMemoryRates(LocalAlertClaims):
     def __init__(self, windows: Sequence[int] = (10, 60, 300), lateness_s: int = 60,
                  max_ips: int = 1_000_000, max_alert_keys: int = 100_000,
                  evict_idle: bool = True) -> None:
-        from pipeline import _native
+        from pipeline import _native  # type: ignore[attr-defined]  # compiled, no stubs
 
         super().__init__(max_alert_keys)
         self.native = _native.NativeRates(list(windows), int(lateness_s), int(max_ips),
