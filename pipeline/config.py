@@ -534,6 +534,9 @@ class ForwardSettings(_Section):
     shared_key: SecretStr | None = Field(
         None, description="When set, clients must pass the HELO/PING/PONG handshake with "
                           "this key (Fluent Bit/Fluentd `shared_key`).")
+    shared_key_file: Path | None = Field(
+        None, description="shared_key read from this file (a Kubernetes Secret volume); "
+                          "read at start.")
     self_hostname: str | None = Field(
         None, min_length=1, description="Name sent in PONG (default: the host name).")
     max_chunk_bytes: int = Field(
@@ -566,8 +569,17 @@ class ForwardSettings(_Section):
         None, description="PEM CA certificate(s): clients must present a certificate it "
                           "signed (mutual TLS).")
 
+    @field_validator("shared_key_file")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        return check_readable(v)
+
+    def shared_key_value(self) -> str | None:
+        return secret_value(self.shared_key, self.shared_key_file)
+
     @model_validator(mode="after")
     def _built(self) -> ForwardSettings:
+        _one_of(self, "shared_key")
         if self.mode == "direct" and self.topic is not None:
             raise ValueError("topic is the Kafka topic of mode relay; mode direct indexes "
                              "into elasticsearch.index (remove forward.topic)")
@@ -578,7 +590,7 @@ class ForwardSettings(_Section):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_ca_file (client certificates) needs tls_cert_file")
-        if self.users and self.shared_key is None:
+        if self.users and self.shared_key is None and self.shared_key_file is None:
             raise ValueError("users (username/password) are checked in the shared_key "
                              "handshake: set shared_key too")
         return self

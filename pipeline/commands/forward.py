@@ -144,7 +144,7 @@ def _options(settings: Any, topic: str, tls: Any) -> Any:
     return ServerOptions(
         host=fwd.host, port=fwd.port, topic=topic, max_chunk_bytes=fwd.max_chunk_bytes,
         max_inflight_chunks=fwd.max_inflight_chunks, max_connections=fwd.max_connections,
-        shared_key=fwd.shared_key.get_secret_value() if fwd.shared_key else None,
+        shared_key=fwd.shared_key_value(),
         self_hostname=fwd.self_hostname or "", tls=tls,
         users={u.username: u.password.get_secret_value() for u in fwd.users},
         udp_heartbeat=fwd.udp_heartbeat, tag_header=fwd.tag_header)
@@ -251,7 +251,7 @@ async def _serve(server: Any, producer: Any, settings: Any, stop: list[str]) -> 
              "" if fwd.tls_cert_file is None else
              (", TLS with client certificates" if fwd.tls_ca_file else ", TLS"),
              (", shared_key and user handshake" if fwd.users else ", shared_key handshake")
-             if fwd.shared_key else "", target,
+             if fwd.shared_key or fwd.shared_key_file else "", target,
              f"{settings.metrics.host}:{status.port}" if status else "off",
              extra={"fields": {"forward.port": server.port, "forward.mode": fwd.mode}})
     await stopped.wait()

@@ -550,3 +550,21 @@ def test_readme_lists_every_forward_metric() -> None:
     listed = {name: set(filter(None, (x.strip() for x in (labels or "").split(","))))
               for name, labels in rows}
     assert listed == exported and len(exported) == 17
+
+
+def test_shared_key_from_a_file(tmp_path: Path) -> None:
+    """forward.shared_key_file (a Kubernetes Secret volume): read at start, one trailing
+    newline dropped; not together with shared_key; a missing file names the key."""
+    from pipeline.config import ForwardSettings
+
+    key = tmp_path / "shared-key"
+    key.write_text("s3cret\n")
+    assert ForwardSettings(shared_key_file=key).shared_key_value() == "s3cret"
+    assert ForwardSettings(shared_key="inline").shared_key_value() == "inline"
+    assert ForwardSettings().shared_key_value() is None
+    with pytest.raises(ValueError, match="set shared_key or shared_key_file, not both"):
+        ForwardSettings(shared_key="x", shared_key_file=key)
+    with pytest.raises(ValueError, match="cannot read"):
+        ForwardSettings(shared_key_file=tmp_path / "missing")
+    users = [{"username": "fluent-bit", "password": "pw"}]
+    assert ForwardSettings(shared_key_file=key, users=users).users[0].username == "fluent-bit"
