@@ -201,16 +201,18 @@ def test_network_policy_allows_what_the_config_uses(tools: dict[str, str]) -> No
 
 # -- scheduling: GeoIP without shared storage, readiness, the Helm-owned gateway -------
 
-def _secret_mounts(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """mountPath -> the Secret volume the worker container mounts there."""
-    pod = _find(docs, "Deployment", "envoygeo")["spec"]["template"]["spec"]
+def _secret_mounts(docs: list[dict[str, Any]],
+                   deployment: str = "envoygeo") -> dict[str, dict[str, Any]]:
+    """mountPath -> the Secret volume the (one) container of `deployment` mounts there."""
+    pod = _find(docs, "Deployment", deployment)["spec"]["template"]["spec"]
     (worker,) = pod["containers"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     return {m["mountPath"]: volumes[m["name"]]["secret"] for m in worker["volumeMounts"]
             if "secret" in volumes[m["name"]]}
 
 
-def _worker_settings(docs: list[dict[str, Any]]) -> Any:
+def _worker_settings(docs: list[dict[str, Any]], deployment: str = "envoygeo",
+                     configmap: str = "envoygeo-config") -> Any:
     """The worker's settings as its pod sees them: environment variables from Secrets
     set (a placeholder per key), and every file path the config names under a Secret
     volume present (the Secret's keys, in a scratch copy of the mount). A path under no
@@ -218,9 +220,9 @@ def _worker_settings(docs: list[dict[str, Any]]) -> Any:
     import tempfile
 
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap"
-             and d["metadata"]["name"].startswith("envoygeo-config")]
+             and d["metadata"]["name"].startswith(configmap + "-")]
     text = cm["data"]["config.yaml"]
-    pod = _find(docs, "Deployment", "envoygeo")["spec"]["template"]["spec"]
+    pod = _find(docs, "Deployment", deployment)["spec"]["template"]["spec"]
     (worker,) = pod["containers"]
     saved = dict(os.environ)
     with tempfile.TemporaryDirectory() as scratch:
@@ -228,9 +230,10 @@ def _worker_settings(docs: list[dict[str, Any]]) -> Any:
             if "secretKeyRef" in e.get("valueFrom", {}):
                 os.environ[e["name"]] = "secret-" + e["valueFrom"]["secretKeyRef"]["key"]
         for path in sorted(set(re.findall(r"(/etc/envoygeo/secrets/[\w./-]+)", text))):
-            mount = next((m for m in _secret_mounts(docs) if path.startswith(m + "/")), None)
+            mounts = _secret_mounts(docs, deployment)
+            mount = next((m for m in mounts if path.startswith(m + "/")), None)
             assert mount is not None, f"{path} is under no Secret volume mount"
-            secret = _secret_mounts(docs)[mount]
+            secret = mounts[mount]
             key = path[len(mount) + 1:]
             projected = [i["path"] for i in secret.get("items", [])]
             assert not projected or key in projected, f"{key} not projected from {secret}"
