@@ -1,0 +1,135 @@
+"""`envoygeo forward` driven by an independent implementation of the forward protocol:
+the Go `fluent-logger-golang` v1.10.2 (tests/clients/go, built here from the Go module
+proxy), with `RequestAck` in its sync and async modes, in relay mode (records read back
+from the real Kafka) and in direct mode (documents counted in the real Elasticsearch),
+and across a `kill -9` of the forward process while the client keeps sending.
+The Python `fluent-logger` and the Fluent Bit captures are in test_forward.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from elasticsearch import Elasticsearch
+
+from tests.integration.harness import ROOT, free_port, read_topic, scrape_metric, wait_for_count
+from tests.integration.test_forward import (
+    forward_config,
+    forward_topic,  # noqa: F401 - fixture
+    relayed,
+    start_forward,
+    stop,
+)
+from tests.integration.test_forward_direct import direct_config
+
+pytestmark = pytest.mark.integration
+
+GO_CLIENT = ROOT / "tests" / "clients" / "go"
+CACHE = Path(os.environ.get("ENVOYGEO_TOOLS", Path.home() / ".cache" / "envoygeo"))
+
+
+@pytest.fixture(scope="module")
+def go_client() -> Path:
+    """The Go client, built with the module versions go.sum pins."""
+    go = shutil.which("go")
+    assert go is not None, "the Go toolchain is needed for this test (Go is on CI machines)"
+    out = CACHE / "bin" / "fluentclient-go"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([go, "build", "-mod=mod", "-o", str(out), "."], cwd=GO_CLIENT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def run_client(client: Path, port: int, events: int, prefix: str, *extra: str,
+               timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(client), "-port", str(port), "-events", str(events),
+                           "-prefix", prefix, *extra], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_go_client_with_acks_relays_every_event_once(
+        tmp_path: Path, go_client: Path, kafka_bootstrap: str, forward_topic: str,  # noqa: F811
+        mode: str) -> None:
+    port, mport = free_port(), free_port()
+    cfg = forward_config(tmp_path / "forward.yaml", kafka_bootstrap, forward_topic, port, mport)
+    fwd = start_forward(cfg, tmp_path / "forward.log", port, mport)
+    n = 500
+    try:
+        done = run_client(go_client, port, n, f"go-{mode}", *(["-async"] if mode == "async"
+                                                              else []))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"posted {n}"
+        assert scrape_metric(mport, "envoygeo_forward_chunks_acked_total") >= n
+        assert scrape_metric(mport, "envoygeo_forward_events_relayed_total") == n
+    finally:
+        assert stop(fwd) == 0
+    events = [relayed(r.value()) for r in read_topic(kafka_bootstrap, forward_topic, n)]
+    assert Counter(e["log"] for e in events) == Counter(f"go-{mode}-{i}" for i in range(n))
+    assert all(type(e["@timestamp"]) is float and e["n"] == int(e["log"].rsplit("-", 1)[1])
+               for e in events)
+
+
+def test_go_client_survives_a_kill_9_of_the_relay_and_nothing_is_lost(
+        tmp_path: Path, go_client: Path, kafka_bootstrap: str,
+        forward_topic: str) -> None:  # noqa: F811
+    """The forward process is killed (-9) while the client posts with RequestAck and
+    restarted; the client retries what was not acked, so every event reaches Kafka, and
+    an event twice only where its ack was lost with the process."""
+    port, mport = free_port(), free_port()
+    cfg = forward_config(tmp_path / "forward.yaml", kafka_bootstrap, forward_topic, port, mport)
+    log = tmp_path / "forward.log"
+    fwd = start_forward(cfg, log, port, mport)
+    n = 1500
+    client = subprocess.Popen([str(go_client), "-port", str(port), "-events", str(n),
+                               "-prefix", "kill", "-retries", "200"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while scrape_metric(mport, "envoygeo_forward_events_relayed_total") < n // 4:
+            assert time.monotonic() < deadline and client.poll() is None
+            time.sleep(0.05)
+        fwd.kill()
+        assert fwd.wait(30) == -signal.SIGKILL
+        fwd = start_forward(cfg, log, port, mport)
+        out, err = client.communicate(timeout=180)
+        assert client.returncode == 0, err
+        assert out.strip() == f"posted {n}"
+    finally:
+        if client.poll() is None:
+            client.kill()
+        assert stop(fwd) == 0
+    seen = Counter(relayed(r.value())["log"]
+                   for r in read_topic(kafka_bootstrap, forward_topic, n))
+    assert set(seen) == {f"kill-{i}" for i in range(n)}  # nothing lost
+    # Each Post is one acked Message frame: at most the one in flight at the kill can
+    # have reached Kafka without its ack reaching the client.
+    assert sum(c - 1 for c in seen.values()) <= 1, {k: c for k, c in seen.items() if c > 1}
+
+
+def test_go_client_in_direct_mode_indexes_every_event(
+        tmp_path: Path, go_client: Path, es_url: str, es_client: Elasticsearch,
+        unique: Callable[[str], str]) -> None:
+    index = unique("egfwdgo")
+    port, mport = free_port(), free_port()
+    cfg = direct_config(tmp_path / "forward.yaml", es_url, index, port, mport)
+    fwd = start_forward(cfg, tmp_path / "forward.log", port, mport)
+    n = 300
+    try:
+        done = run_client(go_client, port, n, "direct", "-async")
+        assert done.returncode == 0, done.stderr
+        assert scrape_metric(mport, "envoygeo_forward_events_indexed_total") == n
+    finally:
+        assert stop(fwd) == 0
+    assert wait_for_count(es_client, index, n) == n
+    hits = es_client.search(index=index, size=n + 10, source_includes=["event.original"])
+    originals = {h["_source"]["event"]["original"] for h in hits["hits"]["hits"]}
+    assert originals == {f"direct-{i}" for i in range(n)}
