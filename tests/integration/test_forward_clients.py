@@ -1,8 +1,12 @@
-"""`envoygeo forward` driven by an independent implementation of the forward protocol:
-the Go `fluent-logger-golang` v1.10.2 (tests/clients/go, built here from the Go module
-proxy), with `RequestAck` in its sync and async modes, in relay mode (records read back
-from the real Kafka) and in direct mode (documents counted in the real Elasticsearch),
-and across a `kill -9` of the forward process while the client keeps sending.
+"""`envoygeo forward` driven by independent implementations of the forward protocol:
+- the Go `fluent-logger-golang` v1.10.2 (tests/clients/go, built here from the Go module
+  proxy; Message mode, one acked frame a record), with `RequestAck` in its sync and
+  async modes, in relay mode (records read back from the real Kafka) and in direct mode
+  (documents counted in the real Elasticsearch), and across a `kill -9` of the forward
+  process while the client keeps sending;
+- Java `fluency-fluentd` 2.7.3 (tests/clients/java, built with Maven from Maven Central;
+  PackedForward chunks) in ack response mode, over plain TCP and over TLS verified
+  against the repo's test CA, in both modes.
 The Python `fluent-logger` and the Fluent Bit captures are in test_forward.py."""
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from tests.integration.harness import ROOT, free_port, read_topic, scrape_metric
 from tests.integration.test_forward import (
     forward_config,
     forward_topic,  # noqa: F401 - fixture
+    pki,  # noqa: F401 - fixture
     relayed,
     start_forward,
     stop,
@@ -32,6 +37,7 @@ from tests.integration.test_forward_direct import direct_config
 pytestmark = pytest.mark.integration
 
 GO_CLIENT = ROOT / "tests" / "clients" / "go"
+JAVA_CLIENT = ROOT / "tests" / "clients" / "java"
 CACHE = Path(os.environ.get("ENVOYGEO_TOOLS", Path.home() / ".cache" / "envoygeo"))
 
 
@@ -133,3 +139,64 @@ def test_go_client_in_direct_mode_indexes_every_event(
     hits = es_client.search(index=index, size=n + 10, source_includes=["event.original"])
     originals = {h["_source"]["event"]["original"] for h in hits["hits"]["hits"]}
     assert originals == {f"direct-{i}" for i in range(n)}
+
+
+@pytest.fixture(scope="module")
+def java_client() -> list[str]:
+    """The Java client's command, its jar built by Maven (dependencies from Maven Central,
+    cached in ~/.m2)."""
+    mvn, java = shutil.which("mvn"), shutil.which("java")
+    assert mvn is not None and java is not None, "Maven and a JDK are needed (on CI machines)"
+    proc = subprocess.run([mvn, "-q", "-B", "package"], cwd=JAVA_CLIENT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [java, "-jar", str(JAVA_CLIENT / "target" / "fluentclient-java.jar")]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_java_fluency_packed_forward_with_acks_is_relayed_once(
+        tmp_path: Path, java_client: list[str], kafka_bootstrap: str,
+        forward_topic: str, pki: Path, tls: bool) -> None:  # noqa: F811
+    port, mport = free_port(), free_port()
+    extra = {"tls_cert_file": str(pki / "server.pem"),
+             "tls_key_file": str(pki / "server.key")} if tls else {}
+    cfg = forward_config(tmp_path / "forward.yaml", kafka_bootstrap, forward_topic, port, mport,
+                         **extra)
+    fwd = start_forward(cfg, tmp_path / "forward.log", port, mport)
+    n = 3000
+    try:
+        done = subprocess.run([*java_client, "-port", str(port), "-events", str(n), "-prefix",
+                               "java", "-ack", *(["-ca", str(pki / "ca.pem")] if tls else [])],
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith(f"posted {n}")
+        # fluency sends PackedForward chunks, each acked after Kafka had all of it
+        assert scrape_metric(mport, "envoygeo_forward_events_received_total",
+                             {"mode": "PackedForward"}) == n
+        assert scrape_metric(mport, "envoygeo_forward_events_relayed_total") == n
+        assert 1 <= scrape_metric(mport, "envoygeo_forward_chunks_acked_total") < n
+    finally:
+        assert stop(fwd) == 0
+    events = [relayed(r.value()) for r in read_topic(kafka_bootstrap, forward_topic, n)]
+    assert Counter(e["log"] for e in events) == Counter(f"java-{i}" for i in range(n))
+
+
+def test_java_fluency_in_direct_mode_indexes_every_event(
+        tmp_path: Path, java_client: list[str], es_url: str, es_client: Elasticsearch,
+        unique: Callable[[str], str]) -> None:
+    index = unique("egfwdjava")
+    port, mport = free_port(), free_port()
+    cfg = direct_config(tmp_path / "forward.yaml", es_url, index, port, mport)
+    fwd = start_forward(cfg, tmp_path / "forward.log", port, mport)
+    n = 500
+    try:
+        done = subprocess.run([*java_client, "-port", str(port), "-events", str(n), "-prefix",
+                               "jdirect", "-ack"], capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert scrape_metric(mport, "envoygeo_forward_events_indexed_total") == n
+    finally:
+        assert stop(fwd) == 0
+    assert wait_for_count(es_client, index, n) == n
+    hits = es_client.search(index=index, size=n + 10, source_includes=["event.original"])
+    assert {h["_source"]["event"]["original"] for h in hits["hits"]["hits"]} == {
+        f"jdirect-{i}" for i in range(n)}
