@@ -664,6 +664,54 @@ class PolicySettings(_Section):
         return self
 
 
+class PluginsSettings(BaseModel):
+    """Enrichment plugins (entry points `envoygeo.enrichers`, see pipeline/plugins):
+    which run, in order, what happens to a batch one of them fails on, and each one's
+    own section `plugins.<name>`, validated at start by the plugin's `Config` model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    enabled: list[str] = Field(
+        default_factory=list,
+        description="Plugins to run, in order (names of installed entry points).")
+
+    @model_validator(mode="after")
+    def _sections(self) -> PluginsSettings:
+        from pipeline.plugins import installed
+
+        classes = installed()
+        for name in self.enabled:
+            if name not in classes:
+                raise ValueError(f"plugins.enabled: {name!r} is not an installed enrichment "
+                                 f"plugin (installed: {', '.join(sorted(classes)) or 'none'})")
+        if len(set(self.enabled)) != len(self.enabled):
+            raise ValueError("plugins.enabled: a plugin is listed twice")
+        for name, section in (self.model_extra or {}).items():
+            cls = classes.get(name)
+            if cls is None:
+                raise ValueError(f"plugins.{name}: no installed enrichment plugin has this "
+                                 f"name (installed: {', '.join(sorted(classes)) or 'none'})")
+            try:
+                cls.Config.model_validate(section or {})
+            except ValidationError as exc:
+                why = "; ".join(
+                    f"plugins.{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                    for e in exc.errors())
+                raise ValueError(why) from None
+        for name in self.enabled:  # a section-less plugin must accept its defaults
+            if name not in (self.model_extra or {}):
+                try:
+                    classes[name].Config.model_validate({})
+                except ValidationError as exc:
+                    raise ValueError(f"plugins.{name}: section missing: "
+                                     f"{exc.errors()[0]['loc'][0]} is required") from None
+        return self
+
+    def sections(self) -> dict[str, Any]:
+        """Each plugin's raw section, by name."""
+        return dict(self.model_extra or {})
+
+
 class Settings(BaseModel):
     """Every section; read by `load_settings` (file, ${VAR}, then ENVOYGEO_* variables)."""
 
@@ -682,6 +730,7 @@ class Settings(BaseModel):
     kibana: KibanaSettings = Field(default_factory=KibanaSettings)
     forward: ForwardSettings = Field(default_factory=ForwardSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    plugins: PluginsSettings = Field(default_factory=PluginsSettings)
 
 
 class ConfigError(Exception):

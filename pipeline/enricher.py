@@ -32,6 +32,8 @@ from pipeline.enrich.rates import (
     RatesConfig,
     open_backend,
 )
+from pipeline.plugins import PluginBatch
+from pipeline.plugins.runner import FAILED_TAG, PluginRunner, splice
 from pipeline.process import Limits, Processed, RecordProcessor
 from pipeline.schema import ECS_VERSION
 
@@ -81,6 +83,7 @@ class _NativeRun(NamedTuple):
     batch: Any  # pipeline._native.Batch, rates counted, not yet serialised
     records: dict[int, Processed | None]  # the Python path's records, by index
     alerts: list[dict[str, Any]]
+    fragments: list[bytes | None] | None  # plugin fields by record (native ones set in batch)
 
 
 class Enricher:
@@ -92,8 +95,10 @@ class Enricher:
         alerts: AlertEngine | None = None,
         on_rates: Callable[[float], None] | None = None,
         native: bool = True,
+        plugins: PluginRunner | None = None,
     ) -> None:
         self.processor = processor
+        self.plugins = plugins if plugins is not None and plugins.plugins else None
         self.geoip = geoip
         self.rates = rates
         self.alerts = alerts
@@ -118,6 +123,8 @@ class Enricher:
                 rates.windows if rates is not None else (), processor.limits,
                 processor.envelope)
             self.native_status = "on" if self._fast is not None else f"off: {why}"
+            if self._fast is not None and self.plugins is not None:
+                self._fast.set_plugin_inputs(self.plugins.want_user_agent)
         tune_gc()
 
     @classmethod
@@ -138,20 +145,21 @@ class Enricher:
                                      lateness_s=settings.rates.lateness_s)
         limits = Limits(settings.limits.max_line_bytes, settings.limits.max_field_bytes)
         resolver = ClientIpResolver(policy, privacy=settings.privacy.policy())
+        plugins = PluginRunner.from_config(settings.plugins.enabled, settings.plugins.sections())
         return cls(RecordProcessor(parser, resolver, limits, settings.parse.envelope), geoip,
-                   rates, alerts, on_rates)
+                   rates, alerts, on_rates, plugins=plugins)
 
     @classmethod
     def build(cls, processor: RecordProcessor, geoip: GeoIP | None,
               rates_cfg: RatesConfig | None, rules: Sequence[AlertRule] = (),
-              native: bool = True) -> Enricher:
+              native: bool = True, plugins: PluginRunner | None = None) -> Enricher:
         """For the CLI and benchmarks, which assemble stages from options.
 
         `native=False` runs the Python reference of every stage (tests, benchmarks)."""
         rates = open_backend(rates_cfg, native=native) if rates_cfg is not None else None
         alerts = (AlertEngine(rules, rates, lateness_s=rates_cfg.lateness_s)
                   if rates is not None and rates_cfg is not None and rules else None)
-        return cls(processor, geoip, rates, alerts, native=native)
+        return cls(processor, geoip, rates, alerts, native=native, plugins=plugins)
 
     # -- batches --
 
@@ -162,7 +170,27 @@ class Enricher:
 
         `kafka_ts`: each record's Kafka timestamp (`sources.kafka.record_times`), for
         `@timestamp` when the record has no time of its own; without it, ingest time.
+        Plugin fields are merged into the documents (dicts).
         """
+        out, alerts = self._records(values, flush_partials, kafka_ts)
+        if self.plugins is not None:
+            self.plugins.merge_into([r.doc if r is not None else None for r in out],
+                                    self._plugin_batch(out))
+        return out, alerts
+
+    def _plugin_batch(self, records: Sequence[Processed | None]) -> PluginBatch:
+        """The plugins' inputs of records the Python path processed."""
+        ips = [None if r is None else r.ip for r in records]
+        if self.plugins is None or not self.plugins.want_user_agent:
+            return PluginBatch(ips, [None] * len(ips))
+        uas = [None if r is None else (r.doc.get("user_agent") or {}).get("original")
+               for r in records]
+        return PluginBatch(ips, uas)
+
+    def _records(self, values: Sequence[bytes], flush_partials: bool,
+                 kafka_ts: Sequence[float | None] | None,
+                 ) -> tuple[list[Processed | None], list[dict[str, Any]]]:
+        """`enrich_records` without the plugins."""
         process = self.processor.process_record
         ingested = self.processor.ingested = _ingested_now()
         out: list[Processed | None] = (
@@ -179,7 +207,10 @@ class Enricher:
         """End of input: partial lines still held back, enriched like the rest."""
         ingested = self.processor.ingested = _ingested_now()
         out = self.processor.flush_records()
-        return out, self._enrich(out, ingested=ingested)  # type: ignore[arg-type]
+        alerts = self._enrich(out, ingested=ingested)  # type: ignore[arg-type]
+        if self.plugins is not None and out:
+            self.plugins.merge_into([r.doc for r in out], self._plugin_batch(out))
+        return out, alerts
 
     def _enrich(self, out: Sequence[Processed | None], count: bool = True,
                 ingested: str | None = None) -> list[dict[str, Any]]:
@@ -238,11 +269,22 @@ class Enricher:
         """The worker's entry point: serialised documents, one per input value."""
         if self._fast is not None:
             return self._enrich_batch_native(values, kafka_ts)
-        records, alerts = self.enrich_records(values, kafka_ts=kafka_ts)
+        records, alerts = self._records(values, True, kafka_ts)
         dumps = orjson.dumps
+        if self.plugins is None:
+            return [
+                Enriched(None, None) if r is None else Enriched(dumps(r.doc), r.error)
+                for r in records
+            ], alerts
+        # The same fragments, spliced the same way, as on the compiled path.
+        frags, failed = self.plugins.fragments(self._plugin_batch(records))
+        if failed:
+            for r in records:
+                if r is not None:
+                    r.doc.setdefault("tags", []).append(FAILED_TAG)
         return [
-            Enriched(None, None) if r is None else Enriched(dumps(r.doc), r.error)
-            for r in records
+            Enriched(None, None) if r is None else Enriched(splice(dumps(r.doc), f), r.error)
+            for r, f in zip(records, frags, strict=True)
         ], alerts
 
     def _native_batch(self, values: Sequence[bytes],
@@ -306,7 +348,31 @@ class Enricher:
                 events, counts = batch.alert_candidates(self.alerts.thresholds())
                 if events:
                     alerts = self.alerts.evaluate(events, counts, self._alert_geo)
-        return _NativeRun(batch, records, alerts)
+        return _NativeRun(batch, records, alerts, self._native_plugins(batch, records))
+
+    def _native_plugins(self, batch: Any, records: dict[int, Processed | None],
+                        ) -> list[bytes | None] | None:
+        """The plugins on a compiled batch: the core hands out the native records'
+        inputs (two lists), the Python records add theirs, and the fragments go back
+        to the core, which splices them while it writes the documents (no dicts)."""
+        if self.plugins is None:
+            return None
+        ips, uas = batch.plugin_inputs()
+        want_ua = self.plugins.want_user_agent
+        for i, rec in records.items():
+            if rec is not None:
+                ips[i] = rec.ip
+                if want_ua:
+                    uas[i] = (rec.doc.get("user_agent") or {}).get("original")
+        frags, failed = self.plugins.fragments(
+            PluginBatch(ips, uas if want_ua else [None] * len(ips)))
+        batch.set_plugin_fields(frags)
+        if failed:
+            batch.add_tag(list(range(len(ips))), FAILED_TAG)
+            for rec in records.values():
+                if rec is not None:
+                    rec.doc.setdefault("tags", []).append(FAILED_TAG)
+        return frags
 
     def _python_records(self, batch: Any, values: Sequence[bytes],
                         kafka_ts: Sequence[float | None] | None,
@@ -351,7 +417,7 @@ class Enricher:
                              kafka_ts: Sequence[float | None] | None,
                              ) -> tuple[list[Enriched], list[dict[str, Any]]]:
         """`enrich_batch` through the compiled core."""
-        batch, records, alerts = self._native_batch(values, kafka_ts)
+        batch, records, alerts, frags = self._native_batch(values, kafka_ts)
         fallback = batch.fallback
         docs = batch.finish()
         if not fallback:
@@ -364,7 +430,8 @@ class Enricher:
             else:
                 rec = records[i]
                 out.append(Enriched(None, None) if rec is None
-                           else Enriched(dumps(rec.doc), rec.error))
+                           else Enriched(splice(dumps(rec.doc), frags[i] if frags else None),
+                                         rec.error))
         return out, alerts
 
     def enrich_bulk(self, values: list[bytes], topics: list[str], partitions: list[int],
@@ -380,14 +447,14 @@ class Enricher:
         """
         if self._fast is None:
             return None
-        batch, records, alerts = self._native_batch(values, kafka_ts)
+        batch, records, alerts, frags = self._native_batch(values, kafka_ts)
         errors: list[tuple[int, str]] = []
         python_docs: dict[int, bytes | None] = {}
         for i, rec in records.items():
             if rec is not None and rec.error is not None:
                 errors.append((i, rec.error))
             python_docs[i] = (None if rec is None or (drop_errors and rec.error is not None)
-                              else orjson.dumps(rec.doc))
+                              else splice(orjson.dumps(rec.doc), frags[i] if frags else None))
         body, ends, kept = batch.finish_bulk(head, topics, partitions, offsets, python_docs)
         return BulkReady(body, ends, kept, errors, alerts)
 
@@ -466,3 +533,5 @@ class Enricher:
     def close(self) -> None:
         if self.rates is not None:
             self.rates.close()
+        if self.plugins is not None:
+            self.plugins.close()

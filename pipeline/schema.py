@@ -10,24 +10,14 @@ against the same table.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+
+from pipeline.fields import Field
+from pipeline.plugins import plugin_fields
 
 ECS_VERSION = "8.17.0"
 LOGS_TEMPLATE = "envoygeo-logs"
 ALERTS_TEMPLATE = "envoygeo-alerts"
-
-
-class Field(NamedTuple):
-    name: str  # dotted path; a trailing ".*" means "any key below, all of this type"
-    es_type: str  # Elasticsearch mapping type
-    doc: str
-    array: bool = False  # ECS arrays (tags, related.ip, event.category)
-    indexed: bool = True  # False: kept in _source only (event.original)
-    # False: aggregated, sorted or displayed but never looked up by value in the
-    # dashboards, the report, the alert rule or the documented queries: the lean
-    # template keeps its doc_values and drops its inverted index / BKD tree (term and
-    # range queries on it still work, by scanning doc values). See LEAN_CHOICES.
-    search: bool = True
 
 
 def _kw(name: str, doc: str, array: bool = False, search: bool = True) -> Field:
@@ -127,6 +117,12 @@ FIELDS: tuple[Field, ...] = (
     Field("envoygeo.rate.*", "long", "Requests by this client in the trailing window (e.g. 60s).",
           search=False),
 )
+
+# The installed enrichment plugins' fields (entry points `envoygeo.enrichers`, see
+# pipeline/plugins): templates, JSON Schemas and the dashboards validator see them as
+# they see the core's. A plugin that names a core field is refused (`plugin_fields`).
+CORE_FIELDS = FIELDS
+FIELDS = CORE_FIELDS + plugin_fields(CORE_FIELDS)
 
 # Alert documents (their own index: one per IP, rule and window period).
 ALERT_FIELDS: tuple[Field, ...] = (

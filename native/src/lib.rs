@@ -118,6 +118,10 @@ struct Core {
     spans: Vec<(usize, usize)>,
     kube_cache: envelope::KubeCache,
     clock: timefmt::IsoClock,
+    /// Enrichment plugins want each record's User-Agent (`set_plugin_inputs`); `ua`
+    /// carries it from `record` to `run`.
+    want_ua: bool,
+    ua: Option<Box<str>>,
 }
 
 enum Rec {
@@ -142,6 +146,22 @@ struct Batch {
     ecs_version: String,
     /// The documents' first parts, one after another (`Doc.head`, `Doc.related`).
     arena: Vec<u8>,
+    /// Plugin inputs (User-Agent, when asked for) and outputs: `"k":v,...` fragments
+    /// spliced before each document's closing brace (`set_plugin_fields`).
+    uas: Vec<Option<Box<str>>>,
+    extras: Vec<Option<Vec<u8>>>,
+}
+
+/// A plugin's fields go in before the document's closing brace: `tail` ends with `}`
+/// and is never just `}` (the head holds the fields), so a comma always separates.
+#[inline]
+fn splice(tail: &mut Vec<u8>, extra: Option<&Vec<u8>>) {
+    if let Some(f) = extra {
+        tail.pop();
+        tail.push(b',');
+        tail.extend_from_slice(f);
+        tail.push(b'}');
+    }
 }
 
 #[pymethods]
@@ -220,6 +240,8 @@ impl Core {
             spans: Vec::new(),
             kube_cache: envelope::KubeCache::default(),
             clock: timefmt::IsoClock::default(),
+            want_ua: false,
+            ua: None,
         })
     }
 
@@ -311,6 +333,11 @@ impl Core {
     fn set_raw_envelope(&mut self, raw: bool) {
         self.kube_cache.raw_envelope = raw;
     }
+
+    /// Keep each record's User-Agent for enrichment plugins (`Batch.plugin_inputs`).
+    fn set_plugin_inputs(&mut self, user_agent: bool) {
+        self.want_ua = user_agent;
+    }
 }
 
 impl Core {
@@ -327,6 +354,8 @@ impl Core {
             rate_keys: self.rate_keys.clone(),
             ecs_version: self.ecs_version.clone(),
             arena: Vec::with_capacity(data.len() * 3),
+            uas: Vec::with_capacity(if self.want_ua { n } else { 0 }),
+            extras: Vec::new(),
         };
         for (i, span) in spans.iter().enumerate() {
             let rec = match span {
@@ -348,11 +377,17 @@ impl Core {
                     self.fields_truncated += u64::from(doc.fields_cut);
                     self.no_remote_address += u64::from(doc.no_remote);
                     batch.recs.push(Rec::Native(doc));
+                    if self.want_ua {
+                        batch.uas.push(self.ua.take());
+                    }
                     self.parsed += 1;
                 }
                 None => {
                     batch.events.push(None);
                     batch.recs.push(Rec::Python);
+                    if self.want_ua {
+                        batch.uas.push(None);
+                    }
                     batch.fallback.push(i);
                 }
             }
@@ -403,6 +438,9 @@ impl Core {
         };
         let fields = Fields::new(line, &parsed);
         use document::*;
+        if self.want_ua {
+            self.ua = fields.s(USER_AGENT).map(Box::from);
+        }
         let Ok(cip) = self.policy.resolve(
             fields.s(DOWNSTREAM_REMOTE_ADDRESS),
             fields.s(DOWNSTREAM_DIRECT_REMOTE_ADDRESS),
@@ -470,6 +508,42 @@ impl Batch {
     /// The client IP and event time of a record the Python path processed.
     fn set_event(&mut self, index: usize, ip: &str, ts: f64) {
         self.events[index] = Some((Arc::from(ip), ts));
+    }
+
+    /// Enrichment plugins' inputs, one per record (None for the Python path's, whose
+    /// documents Python reads): (client IP as the rate stage counts it, User-Agent;
+    /// an empty list unless `Core.set_plugin_inputs(True)`).
+    fn plugin_inputs<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let (ips, uas) = (PyList::empty(py), PyList::empty(py));
+        for rec in &self.recs {
+            match rec {
+                Rec::Native(doc) => ips.append(doc.ip.as_deref())?,
+                Rec::Python => ips.append(py.None())?,
+            }
+        }
+        for ua in &self.uas {
+            uas.append(ua.as_deref())?;
+        }
+        Ok((ips, uas))
+    }
+
+    /// Plugin fields per record, as `"k":v,...` (no braces), None for none: written
+    /// into the native documents by `finish` / `finish_bulk`.
+    fn set_plugin_fields(&mut self, fields: Vec<Option<Vec<u8>>>) -> PyResult<()> {
+        if fields.len() != self.recs.len() {
+            return Err(PyValueError::new_err("one plugin fragment (or None) per record"));
+        }
+        self.extras = fields;
+        Ok(())
+    }
+
+    /// Tag native documents (a plugin that failed on the batch).
+    fn add_tag(&mut self, indexes: Vec<usize>, tag: &str) {
+        for i in indexes {
+            if let Some(Rec::Native(doc)) = self.recs.get_mut(i) {
+                doc.tags.push(tag.to_owned());
+            }
+        }
     }
 
     /// Every (ip, ts) event in record order, for a rate backend outside this crate.
@@ -576,7 +650,7 @@ impl Batch {
         let python_docs: AHashMap<usize, Vec<u8>> = python_docs.into_iter()
             .filter_map(|(i, d)| d.map(|d| (i, d.as_bytes().to_vec())))
             .collect();
-        let Batch { recs, arena, counts, counted, late, rate_keys, ecs_version, .. } = self;
+        let Batch { recs, arena, counts, counted, late, rate_keys, ecs_version, extras, .. } = self;
         let (body, ends, kept) = py.allow_threads(|| {
             let w = rate_keys.len();
             let mut body = Vec::with_capacity(arena.len() + n * (head.len() + 600));
@@ -603,6 +677,7 @@ impl Batch {
                     (Rec::Native(doc), _) => {
                         let c = counted[i].then(|| &counts[i * w..(i + 1) * w]);
                         document::finish(&mut tail, arena, doc, rate_keys, c, late[i], ecs_version);
+                        splice(&mut tail, extras.get(i).and_then(Option::as_ref));
                         body.extend_from_slice(&arena[doc.head.clone()]);
                         body.extend_from_slice(&tail);
                     }
@@ -629,6 +704,7 @@ impl Batch {
                     let counts = self.counted[i].then(|| &self.counts[i * w..(i + 1) * w]);
                     document::finish(&mut tail, &self.arena, doc, &self.rate_keys, counts,
                                      self.late[i], &self.ecs_version);
+                    splice(&mut tail, self.extras.get(i).and_then(Option::as_ref));
                     // Head and tail straight into the Python bytes: one copy.
                     let head = &self.arena[doc.head.clone()];
                     out.append(PyBytes::new_with(py, head.len() + tail.len(), |b| {

@@ -40,8 +40,9 @@ def test_comma_separated_and_json_lists_from_environment() -> None:
     assert s.rates.windows == (10, 60)
 
 
-def test_every_list_key_accepts_commas() -> None:
-    """Generic, by field type: a list key added tomorrow takes commas too."""
+def test_every_list_key_accepts_commas(tmp_path: Path) -> None:
+    """Generic, by field type: a list key added tomorrow takes commas too. (Plugin names
+    must be installed plugins, and ip_lists needs its section: given in a file.)"""
     lists = []
     for section, field in Settings.model_fields.items():
         shape, model, _ = field_shape(field.annotation)
@@ -55,7 +56,13 @@ def test_every_list_key_accepts_commas() -> None:
         value = "10.0.0.0/8,10.1.0.0/16" if key == "trusted_proxies" else (
             "http://a:9200,http://b:9200" if key == "hosts" else "10,60" if item is int
             else "a,b")
-        s = load_settings(None, {f"ENVOYGEO_{section}__{key}".upper(): value})
+        path = None
+        if (section, key) == ("plugins", "enabled"):
+            value = "user_agent,ip_lists"
+            (tmp_path / "deny.txt").write_text("192.0.2.0/24\n")
+            path = _write(tmp_path, f"plugins:\n  ip_lists:\n    lists:\n      deny: "
+                                    f"[{tmp_path / 'deny.txt'}]\n")
+        s = load_settings(path, {f"ENVOYGEO_{section}__{key}".upper(): value})
         got = getattr(getattr(s, section), key)
         assert len(got) == 2, (section, key, got)
 
