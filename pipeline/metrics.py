@@ -165,6 +165,11 @@ class Metrics:
             "Replaced GeoIP files refused (corrupt); the old database stays in use.",
             registry=r,
         )
+        self.plugin_errors = Counter(
+            "envoygeo_plugin_errors",
+            "Batches an enrichment plugin failed on (raised, or returned undeclared "
+            "fields), by plugin; their records are indexed tagged envoygeo_plugin_failed.",
+            ["plugin"], registry=r)
         self.rate_seconds = Histogram(
             "envoygeo_rate_backend_seconds",
             "Latency of one rate-backend batch call.",

@@ -598,6 +598,17 @@ class Worker:
             m.catch_up(m.geoip_cache, geo["cache_misses"], "miss")
             m.catch_up(m.geoip_reload_failures, geo["reload_failures"])
 
+    def _publish_plugin_errors(self) -> None:
+        """Per batch: the plugin runner's failures by plugin (each exists at 0 from the
+        first call, so a dashboard has its series before any failure)."""
+        plugins = getattr(self.enricher, "plugins", None)
+        if plugins is None:
+            return
+        m = self.metrics
+        for name, total in plugins.errors.items():
+            m.plugin_errors.labels(name)
+            m.catch_up(m.plugin_errors, total, name)
+
     def _publish_record_counts(self) -> None:
         """Per batch: records by path, cut records, lines without an Envoy-seen address
         (cumulative attributes of the enricher, read as they are: a few integers)."""
@@ -612,6 +623,7 @@ class Worker:
             value = getattr(e, attr, None)
             if isinstance(value, int):
                 m.catch_up(counter, value, label)
+        self._publish_plugin_errors()
 
     def _record_notes(self) -> tuple[str, dict[str, int]]:
         """The progress line's clauses on records that lost something: cut to the
