@@ -32,7 +32,7 @@ from pipeline.enrich.rates import (
     RatesConfig,
     open_backend,
 )
-from pipeline.plugins import PluginBatch
+from pipeline.plugins import EnricherPlugin, PluginBatch
 from pipeline.plugins.runner import FAILED_TAG, PluginRunner, splice
 from pipeline.process import Limits, Processed, RecordProcessor
 from pipeline.schema import ECS_VERSION
@@ -129,8 +129,13 @@ class Enricher:
 
     @classmethod
     def from_settings(cls, settings: Settings,
-                      on_rates: Callable[[float], None] | None = None) -> Enricher:
-        """Build every stage from the configuration; raises with a reason if one cannot start."""
+                      on_rates: Callable[[float], None] | None = None,
+                      extra_plugins: Sequence[EnricherPlugin] = ()) -> Enricher:
+        """Build every stage from the configuration; raises with a reason if one cannot start.
+
+        `extra_plugins`: plugin instances run after the configured ones (`plugins.enabled`),
+        for use in-process without registering an entry point; their fields are not in
+        the field table (templates), which only installed plugins join."""
         parser = make_parser(settings.parse.log_format, settings.parse.json_keys or None)
         policy = ClientIpPolicy(tuple(settings.client_ip.trusted_proxies),
                                 settings.client_ip.trusted_hops,
@@ -146,6 +151,8 @@ class Enricher:
         limits = Limits(settings.limits.max_line_bytes, settings.limits.max_field_bytes)
         resolver = ClientIpResolver(policy, privacy=settings.privacy.policy())
         plugins = PluginRunner.from_config(settings.plugins.enabled, settings.plugins.sections())
+        if extra_plugins:
+            plugins = PluginRunner([*plugins.plugins, *extra_plugins])
         return cls(RecordProcessor(parser, resolver, limits, settings.parse.envelope), geoip,
                    rates, alerts, on_rates, plugins=plugins)
 
