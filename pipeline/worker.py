@@ -204,6 +204,7 @@ class Worker:
                     "metrics_port": self.status.port if self.status else None,
                     "native": getattr(self.enricher, "native_status", "n/a"),
                     "privacy": cfg.privacy.client_ip,
+                    "plugins": cfg.plugins.enabled,
                 }
             },
         )
