@@ -43,6 +43,9 @@ from pipeline.enrich.alerts import AlertRule
 from pipeline.enrich.geoip import GeoIP
 from pipeline.enrich.rates import RatesConfig
 from pipeline.enricher import Enricher
+from pipeline.fields import Field
+from pipeline.plugins import EnricherPlugin, PluginBatch
+from pipeline.plugins.runner import PluginRunner
 from pipeline.process import RecordProcessor
 
 ISTIO = (
@@ -181,7 +184,7 @@ def _cpu_and_wall(fn: Callable[[], Any]) -> tuple[float, float]:
 
 def run_custom(records: list[bytes], fmt: str, geoip_path: str, batch: int, cache_size: int,
                native: bool, privacy: PrivacyPolicy | None = None,
-               full: bool = True) -> dict[str, float]:
+               full: bool = True, plugins: PluginRunner | None = None) -> dict[str, float]:
     """The full pipeline over a custom-format corpus: events/s, CPU µs per record and
     the share of records the compiled core wrote (`Enricher.records_native`).
     `privacy`: `privacy.client_ip` (default keep); `full=False`: no GeoIP, rates or
@@ -191,7 +194,8 @@ def run_custom(records: list[bytes], fmt: str, geoip_path: str, batch: int, cach
     enricher = Enricher.build(
         RecordProcessor(make_parser(fmt), ClientIpResolver(ClientIpPolicy(), privacy=privacy)),
         geo, RatesConfig(backend="memory") if full else None,
-        [AlertRule(name="burst", window_s=10, threshold=500)] if full else [], native=native)
+        [AlertRule(name="burst", window_s=10, threshold=500)] if full else [], native=native,
+        plugins=plugins)
 
     def run() -> None:
         for i in range(0, n, batch):
@@ -321,6 +325,10 @@ def run_once(
               help="Only privacy.client_ip keep vs truncate vs hash: the full pipeline over "
                    "the Istio corpus (--events), each path, CPU µs per event and the cost "
                    "added to keep, measured in the same runs.")
+@click.option("--plugin", "plugin_only", is_flag=True,
+              help="Only the cost of one trivial enrichment plugin (one constant field on "
+                   "every record): the Istio corpus (--events) with and without it, "
+                   "interleaved, each path, CPU µs per event and the difference.")
 @click.option("--fluent-bit-formats", "formats_only", is_flag=True,
               help="Only Fluent Bit's kafka output formats (json with double / iso8601 / "
                    "iso8601_ns @timestamp, msgpack, raw): the Istio corpus (--custom-events "
@@ -329,7 +337,7 @@ def run_once(
 def command(
     events: int, distinct_ips: int, runs: int, batch: int, cache_size: int,
     geoip_path: str | None, custom_events: int, custom_only: bool, privacy_only: bool,
-    formats_only: bool,
+    formats_only: bool, plugin_only: bool,
 ) -> None:
     """Core pipeline events/s on one core, µs per stage, against a plain-geoip2 baseline.
 
@@ -352,6 +360,9 @@ def command(
     )
     if privacy_only:
         _privacy_section(events, distinct_ips, runs, batch, cache_size, geoip_path)
+        return
+    if plugin_only:
+        _plugin_section(events, distinct_ips, runs, batch, cache_size, geoip_path)
         return
     if formats_only:
         from pipeline.bench.envelopes import envelope_section
@@ -421,6 +432,51 @@ def _privacy_section(events: int, distinct_ips: int, runs: int, batch: int, cach
                 added = "" if mode == "keep" else f"  {cpu - keep_cpu:+6.2f} µs vs keep"
                 click.echo(f"    {'native' if native else 'python':<6} {mode:<8} "
                            f"{per_s:>9,.0f} events/s  {cpu:>6.2f} CPU µs/event{added}")
+
+
+class TrivialPlugin(EnricherPlugin):
+    """One constant field on every record: what remains is the plugin machinery's own
+    cost (inputs handed out, one call a batch, the fragment rendered and spliced)."""
+
+    name = "bench_trivial"
+    fields = (Field("labels.bench", "keyword", "bench core --plugin"),)
+    _value = {"labels.bench": "x"}
+
+    def enrich(self, batch: PluginBatch) -> list[dict[str, str] | None]:
+        return [self._value] * len(batch.client_ip)
+
+
+def _plugin_section(events: int, distinct_ips: int, runs: int, batch: int, cache_size: int,
+                    geoip_path: str) -> None:
+    """Without and with the trivial plugin, interleaved in every run; medians, and the
+    difference in CPU per event (the target: at most 1 µs on the compiled path)."""
+    records, _ = corpus(events, distinct_ips)
+    paths = [True, False] if native_mod.available() else [False]
+    rows: dict[tuple[bool, bool], list[dict[str, float]]] = {}
+    for i in range(runs):
+        for native in paths:
+            for with_plugin in (False, True):
+                runner = PluginRunner([TrivialPlugin(TrivialPlugin.Config())]) \
+                    if with_plugin else None
+                r = run_custom(records, "auto", geoip_path, batch, cache_size, native,
+                               None, True, runner)
+                if native and r["native_share"] != 1.0:
+                    raise click.ClickException(
+                        f"the compiled core wrote {r['native_share']:.1%} of records")
+                rows.setdefault((native, with_plugin), []).append(r)
+        click.echo(f"run {i + 1}/{runs} done", err=True)
+    click.echo(f"one trivial enrichment plugin over {events} records (full pipeline: GeoIP, "
+               f"memory rates, alerts), median of {runs}:")
+    for native in paths:
+        base = statistics.median(r["cpu_us"] for r in rows[(native, False)])
+        for with_plugin in (False, True):
+            rs = rows[(native, with_plugin)]
+            cpu = statistics.median(r["cpu_us"] for r in rs)
+            per_s = statistics.median(r["per_s"] for r in rs)
+            added = f"  {cpu - base:+6.2f} µs for the plugin" if with_plugin else ""
+            click.echo(f"  {'native' if native else 'python':<6} "
+                       f"{'with plugin' if with_plugin else 'no plugin':<11} "
+                       f"{per_s:>9,.0f} events/s  {cpu:>6.2f} CPU µs/event{added}")
 
 
 def _istio_section(events: int, distinct_ips: int, runs: int, batch: int, cache_size: int,

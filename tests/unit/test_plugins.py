@@ -73,7 +73,8 @@ def make(use_native: bool, plugins: Sequence[EnricherPlugin]) -> Enricher:
     return e
 
 
-def both(recs: list[bytes], plugins_for: Any, batch: int = 5) -> list[dict[str, Any]]:
+def both(recs: list[bytes], plugins_for: Any, batch: int = 5,
+         python_records: int = PYTHON_RECORDS) -> list[dict[str, Any]]:
     """Documents from both paths (asserted identical, bytes), parsed."""
     outs = []
     for use_native in (True, False):
@@ -85,7 +86,7 @@ def both(recs: list[bytes], plugins_for: Any, batch: int = 5) -> list[dict[str, 
         outs.append(docs)
         if use_native:
             assert (e.records_native, e.records_python) == (
-                len(recs) - PYTHON_RECORDS, PYTHON_RECORDS)
+                len(recs) - python_records, python_records)
             bulk_e = make(True, plugins_for())
             ready = bulk_e.enrich_bulk(recs, ["t"] * len(recs), [0] * len(recs),
                                        list(range(len(recs))), b'{"index":{"_id":', False)
@@ -244,3 +245,26 @@ plugins:
         with pytest.raises(ConfigError) as err:
             load_settings(config(tmp_path, text), environ={})
         assert why in str(err.value), str(err.value)
+
+
+def test_the_bench_trivial_plugin_writes_its_field_on_both_paths() -> None:
+    """`bench core --plugin` times TrivialPlugin: it must really add its field, on the
+    compiled path (every record native) as on the Python one."""
+    from pipeline.bench.core import TrivialPlugin
+
+    recs = [r for r in records() if r.isascii()]
+    docs = both(recs, lambda: [TrivialPlugin(TrivialPlugin.Config())], python_records=0)
+    assert [d["labels.bench"] for d in docs] == ["x"] * len(recs)  # dotted, as spliced
+
+
+def test_bench_core_plugin_prints_the_plugins_cost() -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    res = CliRunner().invoke(main, ["bench", "core", "--plugin", "--events", "2000",
+                                    "--runs", "1"])
+    assert res.exit_code == 0, res.output
+    rows = [r for r in res.output.splitlines() if "CPU µs/event" in r]
+    assert len(rows) == 4  # each path without and with the plugin
+    assert sum("µs for the plugin" in r for r in rows) == 2
