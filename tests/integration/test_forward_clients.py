@@ -121,24 +121,32 @@ def test_go_client_survives_a_kill_9_of_the_relay_and_nothing_is_lost(
     assert sum(c - 1 for c in seen.values()) <= 1, {k: c for k, c in seen.items() if c > 1}
 
 
-def test_go_client_in_direct_mode_indexes_every_event(
-        tmp_path: Path, go_client: Path, es_url: str, es_client: Elasticsearch,
-        unique: Callable[[str], str]) -> None:
-    index = unique("egfwdgo")
+def direct_mode_indexes_every_event(
+        tmp_path: Path, es_url: str, es_client: Elasticsearch, index: str, n: int,
+        prefix: str, send: Callable[[int], subprocess.CompletedProcess[str]]) -> None:
+    """`send(port)` runs a client posting `prefix-0..n-1` to a direct-mode forward
+    process: every event is acked after Elasticsearch took it, and indexed once."""
     port, mport = free_port(), free_port()
     cfg = direct_config(tmp_path / "forward.yaml", es_url, index, port, mport)
     fwd = start_forward(cfg, tmp_path / "forward.log", port, mport)
-    n = 300
     try:
-        done = run_client(go_client, port, n, "direct", "-async")
+        done = send(port)
         assert done.returncode == 0, done.stderr
         assert scrape_metric(mport, "envoygeo_forward_events_indexed_total") == n
     finally:
         assert stop(fwd) == 0
     assert wait_for_count(es_client, index, n) == n
     hits = es_client.search(index=index, size=n + 10, source_includes=["event.original"])
-    originals = {h["_source"]["event"]["original"] for h in hits["hits"]["hits"]}
-    assert originals == {f"direct-{i}" for i in range(n)}
+    assert {h["_source"]["event"]["original"] for h in hits["hits"]["hits"]} == {
+        f"{prefix}-{i}" for i in range(n)}
+
+
+def test_go_client_in_direct_mode_indexes_every_event(
+        tmp_path: Path, go_client: Path, es_url: str, es_client: Elasticsearch,
+        unique: Callable[[str], str]) -> None:
+    direct_mode_indexes_every_event(
+        tmp_path, es_url, es_client, unique("egfwdgo"), 300, "direct",
+        lambda port: run_client(go_client, port, 300, "direct", "-async"))
 
 
 @pytest.fixture(scope="module")
@@ -184,19 +192,8 @@ def test_java_fluency_packed_forward_with_acks_is_relayed_once(
 def test_java_fluency_in_direct_mode_indexes_every_event(
         tmp_path: Path, java_client: list[str], es_url: str, es_client: Elasticsearch,
         unique: Callable[[str], str]) -> None:
-    index = unique("egfwdjava")
-    port, mport = free_port(), free_port()
-    cfg = direct_config(tmp_path / "forward.yaml", es_url, index, port, mport)
-    fwd = start_forward(cfg, tmp_path / "forward.log", port, mport)
-    n = 500
-    try:
-        done = subprocess.run([*java_client, "-port", str(port), "-events", str(n), "-prefix",
-                               "jdirect", "-ack"], capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr
-        assert scrape_metric(mport, "envoygeo_forward_events_indexed_total") == n
-    finally:
-        assert stop(fwd) == 0
-    assert wait_for_count(es_client, index, n) == n
-    hits = es_client.search(index=index, size=n + 10, source_includes=["event.original"])
-    assert {h["_source"]["event"]["original"] for h in hits["hits"]["hits"]} == {
-        f"jdirect-{i}" for i in range(n)}
+    direct_mode_indexes_every_event(
+        tmp_path, es_url, es_client, unique("egfwdjava"), 500, "jdirect",
+        lambda port: subprocess.run([*java_client, "-port", str(port), "-events", "500",
+                                     "-prefix", "jdirect", "-ack"],
+                                    capture_output=True, text=True, timeout=180))
