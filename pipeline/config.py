@@ -674,6 +674,14 @@ class PluginsSettings(BaseModel):
     enabled: list[str] = Field(
         default_factory=list,
         description="Plugins to run, in order (names of installed entry points).")
+    on_error: Literal["index", "dead_letter"] = Field(
+        "index",
+        description="A batch a plugin failed on (raised, or returned undeclared fields): "
+                    "index its records without that plugin's fields, tagged "
+                    "envoygeo_plugin_failed (index), or send the whole batch to the "
+                    "dead-letter topic (forward direct mode: forward.dead_letter_index) "
+                    "with stage plugin and index none of it (dead_letter), for data "
+                    "that must not be indexed unenriched.")
 
     @model_validator(mode="after")
     def _sections(self) -> PluginsSettings:

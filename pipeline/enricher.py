@@ -99,6 +99,9 @@ class Enricher:
     ) -> None:
         self.processor = processor
         self.plugins = plugins if plugins is not None and plugins.plugins else None
+        # Why a plugin failed on the latest batch (None: none did, or no plugins): with
+        # `plugins.on_error: dead_letter` the worker dead-letters that batch whole.
+        self.plugin_failure: str | None = None
         self.geoip = geoip
         self.rates = rates
         self.alerts = alerts
@@ -150,9 +153,11 @@ class Enricher:
                                      lateness_s=settings.rates.lateness_s)
         limits = Limits(settings.limits.max_line_bytes, settings.limits.max_field_bytes)
         resolver = ClientIpResolver(policy, privacy=settings.privacy.policy())
-        plugins = PluginRunner.from_config(settings.plugins.enabled, settings.plugins.sections())
+        on_error = settings.plugins.on_error
+        plugins = PluginRunner.from_config(settings.plugins.enabled, settings.plugins.sections(),
+                                           on_error)
         if extra_plugins:
-            plugins = PluginRunner([*plugins.plugins, *extra_plugins])
+            plugins = PluginRunner([*plugins.plugins, *extra_plugins], on_error)
         return cls(RecordProcessor(parser, resolver, limits, settings.parse.envelope), geoip,
                    rates, alerts, on_rates, plugins=plugins)
 
@@ -181,8 +186,8 @@ class Enricher:
         """
         out, alerts = self._records(values, flush_partials, kafka_ts)
         if self.plugins is not None:
-            self.plugins.merge_into([r.doc if r is not None else None for r in out],
-                                    self._plugin_batch(out))
+            self.plugin_failure = self.plugins.merge_into(
+                [r.doc if r is not None else None for r in out], self._plugin_batch(out))
         return out, alerts
 
     def _plugin_batch(self, records: Sequence[Processed | None]) -> PluginBatch:
@@ -216,7 +221,8 @@ class Enricher:
         out = self.processor.flush_records()
         alerts = self._enrich(out, ingested=ingested)  # type: ignore[arg-type]
         if self.plugins is not None and out:
-            self.plugins.merge_into([r.doc for r in out], self._plugin_batch(out))
+            self.plugin_failure = self.plugins.merge_into([r.doc for r in out],
+                                                          self._plugin_batch(out))
         return out, alerts
 
     def _enrich(self, out: Sequence[Processed | None], count: bool = True,
@@ -285,6 +291,7 @@ class Enricher:
             ], alerts
         # The same fragments, spliced the same way, as on the compiled path.
         frags, failed = self.plugins.fragments(self._plugin_batch(records))
+        self.plugin_failure = failed
         if failed:
             for r in records:
                 if r is not None:
@@ -373,6 +380,7 @@ class Enricher:
                     uas[i] = (rec.doc.get("user_agent") or {}).get("original")
         frags, failed = self.plugins.fragments(
             PluginBatch(ips, uas if want_ua else [None] * len(ips)))
+        self.plugin_failure = failed
         batch.set_plugin_fields(frags)
         if failed:
             batch.add_tag(list(range(len(ips))), FAILED_TAG)

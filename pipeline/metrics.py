@@ -50,7 +50,7 @@ UNPARSED_REASONS: tuple[tuple[str, str], ...] = (
 )
 UNPARSED_REASON_LABELS = tuple(dict.fromkeys(label for _, label in UNPARSED_REASONS)) + ("other",)
 # Where a dead letter came from (the `envoygeo.stage` header of the record).
-DEAD_LETTER_STAGES = ("parse", "index")
+DEAD_LETTER_STAGES = ("parse", "plugin", "index")
 
 
 def unparsed_reason(error: str) -> str:

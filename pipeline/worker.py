@@ -35,6 +35,7 @@ from confluent_kafka import Message, TopicPartition
 from pipeline.config import Settings
 from pipeline.enricher import Enriched
 from pipeline.metrics import Metrics, StatusServer, unparsed_reason
+from pipeline.plugins.runner import plugin_dead_letters
 from pipeline.sinks.elasticsearch import (
     BulkItem,
     ElasticsearchSink,
@@ -407,14 +408,24 @@ class Worker:
             ready = enrich_bulk(values, topics, partitions, offsets, self._bulk_head,
                                 self.settings.parse.unparsed == "dead_letter", kafka_ts)
         if ready is not None:
-            dead = self._unparsed(msgs, ready.errors)
+            errors = ready.errors
             items: list[BulkItem] | EncodedBulk = EncodedBulk(
                 ready.body, ready.ends,
                 _Describe(self.settings.elasticsearch.index, ready.kept, topics, partitions,
                           offsets, values))
             alerts = ready.alerts
         else:
-            items, dead, alerts = self._prepare_items(msgs, values, kafka_ts)
+            items, errors, alerts = self._prepare_items(msgs, values, kafka_ts)
+        dead = self._unparsed(msgs, errors)
+        failure = getattr(self.enricher, "plugin_failure", None)
+        if failure is not None and self.settings.plugins.on_error == "dead_letter":
+            # The batch a plugin failed on is indexed not at all: every record of it
+            # goes to the dead letters (those already there as unparsed stay so).
+            items = []
+            unparsed_out = ([i for i, _ in errors]
+                            if self.settings.parse.unparsed == "dead_letter" else [])
+            dead += [dead_letter(msgs[i], "plugin", failure)
+                     for i in plugin_dead_letters(len(msgs), unparsed_out)]
         # Records of a partition arrive in offset order: its last one here is the newest.
         offsets_done: dict[tuple[str, int], int] = {}
         assigned = len(self.source.assigned) if self.source is not None else 0
@@ -433,20 +444,21 @@ class Worker:
 
     def _prepare_items(self, msgs: list[Message], values: list[bytes],
                        kafka_ts: list[float | None],
-                       ) -> tuple[list[BulkItem], list[OutRecord], list[dict[str, Any]]]:
-        """The batch as BulkItems, through `enrich_batch` (any BatchEnricher)."""
+                       ) -> tuple[list[BulkItem], list[tuple[int, str]], list[dict[str, Any]]]:
+        """The batch as BulkItems, through `enrich_batch` (any BatchEnricher), and its
+        unparsed lines, (index, why)."""
         index = self.settings.elasticsearch.index
         results, alerts = self.enricher.enrich_batch(values, kafka_ts)
         errors = [(i, r.error) for i, r in enumerate(results) if r.error is not None]
-        dead = self._unparsed(msgs, errors)
-        skip = {i for i, _ in errors} if dead else set()
+        skip = ({i for i, _ in errors} if self.settings.parse.unparsed == "dead_letter"
+                else set())
         items: list[BulkItem] = []
         append = items.append
         for i, (msg, value, res) in enumerate(zip(msgs, values, results, strict=True)):
             if res.document is not None and i not in skip:
                 append(BulkItem(index, f"{msg.topic()}-{msg.partition()}-{msg.offset()}",
                                 res.document, value))
-        return items, dead, alerts
+        return items, errors, alerts
 
     def _unparsed(self, msgs: list[Message], errors: list[tuple[int, str]]) -> list[OutRecord]:
         """Count the lines that could not be parsed; dead-letter them if so configured."""

@@ -2,16 +2,21 @@
 
 A plugin that raises (or returns what it did not declare) fails its batch only: every
 record of the batch is tagged `envoygeo_plugin_failed` and indexed as usual without that
-plugin's fields, the failure is counted by plugin (`errors`, exported as
-`envoygeo_plugin_errors_total{plugin}`) and logged in one line (the first failure, then
-at most one summary line a minute per plugin). The worker keeps running.
+plugin's fields, or, with `plugins.on_error: dead_letter`, the caller sends the whole batch
+to the dead letters (stage `plugin`) instead (`plugin_dead_letters`). Either way the failure is
+counted by plugin (`errors`, exported as `envoygeo_plugin_errors_total{plugin}`) and logged
+in one line (the first failure, then at most one summary line a minute per plugin). The
+worker keeps running.
+
+Whole batches, not records, because a plugin fails by raising out of `enrich(batch)`:
+which of its records it could have enriched is unknown.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -45,9 +50,18 @@ def merge(doc: dict[str, Any], fields: Mapping[str, Any]) -> None:
         node[leaf] = value
 
 
+def plugin_dead_letters(n: int, unparsed: Iterable[int]) -> list[int]:
+    """`plugins.on_error: dead_letter`: the records of an n-record batch a plugin failed
+    on that go to the dead letters with stage `plugin`: all of them but those already
+    dead-lettered as unparsed (`unparsed`: their indexes), whose `parse` stage says more."""
+    skip = set(unparsed)
+    return [i for i in range(n) if i not in skip]
+
+
 class PluginRunner:
-    def __init__(self, plugins: Sequence[EnricherPlugin]) -> None:
+    def __init__(self, plugins: Sequence[EnricherPlugin], on_error: str = "index") -> None:
         self.plugins = list(plugins)
+        self.on_error = on_error  # what the caller does with a failed batch (log wording)
         self.want_user_agent = any("user_agent" in p.inputs for p in self.plugins)
         self._declared = {p.name: frozenset(f.name for f in p.fields) for p in self.plugins}
         # Failures by plugin (calls that raised), cumulative: the worker exports them.
@@ -56,7 +70,8 @@ class PluginRunner:
         self._logged_at: dict[str, float] = {}
 
     @classmethod
-    def from_config(cls, enabled: Sequence[str], sections: Mapping[str, Any]) -> PluginRunner:
+    def from_config(cls, enabled: Sequence[str], sections: Mapping[str, Any],
+                    on_error: str = "index") -> PluginRunner:
         """The enabled plugins, built from their validated sections (`PluginsSettings`)."""
         classes = installed()
         plugins = []
@@ -65,14 +80,15 @@ class PluginRunner:
             plugin = plugin_cls(plugin_cls.Config.model_validate(sections.get(name) or {}))
             plugin.name = name  # type: ignore[misc]  # the entry point's name is the plugin's
             plugins.append(plugin)
-        return cls(plugins)
+        return cls(plugins, on_error)
 
-    def _results(self, batch: PluginBatch) -> tuple[list[tuple[str, Sequence[Any]]], bool]:
-        """(plugin name, its per-record results) of the plugins that succeeded; whether
-        one failed."""
+    def _results(self, batch: PluginBatch,
+                 ) -> tuple[list[tuple[str, Sequence[Any]]], str | None]:
+        """(plugin name, its per-record results) of the plugins that succeeded; why
+        the first that failed did (None: none did)."""
         n = len(batch.client_ip)
         out: list[tuple[str, Sequence[Any]]] = []
-        failed = False
+        failure = None
         for plugin in self.plugins:
             try:
                 res = plugin.enrich(batch)
@@ -80,13 +96,14 @@ class PluginRunner:
                     raise ValueError(f"returned {len(res)} results for {n} records")
                 out.append((plugin.name, res))
             except Exception as exc:
-                failed = True
-                self._failed(plugin.name, exc)
-        return out, failed
+                why = self._failed(plugin.name, exc)  # counted even if not the first
+                failure = failure or why
+        return out, failure
 
-    def fragments(self, batch: PluginBatch) -> tuple[list[bytes | None], bool]:
+    def fragments(self, batch: PluginBatch) -> tuple[list[bytes | None], str | None]:
         """Per record, the plugins' fields as one `"k":v,...` fragment (None: none),
-        and whether a plugin failed on the batch (its records are then to be tagged).
+        and why a plugin failed on the batch (None: none did; else its records are to
+        be tagged, or dead-lettered).
 
         Rendered once per distinct result object (by identity, the results being kept
         alive meanwhile): a plugin that caches by input returns the same dict for the
@@ -114,8 +131,8 @@ class PluginRunner:
                         f = cache[id(r)] = orjson.dumps(r)[1:-1] or None
                     frags.append(f)
             except Exception as exc:
-                failed = True
-                self._failed(name, exc)
+                why = self._failed(name, exc)
+                failed = failed or why
                 continue
             rendered.append(frags)
         if len(rendered) == 1:
@@ -128,9 +145,10 @@ class PluginRunner:
             joined.append(b",".join(present) if present else None)
         return joined, failed
 
-    def merge_into(self, docs: Sequence[dict[str, Any] | None], batch: PluginBatch) -> bool:
-        """The plugins' fields merged into document dicts (the dict API); True if a
-        plugin failed (its records are tagged here)."""
+    def merge_into(self, docs: Sequence[dict[str, Any] | None], batch: PluginBatch,
+                   ) -> str | None:
+        """The plugins' fields merged into document dicts (the dict API); why a plugin
+        failed, if one did (its records are tagged here)."""
         results, failed = self._results(batch)
         for name, res in results:
             declared = self._declared[name]
@@ -139,9 +157,9 @@ class PluginRunner:
                     continue
                 unknown = r.keys() - declared
                 if unknown:
-                    failed = True
-                    self._failed(name, ValueError(
+                    why = self._failed(name, ValueError(
                         f"returned undeclared fields {sorted(unknown)}"))
+                    failed = failed or why
                     break
                 merge(doc, r)
         if failed:
@@ -150,19 +168,27 @@ class PluginRunner:
                     doc.setdefault("tags", []).append(FAILED_TAG)
         return failed
 
-    def _failed(self, name: str, exc: Exception) -> None:
+    def _failed(self, name: str, exc: Exception) -> str:
+        """Count and (at most once a minute per plugin) log a failure; its reason, as
+        a dead letter's `envoygeo.error` gives it."""
+        reason = f"enrichment plugin {name} failed: {type(exc).__name__}: {exc}"
         self.errors[name] = self.errors.get(name, 0) + 1
         now = time.monotonic()
         last = self._logged_at.get(name)
         if last is not None and now - last < LOG_EVERY_S:
             self._unlogged[name] = self._unlogged.get(name, 0) + 1
-            return
+            return reason
         more = self._unlogged.pop(name, 0)
         self._logged_at[name] = now
-        log.error("enrichment plugin %s failed on a batch (%s: %s); its records are "
-                  "indexed without its fields, tagged %s%s", name, type(exc).__name__, exc,
-                  FAILED_TAG, f" ({more} more failed batches since the last line)"
-                  if more else "")
+        outcome = ("the batch goes to the dead letters, stage plugin (plugins.on_error: "
+                   "dead_letter)" if self.on_error == "dead_letter" else
+                   f"its records are indexed without its fields, tagged {FAILED_TAG}")
+        # The reason as text, not the exception: a handler that keeps records would
+        # otherwise keep its traceback's frames (and the compiled batch in them).
+        log.error("enrichment plugin %s failed on a batch (%s: %s); %s%s", name,
+                  type(exc).__name__, str(exc), outcome,
+                  f" ({more} more failed batches since the last line)" if more else "")
+        return reason
 
     def close(self) -> None:
         for p in self.plugins:

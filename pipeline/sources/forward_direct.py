@@ -19,7 +19,8 @@ very same tag and events (times included) are then one set of documents.
 
 Dead letters: the worker sends them to a Kafka topic; here there is none, so they go to
 the Elasticsearch index `forward.dead_letter_index` (lines that cannot be parsed with
-`parse.unparsed: dead_letter`, and documents Elasticsearch rejects for good, e.g. a
+`parse.unparsed: dead_letter`, the events of a chunk an enrichment plugin failed on with
+`plugins.on_error: dead_letter`, and documents Elasticsearch rejects for good, e.g. a
 mapping conflict), with the original event, the stage and the reason. Alerts go to
 `elasticsearch.alerts_index` (no alerts topic either).
 
@@ -49,7 +50,8 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from pipeline.config import Settings
-from pipeline.metrics import unparsed_reason
+from pipeline.metrics import DEAD_LETTER_STAGES, unparsed_reason
+from pipeline.plugins.runner import plugin_dead_letters
 from pipeline.sinks.elasticsearch import (
     BulkItem,
     ElasticsearchSink,
@@ -105,7 +107,8 @@ class DirectMetrics(ForwardMetrics):
         self.events_dead_lettered = Counter(
             "envoygeo_forward_events_dead_lettered",
             "Events written to forward.dead_letter_index (direct mode), by stage: parse "
-            "(parse.unparsed: dead_letter), index (rejected by Elasticsearch).",
+            "(parse.unparsed: dead_letter), plugin (a plugin failed on the chunk, "
+            "plugins.on_error: dead_letter), index (rejected by Elasticsearch).",
             ["stage"], registry=r)
         self.events_unparsed = Counter(
             "envoygeo_forward_events_unparsed",
@@ -116,7 +119,7 @@ class DirectMetrics(ForwardMetrics):
         self.elasticsearch_up = Gauge(
             "envoygeo_forward_elasticsearch_writable",
             "1 while the last bulk request got through (direct mode).", registry=r)
-        for stage in ("parse", "index"):
+        for stage in DEAD_LETTER_STAGES:
             self.events_dead_lettered.labels(stage)
         for reason in ("elasticsearch_error", "enrich_error"):
             self.chunks_refused.labels(reason)
@@ -130,6 +133,7 @@ class _Prepared:
     values: list[bytes]
     key: str
     unparsed: list[str] = field(default_factory=list)
+    plugin_dead: int = 0  # of `dead`, the events dead-lettered because a plugin failed
 
 
 class DirectServer(ForwardServer):
@@ -280,7 +284,16 @@ class DirectServer(ForwardServer):
             reasons.append(unparsed_reason(error))
             if drop:
                 dead.append(self._dead_letter(key, i, values[i], "parse", error))
-        return _Prepared(items, dead, alerts, values, key, reasons)
+        failure = getattr(self.enricher, "plugin_failure", None) if n else None
+        plugin_dead = []
+        if failure is not None and cfg.plugins.on_error == "dead_letter":
+            # As the worker does: the chunk a plugin failed on is indexed not at all.
+            items = []
+            plugin_dead = [self._dead_letter(key, i, values[i], "plugin", failure)
+                           for i in plugin_dead_letters(n, [i for i, _ in errors] if drop
+                                                        else [])]
+        return _Prepared(items, dead + plugin_dead, alerts, values, key, reasons,
+                         len(plugin_dead))
 
     def _dead_letter(self, key: str, i: int, value: bytes, stage: str,
                      error: str) -> BulkItem:
@@ -319,8 +332,10 @@ class DirectServer(ForwardServer):
         m.events_indexed.inc(indexed)
         for reason in p.unparsed:
             m.events_unparsed.labels(reason).inc()
-        if p.dead:
-            m.events_dead_lettered.labels("parse").inc(len(p.dead))
+        if len(p.dead) > p.plugin_dead:
+            m.events_dead_lettered.labels("parse").inc(len(p.dead) - p.plugin_dead)
+        if p.plugin_dead:
+            m.events_dead_lettered.labels("plugin").inc(p.plugin_dead)
         if rejected:
             m.events_dead_lettered.labels("index").inc(len(rejected))
         self.indexed += indexed

@@ -14,6 +14,7 @@ import pytest
 from pipeline import native
 from pipeline.config import ConfigError, Settings, load_settings
 from pipeline.enricher import Enricher
+from pipeline.plugins import EnricherPlugin, PluginBatch
 from pipeline.sinks.elasticsearch import BulkItem, EncodedBulk, action_head, encode_items
 from pipeline.sources.forward import EventTime, Frame
 from pipeline.sources.forward_direct import DirectServer, chunk_key
@@ -95,9 +96,10 @@ def frame(n: int, chunk: str | None = "ofUIM6hKShPK5FrtqBdklA==") -> Frame:
 
 
 def serve(frames: list[Frame], sink: FakeSink, settings: Settings | None = None,
-          ) -> tuple[DirectServer, list[FakeConn]]:
+          plugins: Sequence[EnricherPlugin] = ()) -> tuple[DirectServer, list[FakeConn]]:
     settings = settings or Settings()
-    server = DirectServer(options(), settings, lambda: Enricher.from_settings(settings),
+    server = DirectServer(options(), settings,
+                          lambda: Enricher.from_settings(settings, extra_plugins=plugins),
                           sink)  # type: ignore[arg-type]
     conns = [FakeConn() for _ in frames]
 
@@ -177,6 +179,47 @@ def test_unparsable_lines_go_to_the_dead_letter_index(monkeypatch: pytest.Monkey
         assert conn.written  # acked: every event indexed or dead-lettered
         assert server.dm.events_dead_lettered.labels("parse")._value.get() == 1
         assert server.unparsed == 1
+    finally:
+        server.close()
+
+
+class Down(EnricherPlugin):
+    name = "down"
+
+    def enrich(self, batch: PluginBatch) -> list[dict[str, Any] | None]:
+        raise ConnectionError("customer table unreachable")
+
+
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_a_chunk_a_plugin_failed_on_goes_to_the_dead_letter_index(
+        flag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """plugins.on_error: dead_letter in direct mode: nothing of the chunk is indexed,
+    every event is a dead letter (the unparsable one with stage parse), then acked."""
+    monkeypatch.setenv("ENVOYGEO_NATIVE", flag)
+    settings = load_settings(environ={"ENVOYGEO_PARSE__UNPARSED": "dead_letter",
+                                      "ENVOYGEO_PLUGINS__ON_ERROR": "dead_letter",
+                                      "ENVOYGEO_FORWARD__MODE": "direct"})
+    f = frame(3)
+    f.entries.append((EventTime(1795914780, 9), {"log": "not an access log"}))
+    sink = FakeSink()
+    server, (conn,) = serve([f], sink, settings, plugins=[Down(Down.Config())])
+    try:
+        docs = sink.docs()
+        assert {d[0] for d in docs} == {"envoygeo-dead-letter"} and len(docs) == 4
+        stages = {d[1]: (d[2]["envoygeo"]["stage"], d[2]["envoygeo"]["error"]) for d in docs}
+        why = "enrichment plugin down failed: ConnectionError: customer table unreachable"
+        assert stages == {**{f"fwd-ofUIM6hKShPK5FrtqBdklA==-0-{i}": ("plugin", why)
+                             for i in range(3)},
+                          "fwd-ofUIM6hKShPK5FrtqBdklA==-0-3": (
+                              "parse", stages["fwd-ofUIM6hKShPK5FrtqBdklA==-0-3"][1])}
+        assert conn.written  # acked: every event dead-lettered
+        dm = server.dm.events_dead_lettered
+        assert (dm.labels("plugin")._value.get(), dm.labels("parse")._value.get()) == (3, 1)
+        assert server.indexed == 0 and server.dead_lettered == 4
+        # (read outside an assert: pytest keeps an assert's operands, and the core
+        # must be freed on the enrichment thread)
+        native_records = server.enricher.records_native
+        assert (native_records > 0) == (flag == "1")
     finally:
         server.close()
 

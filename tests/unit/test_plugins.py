@@ -19,12 +19,13 @@ import pytest
 import pipeline.enricher as enricher_mod
 from pipeline import native
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver
-from pipeline.config import ConfigError, load_settings
+from pipeline.config import ConfigError, Settings, load_settings
 from pipeline.decode.parser import make_parser
 from pipeline.enricher import Enricher
+from pipeline.fields import Field
 from pipeline.plugins import EnricherPlugin, PluginBatch, installed
 from pipeline.plugins.ip_lists import IpListsConfig, IpListsPlugin
-from pipeline.plugins.runner import FAILED_TAG, PluginRunner
+from pipeline.plugins.runner import FAILED_TAG, PluginRunner, plugin_dead_letters
 from pipeline.plugins.user_agent import UserAgentConfig, UserAgentPlugin
 from pipeline.process import RecordProcessor
 from pipeline.schema import FIELDS, field_map
@@ -176,6 +177,133 @@ def test_failing_plugin_is_isolated(bad: type[EnricherPlugin], tmp_path: Path,
     assert runner.errors == {bad.name: 2}
 
 
+class Flaky(EnricherPlugin):
+    """Adds a field, but fails any batch that holds the poison client."""
+
+    name = "flaky"
+    fields = (Field("labels.flaky", "keyword", "Set by the test plugin."),)
+    POISON = "192.0.2.66"
+
+    def enrich(self, batch: PluginBatch) -> list[dict[str, Any] | None]:
+        if self.POISON in batch.client_ip:
+            raise RuntimeError("poison client in the batch")
+        return [{"labels.flaky": "ok"} for _ in batch.client_ip]
+
+
+FLAKY_WHY = "enrichment plugin flaky failed: RuntimeError: poison client in the batch"
+
+
+def test_every_entry_point_reports_the_batch_a_plugin_failed_on() -> None:
+    """`Enricher.plugin_failure` (what the worker dead-letters on) is the latest batch's:
+    set when a plugin fails, None again on the next clean batch, on each path and entry
+    point, also when the poison record is one the compiled core hands to Python."""
+    clean = [line("203.0.113.7", "x")]
+    poisons = [line(Flaky.POISON, "x"), line(Flaky.POISON, "Mozill\u00e4/5.0")]
+    for use_native in (True, False):
+        e = make(use_native, [Flaky(Flaky.Config())])
+        calls: list[Any] = [e.enrich_batch, e.enrich_records]
+        if use_native:
+            calls.append(lambda v: e.enrich_bulk(v, ["t"] * len(v), [0] * len(v),
+                                                  list(range(len(v))), b'{"index":{"_id":',
+                                                  False))
+        for call in calls:
+            for poison in poisons:
+                call(clean + [poison])
+                assert e.plugin_failure == FLAKY_WHY
+                call(clean)
+                assert e.plugin_failure is None
+        if use_native:  # the core wrote the ASCII records of enrich_batch/enrich_bulk;
+            # Python the rest: its non-ASCII poison there, and all 6 of enrich_records
+            assert (e.records_native, e.records_python) == (2 * 5, 2 + 6)
+
+
+def test_dead_letter_choice_logs_what_happens_and_counts_every_failing_plugin(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, "pipeline.plugins")
+    runner = PluginRunner([Flaky(Flaky.Config()), Boom(Boom.Config())], "dead_letter")
+    frags, why = runner.fragments(PluginBatch([Flaky.POISON, "1.2.3.4"], [None, None]))
+    assert why == FLAKY_WHY and frags == [None, None]  # the first failure is the reason
+    assert runner.errors == {"flaky": 1, "boom": 1}  # the second is counted as well
+    assert [r.getMessage().split("; ")[1] for r in caplog.records] == [
+        "the batch goes to the dead letters, stage plugin (plugins.on_error: dead_letter)"
+    ] * 2
+    assert plugin_dead_letters(5, [1, 3]) == [0, 2, 4]
+    assert plugin_dead_letters(3, []) == [0, 1, 2]
+
+
+class Msg:
+    """What the worker reads of a consumed Kafka record."""
+
+    def __init__(self, offset: int, value: bytes) -> None:
+        self._offset, self._value = offset, value
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return "logs"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1795914780000)
+
+
+@pytest.mark.parametrize("on_error", ["index", "dead_letter"])
+@pytest.mark.parametrize("use_native", [True, False])
+def test_worker_indexes_or_dead_letters_the_batch_a_plugin_failed_on(
+        on_error: str, use_native: bool) -> None:
+    """The worker's batch step: the clean batch is indexed with the plugin's field; the
+    batch the plugin failed on is indexed tagged (index) or dead-lettered whole with
+    stage plugin, its unparsed line staying a parse dead letter (dead_letter)."""
+    from types import SimpleNamespace
+
+    from pipeline.sinks.elasticsearch import EncodedBulk, action_head, encode_items
+    from pipeline.worker import Worker
+
+    settings = Settings.model_validate({"plugins": {"on_error": on_error},
+                                        "parse": {"unparsed": "dead_letter"}})
+    e = make(use_native, [Flaky(Flaky.Config())])
+    worker = Worker(settings, enricher=e, sink=SimpleNamespace(  # type: ignore[arg-type]
+        action_head=lambda index: action_head(b"index", index)), side=object())  # type: ignore[arg-type]
+
+    def docs(items: Any) -> list[dict[str, Any]]:
+        enc = items if isinstance(items, EncodedBulk) else encode_items(items)
+        return [orjson.loads(x) for x in enc.body.splitlines()[1::2]]
+
+    clean = [Msg(i, line("203.0.113.7", "x")) for i in range(3)]
+    batch = worker._prepare(clean)
+    assert [d["labels.flaky"] for d in docs(batch.items)] == ["ok"] * 3
+    assert batch.dead_letters == []
+    bad = [Msg(3, line("203.0.113.7", "x")), Msg(4, line(Flaky.POISON, "x")),
+           Msg(5, b"not an access log"), Msg(6, line("198.51.100.1", "x"))]
+    batch = worker._prepare(bad)
+    stages = [(dict(d.headers)["envoygeo.source"], dict(d.headers)["envoygeo.stage"])
+              for d in batch.dead_letters]
+    if on_error == "index":
+        got = docs(batch.items)
+        assert len(got) == 3 and all(FAILED_TAG in d["tags"] for d in got)
+        assert not any("labels.flaky" in d for d in got)
+        assert stages == [(b"logs/0/5", b"parse")]
+    else:
+        assert docs(batch.items) == []
+        assert sorted(stages) == [(b"logs/0/3", b"plugin"), (b"logs/0/4", b"plugin"),
+                                  (b"logs/0/5", b"parse"), (b"logs/0/6", b"plugin")]
+        errors = {dict(d.headers)["envoygeo.error"] for d in batch.dead_letters}
+        assert FLAKY_WHY.encode() in errors
+        assert [d.value for d in batch.dead_letters
+                if dict(d.headers)["envoygeo.stage"] == b"plugin"] == [
+            bad[0].value(), bad[1].value(), bad[3].value()]  # the records as they came
+    assert (e.records_native > 0) == use_native
+
+
 def test_ip_lists_hot_reload(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     lists = write_lists(tmp_path)
     plugin = IpListsPlugin(IpListsConfig(lists=lists, check_interval_s=0))
@@ -240,6 +368,7 @@ plugins:
             "bad.txt:1: '10.1.2.3/8' has host bits set",
         "plugins:\n  user_agent:\n    cache_sise: 5\n": "plugins.user_agent.cache_sise",
         "plugins:\n  ua:\n    cache_size: 5\n": "plugins.ua: no installed enrichment plugin",
+        "plugins:\n  on_error: drop\n": "plugins.on_error",
     }
     for text, why in cases.items():
         with pytest.raises(ConfigError) as err:
