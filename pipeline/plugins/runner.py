@@ -108,10 +108,10 @@ class PluginRunner:
         Rendered once per distinct result object (by identity, the results being kept
         alive meanwhile): a plugin that caches by input returns the same dict for the
         same client, so most records cost one dict probe here."""
-        results, failed = self._results(batch)
+        results, failure = self._results(batch)
         n = len(batch.client_ip)
         if not results:
-            return [None] * n, failed
+            return [None] * n, failure
         rendered: list[list[bytes | None]] = []
         for name, res in results:
             cache: dict[int, bytes | None] = {}
@@ -132,24 +132,24 @@ class PluginRunner:
                     frags.append(f)
             except Exception as exc:
                 why = self._failed(name, exc)
-                failed = failed or why
+                failure = failure or why
                 continue
             rendered.append(frags)
         if len(rendered) == 1:
-            return rendered[0], failed
+            return rendered[0], failure
         if not rendered:
-            return [None] * n, failed
+            return [None] * n, failure
         joined: list[bytes | None] = []
         for parts in zip(*rendered, strict=True):
             present = [p for p in parts if p is not None]
             joined.append(b",".join(present) if present else None)
-        return joined, failed
+        return joined, failure
 
     def merge_into(self, docs: Sequence[dict[str, Any] | None], batch: PluginBatch,
                    ) -> str | None:
         """The plugins' fields merged into document dicts (the dict API); why a plugin
         failed, if one did (its records are tagged here)."""
-        results, failed = self._results(batch)
+        results, failure = self._results(batch)
         for name, res in results:
             declared = self._declared[name]
             for doc, r in zip(docs, res, strict=True):
@@ -159,14 +159,14 @@ class PluginRunner:
                 if unknown:
                     why = self._failed(name, ValueError(
                         f"returned undeclared fields {sorted(unknown)}"))
-                    failed = failed or why
+                    failure = failure or why
                     break
                 merge(doc, r)
-        if failed:
+        if failure:
             for doc in docs:
                 if doc is not None:
                     doc.setdefault("tags", []).append(FAILED_TAG)
-        return failed
+        return failure
 
     def _failed(self, name: str, exc: Exception) -> str:
         """Count and (at most once a minute per plugin) log a failure; its reason, as

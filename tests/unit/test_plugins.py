@@ -7,6 +7,7 @@ documents from the two paths.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -193,6 +194,12 @@ class Flaky(EnricherPlugin):
 FLAKY_WHY = "enrichment plugin flaky failed: RuntimeError: poison client in the batch"
 
 
+def bulk_of(e: Enricher, values: list[bytes]) -> Any:
+    n = len(values)
+    return e.enrich_bulk(values, ["t"] * n, [0] * n, list(range(n)), b'{"index":{"_id":',
+                         False)
+
+
 def test_every_entry_point_reports_the_batch_a_plugin_failed_on() -> None:
     """`Enricher.plugin_failure` (what the worker dead-letters on) is the latest batch's:
     set when a plugin fails, None again on the next clean batch, on each path and entry
@@ -203,9 +210,7 @@ def test_every_entry_point_reports_the_batch_a_plugin_failed_on() -> None:
         e = make(use_native, [Flaky(Flaky.Config())])
         calls: list[Any] = [e.enrich_batch, e.enrich_records]
         if use_native:
-            calls.append(lambda v: e.enrich_bulk(v, ["t"] * len(v), [0] * len(v),
-                                                  list(range(len(v))), b'{"index":{"_id":',
-                                                  False))
+            calls.append(functools.partial(bulk_of, e))
         for call in calls:
             for poison in poisons:
                 call(clean + [poison])
