@@ -48,6 +48,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.commands.policy:policy",
         "Deny alerting client IPs at the gateway: Envoy RBAC file, Istio AuthorizationPolicy.",
     ),
+    "dead-letters": (
+        "pipeline.commands.dead_letters:dead_letters",
+        "Count the dead-letter topic's records by stage and reason; replay them.",
+    ),
     "report": (
         "pipeline.commands.report:report",
         "Self-contained HTML report (world map, top countries/cities/IPs, alerts) from ES.",
