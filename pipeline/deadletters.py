@@ -27,6 +27,7 @@ from typing import cast
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from pipeline.config import KafkaSettings
+from pipeline.kafka_log import kafka_logger
 from pipeline.kafka_security import client_config
 from pipeline.metrics import DEAD_LETTER_STAGES
 from pipeline.sinks.kafka import KafkaTopicSink, OutRecord
@@ -60,17 +61,20 @@ def _consumer(k: KafkaSettings, group: str) -> Consumer:
     conf = client_config(k, **{"group.id": group, "enable.auto.commit": False,
                                 "auto.offset.reset": "earliest",
                                 "enable.partition.eof": False})
-    return Consumer(conf)
+    return Consumer(conf, logger=kafka_logger())
 
 
-def _ranges(consumer: Consumer, topic: str, from_committed: bool,
+def _ranges(consumer: Consumer, k: KafkaSettings, from_committed: bool,
             ) -> dict[int, tuple[int, int]]:
     """Per partition, [start, end) to read: from the group's committed offset (or
     the oldest retained record) to the end as it is now."""
+    topic = k.dead_letter_topic
     try:
         md = consumer.list_topics(topic, timeout=10)
     except KafkaException as exc:
-        raise DeadLetterError(f"Kafka: {exc.args[0]}") from None
+        err = exc.args[0]
+        why = err.str() if hasattr(err, "str") else str(err)
+        raise DeadLetterError(f"Kafka {k.bootstrap_servers}: {why}") from None
     meta = md.topics.get(topic)
     if meta is None or meta.error is not None:
         why = meta.error.str() if meta is not None and meta.error is not None else "missing"
@@ -131,7 +135,7 @@ def summarise(k: KafkaSettings, stages: Sequence[str] = (), samples: int = 5) ->
     consumer = _consumer(k, f"{k.group_id}-dead-letters-show")  # never commits
     try:
         topic = k.dead_letter_topic
-        for msg in _read(consumer, topic, _ranges(consumer, topic, from_committed=False)):
+        for msg in _read(consumer, topic, _ranges(consumer, k, from_committed=False)):
             h = headers_of(msg)
             stage = h.get("envoygeo.stage", "?")
             if stages and stage not in stages:
@@ -195,7 +199,7 @@ def _replay_stage(k: KafkaSettings, stage: str, to_topic: str, sink: KafkaTopicS
             progress(done)
 
     try:
-        for msg in _read(consumer, topic, _ranges(consumer, topic, from_committed=True)):
+        for msg in _read(consumer, topic, _ranges(consumer, k, from_committed=True)):
             positions[msg.partition()] = msg.offset() + 1  # type: ignore[index,operator]
             h = raw_headers(msg)
             if h.get("envoygeo.stage") != stage.encode():

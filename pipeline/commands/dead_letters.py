@@ -15,6 +15,14 @@ STAGES_HELP = ("parse: no log format matched (with parse.unparsed: dead_letter);
                "index: Elasticsearch refused the document for good")
 
 
+def _logging() -> None:
+    """Warnings and errors (librdkafka's among them) as plain lines on stderr: the
+    command's own output is for a terminal."""
+    from pipeline.logs import setup_logging
+
+    setup_logging("warning", json=False)
+
+
 def _stages(value: str) -> list[str]:
     stages = [s.strip() for s in value.split(",") if s.strip()]
     bad = [s for s in stages if s not in DEAD_LETTER_STAGES]
@@ -54,6 +62,7 @@ def show(config_path: Path | None, stage_list: str, samples: int) -> None:
     from pipeline.deadletters import DeadLetterError, describe, summarise
 
     settings = _load(config_path)
+    _logging()
     k = settings.kafka
     try:
         s = summarise(k, _stages(stage_list), samples)
@@ -97,6 +106,7 @@ def replay(config_path: Path | None, stage_list: str, to_topic: str | None,
     from pipeline.deadletters import replay as run_replay
 
     settings = _load(config_path)
+    _logging()
     k = settings.kafka
     stages = _stages(stage_list)
     if not stages:
