@@ -33,10 +33,11 @@ SCHEMAS = TOOLS / "kube-schemas"
 def tools() -> dict[str, str]:
     """kubeconform, kustomize and the schemas; installed by the repo's script if absent."""
     bins = {name: str(TOOLS / "bin" / name) for name in ("kubeconform", "kustomize")}
-    if not all(Path(b).is_file() for b in bins.values()) or not (SCHEMAS / ".sources").exists():
-        proc = subprocess.run(["bash", str(K8S / "tools" / "install")], capture_output=True,
-                              text=True, timeout=1800)
-        assert proc.returncode == 0, f"tools/install failed:\n{proc.stdout}\n{proc.stderr}"
+    # Always: the script only rebuilds what is missing or whose sources changed (its
+    # stamp), so a cache made before a CRD joined the list is brought up to date.
+    proc = subprocess.run(["bash", str(K8S / "tools" / "install")], capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, f"tools/install failed:\n{proc.stdout}\n{proc.stderr}"
     return bins
 
 

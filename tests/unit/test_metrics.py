@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 from elastic_transport import ConnectionError as TransportConnectionError
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
@@ -350,3 +351,30 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
     by_family = {re.sub(r"_(total|bucket|sum|count|info)$", "", n) for n in families}
     shown = {re.sub(r"_(total|bucket|sum|count|info)$", "", n) for n in used}
     assert by_family - shown == set(), by_family - shown
+
+
+def test_prometheus_rules_read_only_exported_metrics_of_the_worker_job() -> None:
+    """deploy/kubernetes/base/prometheusrule.yaml: every expression parses into selectors,
+    each an exported series (or `up`) scoped to the job the ServiceMonitor gives the
+    worker (the metrics Service's name), and every alert says what to look at."""
+    k8s = ROOT / "deploy" / "kubernetes" / "base"
+    service = yaml.safe_load((k8s / "service-metrics.yaml").read_text())
+    job = f'job="{service["metadata"]["name"]}"'
+    rule = yaml.safe_load((k8s / "prometheusrule.yaml").read_text())
+    assert rule["kind"] == "PrometheusRule"
+    assert "prometheusrule.yaml" in (k8s / "kustomization.yaml").read_text()
+    exported = exported_series(Metrics(native=True)) | {"up"}
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert len(alerts) >= 8
+    for r in alerts:
+        selectors = promql_selectors(r["expr"])
+        assert selectors, r["alert"]
+        for name, matchers in selectors:
+            assert name in exported, f"{r['alert']}: {name} is not exported"
+            assert job in matchers, f"{r['alert']}: {name}{matchers} not scoped to {job}"
+        assert r["labels"]["severity"] in ("warning", "critical")
+        assert r["annotations"]["summary"] and r["annotations"]["description"]
+    names = {n for r in alerts for n, _ in promql_selectors(r["expr"])}
+    for family in ("envoygeo_records_dead_lettered_total", "envoygeo_plugin_errors_total",
+                   "envoygeo_consumer_lag", "envoygeo_paused"):
+        assert family in names
