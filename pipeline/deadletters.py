@@ -5,9 +5,9 @@ The worker dead-letters a record with its original bytes and key and three heade
 the cause is fixed (a mapping conflict, an enrichment plugin's outage, a log format
 now configured), the records belong back in the worker's source topic: `replay` copies
 them there, unchanged, with an `envoygeo.replayed_from` header (the record's first
-position, `topic/partition/offset`), and the worker indexes
-them like any other record (new offsets, so new document ids: nothing of theirs was
-indexed before, which is why they were dead-lettered).
+position, `topic/partition/offset`), and the worker indexes them like any other record
+(new offsets, so new document ids: nothing of theirs was indexed before, which is why
+they were dead-lettered).
 
 Exactly once per record and stage: each stage replays through a consumer group of its
 own (`<kafka.group_id>-replay-<stage>`), which commits only after Kafka acknowledged
@@ -80,11 +80,13 @@ def _ranges(consumer: Consumer, k: KafkaSettings, from_committed: bool,
         why = meta.error.str() if meta is not None and meta.error is not None else "missing"
         raise DeadLetterError(f"dead-letter topic {topic!r}: {why} (kafka.dead_letter_topic)")
     tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
-    committed = consumer.committed(tps, timeout=10) if from_committed else tps
+    # The group's position per partition; negative: none committed yet.
+    done = ({c.partition: c.offset for c in consumer.committed(tps, timeout=10)}
+            if from_committed else {})
     out: dict[int, tuple[int, int]] = {}
-    for tp, c in zip(tps, committed, strict=True):
+    for tp in tps:
         low, high = consumer.get_watermark_offsets(tp, timeout=10)
-        start = max(low, c.offset) if from_committed and c.offset >= 0 else low
+        start = max(low, done.get(tp.partition, -1))
         if start < high:
             out[tp.partition] = (start, high)
     return out
@@ -103,8 +105,8 @@ def _read(consumer: Consumer, topic: str, ranges: dict[int, tuple[int, int]],
         if msg is None:
             if time.monotonic() - last_progress > STALL_S:
                 raise DeadLetterError(
-                    f"reading {topic} stalled for {STALL_S:.0f} s with "
-                    f"{sum(left.values())} offsets left to reach")
+                    f"reading {topic} stalled for {STALL_S:.0f} s before the end of "
+                    f"partition(s) {', '.join(map(str, sorted(left)))}")
             continue
         if msg.error() is not None:
             raise DeadLetterError(f"reading {topic}: {msg.error().str()}")  # type: ignore[union-attr]

@@ -417,15 +417,13 @@ class Worker:
         else:
             items, errors, alerts = self._prepare_items(msgs, values, kafka_ts)
         dead = self._unparsed(msgs, errors)
-        failure = getattr(self.enricher, "plugin_failure", None)
-        if failure is not None and self.settings.plugins.on_error == "dead_letter":
+        plugin_out = plugin_dead_letters(self.enricher, self.settings, len(msgs), errors)
+        if plugin_out is not None:
             # The batch a plugin failed on is indexed not at all: every record of it
             # goes to the dead letters (those already there as unparsed stay so).
+            failure, indexes = plugin_out
             items = []
-            unparsed_out = ([i for i, _ in errors]
-                            if self.settings.parse.unparsed == "dead_letter" else [])
-            dead += [dead_letter(msgs[i], "plugin", failure)
-                     for i in plugin_dead_letters(len(msgs), unparsed_out)]
+            dead += [dead_letter(msgs[i], "plugin", failure) for i in indexes]
         # Records of a partition arrive in offset order: its last one here is the newest.
         offsets_done: dict[tuple[str, int], int] = {}
         assigned = len(self.source.assigned) if self.source is not None else 0

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from pipeline.plugins import EnricherPlugin, PluginBatch, installed
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
 
 FAILED_TAG = "envoygeo_plugin_failed"
 LOG_EVERY_S = 60.0
@@ -50,12 +53,20 @@ def merge(doc: dict[str, Any], fields: Mapping[str, Any]) -> None:
         node[leaf] = value
 
 
-def plugin_dead_letters(n: int, unparsed: Iterable[int]) -> list[int]:
-    """`plugins.on_error: dead_letter`: the records of an n-record batch a plugin failed
-    on that go to the dead letters with stage `plugin`: all of them but those already
-    dead-lettered as unparsed (`unparsed`: their indexes), whose `parse` stage says more."""
-    skip = set(unparsed)
-    return [i for i in range(n) if i not in skip]
+def plugin_dead_letters(enricher: object, settings: Settings, n: int,
+                        unparsed: Sequence[tuple[int, str]],
+                        ) -> tuple[str, list[int]] | None:
+    """`plugins.on_error: dead_letter`, for the worker and forward direct mode alike:
+    if a plugin failed on the n-record batch `enricher` just enriched, why, and the
+    records that go to the dead letters with stage `plugin` (all of them but the
+    `unparsed` lines already dead-lettered by `parse.unparsed: dead_letter`, whose
+    `parse` stage says more); None if the batch is indexed as usual."""
+    failure: str | None = getattr(enricher, "plugin_failure", None)
+    if failure is None or settings.plugins.on_error != "dead_letter":
+        return None
+    skip = ({i for i, _ in unparsed} if settings.parse.unparsed == "dead_letter"
+            else set())
+    return failure, [i for i in range(n) if i not in skip]
 
 
 class PluginRunner:

@@ -284,14 +284,14 @@ class DirectServer(ForwardServer):
             reasons.append(unparsed_reason(error))
             if drop:
                 dead.append(self._dead_letter(key, i, values[i], "parse", error))
-        failure = getattr(self.enricher, "plugin_failure", None) if n else None
+        plugin_out = plugin_dead_letters(self.enricher, cfg, n, errors) if n else None
         plugin_dead = []
-        if failure is not None and cfg.plugins.on_error == "dead_letter":
+        if plugin_out is not None:
             # As the worker does: the chunk a plugin failed on is indexed not at all.
+            failure, indexes = plugin_out
             items = []
             plugin_dead = [self._dead_letter(key, i, values[i], "plugin", failure)
-                           for i in plugin_dead_letters(n, [i for i, _ in errors] if drop
-                                                        else [])]
+                           for i in indexes]
         return _Prepared(items, dead + plugin_dead, alerts, values, key, reasons,
                          len(plugin_dead))
 

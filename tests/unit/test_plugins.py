@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -232,8 +233,17 @@ def test_dead_letter_choice_logs_what_happens_and_counts_every_failing_plugin(
     assert [r.getMessage().split("; ")[1] for r in caplog.records] == [
         "the batch goes to the dead letters, stage plugin (plugins.on_error: dead_letter)"
     ] * 2
-    assert plugin_dead_letters(5, [1, 3]) == [0, 2, 4]
-    assert plugin_dead_letters(3, []) == [0, 1, 2]
+    failed = SimpleNamespace(plugin_failure=FLAKY_WHY)
+    both_out = Settings.model_validate({"plugins": {"on_error": "dead_letter"},
+                                        "parse": {"unparsed": "dead_letter"}})
+    unparsed = [(1, "x"), (3, "y")]
+    assert plugin_dead_letters(failed, both_out, 5, unparsed) == (FLAKY_WHY, [0, 2, 4])
+    assert plugin_dead_letters(failed, both_out, 3, []) == (FLAKY_WHY, [0, 1, 2])
+    # unparsed lines that are indexed (parse.unparsed: index) go with the batch
+    plugin_only = Settings.model_validate({"plugins": {"on_error": "dead_letter"}})
+    assert plugin_dead_letters(failed, plugin_only, 5, unparsed) == (FLAKY_WHY, [0, 1, 2, 3, 4])
+    assert plugin_dead_letters(failed, Settings(), 5, unparsed) is None  # on_error: index
+    assert plugin_dead_letters(SimpleNamespace(plugin_failure=None), both_out, 5, []) is None
 
 
 class Msg:
