@@ -81,6 +81,12 @@ def test_connect_ok_then_missing_topics_and_templates(
     topics = [names["source"], names["dead"], names["alerts"]]
     for future in admin.create_topics([NewTopic(t, 3, 1) for t in topics]).values():
         future.result(timeout=30)
+    # Created is not yet visible: the broker's metadata cache catches up a moment later
+    # (a clean-clone CI run saw check-config still miss all three).
+    deadline = time.monotonic() + 30
+    while not set(topics) <= set(admin.list_topics(timeout=5).topics) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
     settings = load_settings(tmp_path / "config.yaml")
     with make_client(settings.elasticsearch) as es:
         install_templates(es, settings)
