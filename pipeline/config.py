@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from pipeline import config_sources as sources
+from pipeline import omit as omit_mod
 from pipeline.clientip import MIN_HASH_KEY_BYTES, PrivacyPolicy
 from pipeline.decode.parser import make_parser
 from pipeline.enrich.alerts import AlertRule
@@ -457,6 +458,34 @@ class LimitsSettings(_Section):
         return self
 
 
+class DocumentSettings(_Section):
+    """Which fields access-log documents carry. Elasticsearch spends about a microsecond
+    of CPU per field per document on top of a fixed cost, so fields nobody reads are
+    what a cluster can save on (README "Leaner documents")."""
+
+    profile: omit_mod.Profile = Field(
+        "full", description="full: every field envoygeo knows. lean: without the fields "
+        "no dashboard, report or rule reads and a request's story does not need "
+        "(constants, shipper bookkeeping, GeoIP below the city, pod identity beyond the "
+        "namespace, url.original, related.ip); README lists them.")
+    omit: list[str] = Field(
+        default_factory=list, description="More fields, or objects (kubernetes), to leave "
+        "out; not those the dashboards, the report or the rules read.")
+
+    @field_validator("omit")
+    @classmethod
+    def _omittable(cls, v: list[str]) -> list[str]:
+        problems = [f"{entry!r}: it {why}" for entry in v
+                    if (why := omit_mod.check(entry)) is not None]
+        if problems:
+            raise ValueError("cannot leave out " + "; ".join(problems))
+        return v
+
+    def paths(self) -> tuple[str, ...]:
+        """Every field left out (the profile's and omit's)."""
+        return omit_mod.paths(self.profile, self.omit)
+
+
 class MetricsSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(9108, ge=0, le=65535, description="0 disables the HTTP endpoint.")
@@ -739,6 +768,7 @@ class Settings(BaseModel):
     forward: ForwardSettings = Field(default_factory=ForwardSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     plugins: PluginsSettings = Field(default_factory=PluginsSettings)
+    document: DocumentSettings = Field(default_factory=DocumentSettings)
 
 
 class ConfigError(Exception):

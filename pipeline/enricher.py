@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from pipeline import native as native_mod
+from pipeline import omit as omit_mod
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver
 from pipeline.config import Settings
 from pipeline.decode.envelope import decode_envelope
@@ -96,8 +97,12 @@ class Enricher:
         on_rates: Callable[[float], None] | None = None,
         native: bool = True,
         plugins: PluginRunner | None = None,
+        omit: tuple[str, ...] = (),
     ) -> None:
         self.processor = processor
+        # `document.profile` / `document.omit`: the fields left out of every document.
+        self.omit = omit
+        self._omit_tree = omit_mod.tree(omit) if omit else None
         self.plugins = plugins if plugins is not None and plugins.plugins else None
         # Why a plugin failed on the latest batch (None: none did, or no plugins): with
         # `plugins.on_error: dead_letter` the worker dead-letters that batch whole.
@@ -128,6 +133,8 @@ class Enricher:
             self.native_status = "on" if self._fast is not None else f"off: {why}"
             if self._fast is not None and self.plugins is not None:
                 self._fast.set_plugin_inputs(self.plugins.want_user_agent)
+            if self._fast is not None and omit:
+                self._fast.set_omit(list(omit))
         tune_gc()
 
     @classmethod
@@ -159,19 +166,22 @@ class Enricher:
         if extra_plugins:
             plugins = PluginRunner([*plugins.plugins, *extra_plugins], on_error)
         return cls(RecordProcessor(parser, resolver, limits, settings.parse.envelope), geoip,
-                   rates, alerts, on_rates, plugins=plugins)
+                   rates, alerts, on_rates, plugins=plugins, omit=settings.document.paths())
 
     @classmethod
     def build(cls, processor: RecordProcessor, geoip: GeoIP | None,
               rates_cfg: RatesConfig | None, rules: Sequence[AlertRule] = (),
-              native: bool = True, plugins: PluginRunner | None = None) -> Enricher:
+              native: bool = True, plugins: PluginRunner | None = None,
+              omit: tuple[str, ...] = ()) -> Enricher:
         """For the CLI and benchmarks, which assemble stages from options.
 
-        `native=False` runs the Python reference of every stage (tests, benchmarks)."""
+        `native=False` runs the Python reference of every stage (tests, benchmarks);
+        `omit`: fields left out of the documents (`DocumentSettings.paths()`)."""
         rates = open_backend(rates_cfg, native=native) if rates_cfg is not None else None
         alerts = (AlertEngine(rules, rates, lateness_s=rates_cfg.lateness_s)
                   if rates is not None and rates_cfg is not None and rules else None)
-        return cls(processor, geoip, rates, alerts, native=native, plugins=plugins)
+        return cls(processor, geoip, rates, alerts, native=native, plugins=plugins,
+                   omit=omit)
 
     # -- batches --
 
@@ -236,6 +246,7 @@ class Enricher:
             ingested = _ingested_now()
         lookup = self.geoip.batch_lookup() if self.geoip is not None else None
         apply_geo = geoip_mod.apply
+        omit, omit_fields = self._omit_tree, omit_mod.apply
         events: list[Event] = []
         event_docs: list[dict[str, Any]] = []
         # One pass for the per-record stages; plain loop, no per-record helper calls.
@@ -252,15 +263,16 @@ class Enricher:
                 event["dataset"] = "envoygeo.access"
             else:
                 event["dataset"] = "envoygeo.unparsed"
-            if ip is None:
-                continue
-            if lookup is not None:
-                apply_geo(doc, lookup(ip))
-            if not doc.get("source", True):  # a hashed client without GeoIP: no `{}`
-                del doc["source"]
-            if ts is not None and MIN_EVENT_TS <= ts < MAX_EVENT_TS:
-                events.append((ip, ts))
-                event_docs.append(doc)
+            if ip is not None:
+                if lookup is not None:
+                    apply_geo(doc, lookup(ip))
+                if not doc.get("source", True):  # a hashed client without GeoIP: no `{}`
+                    del doc["source"]
+                if ts is not None and MIN_EVENT_TS <= ts < MAX_EVENT_TS:
+                    events.append((ip, ts))
+                    event_docs.append(doc)
+            if omit is not None:
+                omit_fields(doc, omit)
 
         alerts: list[dict[str, Any]] = []
         if self.rates is not None and events and count:
@@ -269,7 +281,7 @@ class Enricher:
             self._rates_took(time.perf_counter() - started)
             keys = self._rate_keys
             for doc, c in zip(event_docs, counts, strict=True):
-                doc["envoygeo"]["rate"] = dict(zip(keys, c, strict=True))
+                doc.setdefault("envoygeo", {})["rate"] = dict(zip(keys, c, strict=True))
             for i in late:
                 event_docs[i].setdefault("tags", []).append(RATE_LATE_TAG)
             if self.alerts is not None:
@@ -355,7 +367,7 @@ class Enricher:
             keys = self._rate_keys
             for i, c, late_event in batch.python_counts():
                 doc = records[i].doc  # type: ignore[union-attr]
-                doc["envoygeo"]["rate"] = dict(zip(keys, c, strict=True))
+                doc.setdefault("envoygeo", {})["rate"] = dict(zip(keys, c, strict=True))
                 if late_event:
                     doc.setdefault("tags", []).append(RATE_LATE_TAG)
             if self.alerts is not None:

@@ -118,6 +118,49 @@ FIELDS: tuple[Field, ...] = (
           search=False),
 )
 
+# Fields something envoygeo ships reads, and what: the bundled dashboards (Kibana,
+# OpenSearch Dashboards), `envoygeo report`, the alert rules and `envoygeo policy`, or
+# the dead-letter/unparsed path. `document.omit` refuses these (a dashboard panel or a
+# rule would go blank); tests/unit/test_document_omit.py fails when one of those files
+# starts reading a field that is not listed here.
+READ_BY: dict[str, str] = {
+    "@timestamp": "every dashboard, the report and the alert rules",
+    "event.kind": "the dashboards and the Kibana alert rule (pipeline_error lines)",
+    "event.original": "unparsed lines (their only content)",
+    "error.message": "unparsed lines (why they could not be parsed)",
+    "tags": "the dashboards and the report (parse failures, GeoIP misses)",
+    "source.ip": "the dashboards, the report, the alert rules and envoygeo policy",
+    "source.geo.country_iso_code": "the dashboards and the report (top countries)",
+    "source.geo.country_name": "the report (top countries)",
+    "source.geo.city_name": "the dashboards and the report (top cities)",
+    "source.geo.location": "the dashboards and the report (the map)",
+    "http.response.status_code": "the dashboards (status codes)",
+    "http.response.bytes": "the dashboards and the report (bytes sent)",
+    "url.domain": "the dashboards (hosts)",
+    "envoygeo.ip_source": "the dashboards and the report (how the client was found)",
+    "envoygeo.client_id": "the dashboards and the report with privacy.client_ip: hash",
+    "envoygeo.envelope": "the dashboards (shippers)",
+    "envoygeo.rate.*": "the dashboards and the alert rules (per-IP rates)",
+}
+
+# `document.profile: lean`: the fields nothing in READ_BY's list reads and that a
+# request's story does not need (constants, the shipper's bookkeeping, GeoIP detail
+# below the city, pod identity beyond the namespace, duplicates of other fields).
+# Measured with `envoygeo bench index --only envoygeo,envoygeo-lean,istio-integration`
+# (see LEAN_CHOICES): the node's CPU per document is roughly a fixed part plus ~1 us per
+# field, whatever the mapping, so leaving fields out is what moves it.
+LEAN_OMIT: tuple[str, ...] = (
+    "ecs.version", "event.module", "event.dataset", "event.category", "event.type",
+    "event.ingested", "http.request.id", "url.original", "related.ip",
+    "source.geo.continent_code", "source.geo.continent_name", "source.geo.region_iso_code",
+    "source.geo.postal_code", "source.geo.timezone",
+    "envoy.log_format", "envoy.upstream.local_address",
+    "envoygeo.stream", "envoygeo.timestamp_source",
+    "kubernetes.pod_name", "kubernetes.container_name", "kubernetes.container_image",
+    "kubernetes.container_hash", "kubernetes.docker_id", "kubernetes.pod_id",
+    "kubernetes.host", "kubernetes.labels", "kubernetes.annotations",
+)
+
 # The installed enrichment plugins' fields (entry points `envoygeo.enrichers`, see
 # pipeline/plugins): templates, JSON Schemas and the dashboards validator see them as
 # they see the core's. A plugin that names a core field is refused (`plugin_fields`).

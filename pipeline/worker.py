@@ -206,6 +206,10 @@ class Worker:
                     "native": getattr(self.enricher, "native_status", "n/a"),
                     "privacy": cfg.privacy.client_ip,
                     "plugins": cfg.plugins.enabled,
+                    # What documents leave out (document.profile / omit): an operator
+                    # looking for a field learns here that it is not written.
+                    "document": {"profile": cfg.document.profile,
+                                 "omitted": list(cfg.document.paths())},
                 }
             },
         )

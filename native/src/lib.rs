@@ -13,6 +13,7 @@ mod forward;
 mod geo;
 mod json;
 mod msgpack;
+mod omit;
 mod rates;
 mod scan;
 mod timefmt;
@@ -122,6 +123,8 @@ struct Core {
     /// carries it from `record` to `run`.
     want_ua: bool,
     ua: Option<Box<str>>,
+    /// `document.omit` (`set_omit`): what every batch's documents leave out.
+    omit: Option<Arc<omit::Node>>,
 }
 
 enum Rec {
@@ -150,6 +153,7 @@ struct Batch {
     /// spliced before each document's closing brace (`set_plugin_fields`).
     uas: Vec<Option<Box<str>>>,
     extras: Vec<Option<Vec<u8>>>,
+    omit: Option<Arc<omit::Node>>,
 }
 
 /// A plugin's fields go in before the document's closing brace: `tail` ends with `}`
@@ -242,6 +246,7 @@ impl Core {
             clock: timefmt::IsoClock::default(),
             want_ua: false,
             ua: None,
+            omit: None,
         })
     }
 
@@ -338,6 +343,11 @@ impl Core {
     fn set_plugin_inputs(&mut self, user_agent: bool) {
         self.want_ua = user_agent;
     }
+
+    /// `document.omit`'s fields (dotted paths), left out of every document written.
+    fn set_omit(&mut self, paths: Vec<String>) {
+        self.omit = (!paths.is_empty()).then(|| Arc::new(omit::Node::from_paths(&paths)));
+    }
 }
 
 impl Core {
@@ -356,6 +366,7 @@ impl Core {
             arena: Vec::with_capacity(data.len() * 3),
             uas: Vec::with_capacity(if self.want_ua { n } else { 0 }),
             extras: Vec::new(),
+            omit: self.omit.clone(),
         };
         for (i, span) in spans.iter().enumerate() {
             let rec = match span {
@@ -650,12 +661,13 @@ impl Batch {
         let python_docs: AHashMap<usize, Vec<u8>> = python_docs.into_iter()
             .filter_map(|(i, d)| d.map(|d| (i, d.as_bytes().to_vec())))
             .collect();
-        let Batch { recs, arena, counts, counted, late, rate_keys, ecs_version, extras, .. } = self;
+        let Batch { recs, arena, counts, counted, late, rate_keys, ecs_version, extras, omit, .. } = self;
         let (body, ends, kept) = py.allow_threads(|| {
             let w = rate_keys.len();
             let mut body = Vec::with_capacity(arena.len() + n * (head.len() + 600));
             let (mut ends, mut kept) = (Vec::with_capacity(n), Vec::with_capacity(n));
             let mut tail = Vec::with_capacity(512);
+            let (mut scratch, mut lean) = (Vec::new(), Vec::new());
             for (i, rec) in recs.iter_mut().enumerate() {
                 let python_doc = match rec {
                     Rec::Native(_) => None,
@@ -677,9 +689,18 @@ impl Batch {
                     (Rec::Native(doc), _) => {
                         let c = counted[i].then(|| &counts[i * w..(i + 1) * w]);
                         document::finish(&mut tail, arena, doc, rate_keys, c, late[i], ecs_version);
-                        splice(&mut tail, extras.get(i).and_then(Option::as_ref));
-                        body.extend_from_slice(&arena[doc.head.clone()]);
-                        body.extend_from_slice(&tail);
+                        let extra = extras.get(i).and_then(Option::as_ref);
+                        if let Some(node) = omit.as_deref() {
+                            // Plugin fields after the filter, as on the Python path.
+                            omit::filter_document(&[&arena[doc.head.clone()], &tail], node,
+                                                  &mut scratch, &mut lean);
+                            splice(&mut lean, extra);
+                            body.extend_from_slice(&lean);
+                        } else {
+                            splice(&mut tail, extra);
+                            body.extend_from_slice(&arena[doc.head.clone()]);
+                            body.extend_from_slice(&tail);
+                        }
                     }
                     (Rec::Python, Some(d)) => body.extend_from_slice(d),
                     (Rec::Python, None) => unreachable!("skipped above"),
@@ -698,13 +719,22 @@ impl Batch {
         let out = PyList::empty(py);
         let w = self.rate_keys.len();
         let mut tail = Vec::with_capacity(512);
+        let (mut scratch, mut lean) = (Vec::new(), Vec::new());
         for (i, rec) in self.recs.iter_mut().enumerate() {
             match rec {
                 Rec::Native(doc) => {
                     let counts = self.counted[i].then(|| &self.counts[i * w..(i + 1) * w]);
                     document::finish(&mut tail, &self.arena, doc, &self.rate_keys, counts,
                                      self.late[i], &self.ecs_version);
-                    splice(&mut tail, self.extras.get(i).and_then(Option::as_ref));
+                    let extra = self.extras.get(i).and_then(Option::as_ref);
+                    if let Some(node) = self.omit.as_deref() {
+                        omit::filter_document(&[&self.arena[doc.head.clone()], &tail], node,
+                                              &mut scratch, &mut lean);
+                        splice(&mut lean, extra);
+                        out.append(PyBytes::new(py, &lean))?;
+                        continue;
+                    }
+                    splice(&mut tail, extra);
                     // Head and tail straight into the Python bytes: one copy.
                     let head = &self.arena[doc.head.clone()];
                     out.append(PyBytes::new_with(py, head.len() + tail.len(), |b| {

@@ -50,8 +50,9 @@ from pipeline.sources.kafka import CommittedOffsets
 
 
 def _config(path: Path, bootstrap: str, es_url: str, topic: str, index: str, group: str,
-            geoip: str | None, batch: int, concurrency: int) -> Path:
+            geoip: str | None, batch: int, concurrency: int, profile: str = "full") -> Path:
     path.write_text(yaml.safe_dump({
+        "document": {"profile": profile},
         "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": group,
                   "dead_letter_topic": f"{topic}-dlq", "alerts_topic": f"{topic}-alerts",
                   "batch_max_records": batch, "topic_partitions": 6},
@@ -197,9 +198,22 @@ def _ceiling(settings: Any, docs: list[bytes], index: str, batch: int, concurren
 @click.option("--es", "es_url", default="http://127.0.0.1:9200", show_default=True)
 @click.option("--geoip", "geoip_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--keep", is_flag=True, help="Keep the benchmark indices and topics.")
+@click.option("--profiles", default="full", show_default=True,
+              help="Document profiles the workers write, comma-separated (full, lean): "
+                   "each run drains under each, so their ratio is paired by run.")
 def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str, es_url: str,
-            geoip_path: str | None, keep: bool) -> None:
-    """Worker drain rate (1 and 2 workers) vs the Elasticsearch bulk ceiling, same run."""
+            geoip_path: str | None, keep: bool, profiles: str) -> None:
+    """Worker drain rate (1 and 2 workers) vs the Elasticsearch bulk ceiling, same run;
+    with --profiles full,lean, each run drains under both document profiles."""
+    chosen = [p for p in profiles.split(",") if p]
+    if not chosen or any(p not in ("full", "lean") for p in chosen):
+        raise click.BadParameter("a comma-separated list of full, lean", param_hint="--profiles")
+
+    def label_of(workers: int, profile: str) -> str:
+        label = f"{workers} worker{'s' if workers > 1 else ''}"
+        return label if profile == "full" else f"{label}, {profile}"
+
+    labels = [label_of(w, p) for p in chosen for w in (1, 2)]
     geoip_path = geoip_path or default_geoip_path()
     run_id = uuid.uuid4().hex[:6]
     work = Path(tempfile.mkdtemp(prefix="envoygeo-bench-e2e-"))
@@ -219,12 +233,12 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
                                                       .model_copy(update={"index": prefix})}))
     ensure_topics(settings)
     _produce(settings.kafka, topic, records)
-    results: dict[str, list[float]] = {"ceiling": [], "1 worker": [], "2 workers": []}
-    ratios: dict[str, list[float]] = {"1 worker": [], "2 workers": []}
+    results: dict[str, list[float]] = {k: [] for k in ("ceiling", *labels)}
+    ratios: dict[str, list[float]] = {k: [] for k in labels}
     # CPU microseconds per document: the ceiling's client, the workers (all processes).
-    cpu: dict[str, list[float]] = {"ceiling": [], "1 worker": [], "2 workers": []}
+    cpu: dict[str, list[float]] = {k: [] for k in ("ceiling", *labels)}
     # The same for the Elasticsearch node, when it runs here: what every side pays alike.
-    es_cpu: dict[str, list[float]] = {"ceiling": [], "1 worker": [], "2 workers": []}
+    es_cpu: dict[str, list[float]] = {k: [] for k in ("ceiling", *labels)}
     created: list[str] = []
 
     def drop(index: str) -> None:
@@ -260,16 +274,17 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
         before = ceiling_pass("0")
         for r in range(runs):
             worker_rates: dict[str, float] = {}
-            for workers in (1, 2):
-                index, group = f"{prefix}-w{workers}-{r}", f"{prefix}-g{workers}-{r}"
+            for profile, workers in ((p, w) for p in chosen for w in (1, 2)):
+                index = f"{prefix}-w{workers}-{profile}-{r}"
+                group = f"{prefix}-g{workers}-{profile}-{r}"
                 created.append(index)
                 cfg = _config(work / f"{index}.yaml", bootstrap, es_url, topic, index, group,
-                              geoip_path, batch, concurrency)
+                              geoip_path, batch, concurrency, profile)
                 procs = [subprocess.Popen(
                     [sys.executable, "-m", "pipeline.cli", "run", "-c", str(cfg)],
                     stdout=subprocess.DEVNULL, stderr=open(work / f"{index}-{i}.log", "wb"))
                     for i in range(workers)]
-                label = f"{workers} worker{'s' if workers > 1 else ''}"
+                label = label_of(workers, profile)
                 try:
                     drain = _drain_rate(settings.kafka, group, topic, len(records), procs, 600,
                                         es_pids)
@@ -302,10 +317,18 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
     med = {k: statistics.median(v) for k, v in results.items()}
     click.echo(f"elasticsearch bulk ceiling   {med['ceiling']:>10,.0f} docs/s  (pre-built, "
                f"median of {runs})")
-    for k in ("1 worker", "2 workers"):
+    for k in labels:
         click.echo(f"{k:<28} {med[k]:>10,.0f} docs/s  ratio to ceiling "
                    f"{statistics.median(ratios[k]):.2f}  (median of the per-run ratios: "
                    + ", ".join(f"{x:.2f}" for x in ratios[k]) + ")")
+    for profile in chosen:
+        if profile != "full" and "full" in chosen:
+            for w in (1, 2):
+                full, other = results[label_of(w, "full")], results[label_of(w, profile)]
+                paired = [b / a for a, b in zip(full, other, strict=True)]
+                click.echo(f"{label_of(w, profile)} / {label_of(w, 'full')}: "
+                           f"{statistics.median(paired):.2f}x drain rate (median of the "
+                           "per-run ratios: " + ", ".join(f"{x:.2f}" for x in paired) + ")")
     # Less noisy than the rates on a shared machine: what each side costs per document
     # (the ceiling's client, the workers), and what Elasticsearch itself costs.
     for title, per_doc in (("CPU per document, client or workers (median)", cpu),

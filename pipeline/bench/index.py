@@ -59,7 +59,7 @@ from pipeline import schema
 from pipeline.bench.core import corpus
 from pipeline.bench.e2e import _config, _cpu_seconds, _local_es_pids
 from pipeline.bench.enrich_micro import default_geoip_path
-from pipeline.config import load_settings
+from pipeline.config import DocumentSettings, load_settings
 from pipeline.enricher import Enricher
 from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, make_client
 
@@ -195,11 +195,17 @@ def istio_integration_body() -> dict[str, Any]:
     }
 
 
+# The candidate whose documents are `document.profile: lean` (pipeline/omit.py).
+LEAN_DOCS = "envoygeo-lean"
+
+
 def candidates(choices: frozenset[str], ablate: bool) -> dict[str, dict[str, Any]]:
     """Candidate name -> index body, in the order of the first round."""
     out = {"envoygeo": envoygeo_body(), "envoygeo-plain": envoygeo_body(frozenset()),
            "dynamic": dynamic_body(), BASELINE: istio_integration_body(),
-           "optimised": envoygeo_body(schema.SHIPPED_LEAN | choices)}
+           "optimised": envoygeo_body(schema.SHIPPED_LEAN | choices),
+           # The shipped template with `document.profile: lean` documents (LEAN_DOCS).
+           LEAN_DOCS: envoygeo_body()}
     if ablate:  # every choice of the optimised candidate, shipped ones too
         full = schema.SHIPPED_LEAN | choices
         for c in sorted(full):
@@ -412,6 +418,12 @@ def command(n: int, rounds: int, batch: int, concurrency: int, es_url: str,
     docs = build_documents(n, geoip_path, settings)
     click.echo(f"corpus: {len(docs):,} documents, {sum(map(len, docs)) / len(docs):.0f} "
                "bytes of JSON each on average", err=True)
+    docs_of = {name: docs for name in bodies}
+    if LEAN_DOCS in bodies:
+        lean = settings.model_copy(update={"document": DocumentSettings(profile="lean")})
+        docs_of[LEAN_DOCS] = build_documents(n, geoip_path, lean)
+        click.echo(f"{LEAN_DOCS}: the same records with document.profile lean, "
+                   f"{sum(map(len, docs_of[LEAN_DOCS])) / len(docs):.0f} bytes each", err=True)
     results = {name: Figures() for name in bodies}
     names = list(bodies)
     created: list[str] = []
@@ -429,8 +441,8 @@ def command(n: int, rounds: int, batch: int, concurrency: int, es_url: str,
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 created.append(f"bench-index-{run_id}-{r}-{name}")
-                _index_once(es, sink, created[-1], bodies[name], docs, batch, concurrency,
-                            node_cpu, results[name])
+                _index_once(es, sink, created[-1], bodies[name], docs_of[name], batch,
+                            concurrency, node_cpu, results[name])
                 # Its merges must not run in the background of the next candidate.
                 drop(created[-1])
                 f = results[name]

@@ -10,6 +10,7 @@ from typing import Any, BinaryIO
 import click
 import orjson
 
+from pipeline import omit as omit_mod
 from pipeline.clientip import ClientIpPolicy, ClientIpResolver, PrivacyPolicy
 from pipeline.config import read_secret
 from pipeline.decode.envoy_format import FormatError
@@ -132,6 +133,10 @@ def _alert_rule(spec: str) -> AlertRule:
               help="Alert rule, e.g. burst:10:100 (window must be a --rate-window).")
 @click.option("--alerts-out", type=click.File("wb"), default=None,
               help="Write alert documents here (JSON lines); default: count only.")
+@click.option("--profile", type=click.Choice(["full", "lean"]), default="full",
+              show_default=True, help="Which fields the documents carry (document.profile).")
+@click.option("--omit", "omit", multiple=True, metavar="FIELD",
+              help="Leave this field or object out too (document.omit); repeatable.")
 def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
            trusted_proxies: tuple[str, ...], trusted_hops: int,
            envoy_use_remote_address: bool, privacy_mode: str, hash_key_file: str | None,
@@ -139,7 +144,7 @@ def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
            geoip_city: str | None,
            geoip_country: str | None, geoip_asn: str | None, rates: bool,
            rate_windows: tuple[int, ...], lateness: int, alert_specs: tuple[str, ...],
-           alerts_out: BinaryIO | None) -> None:
+           alerts_out: BinaryIO | None, profile: omit_mod.Profile, omit: tuple[str, ...]) -> None:
     """Parse access-log records and print one ECS JSON document per record.
 
     With --geoip-* and rates (on by default) this is the whole enrichment of the
@@ -164,6 +169,9 @@ def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
         raise click.BadParameter(str(e).replace("hash_key", "--hash-key-file"),
                                  param_hint="--privacy") from e
     rules = [_alert_rule(spec) for spec in alert_specs]
+    for entry in omit:
+        if (why := omit_mod.check(entry)) is not None:
+            raise click.BadParameter(f"cannot leave out {entry!r}: it {why}", param_hint="--omit")
     try:
         geoip = (GeoIP.open(geoip_city, geoip_country, geoip_asn)
                  if geoip_city or geoip_country or geoip_asn else None)
@@ -173,7 +181,7 @@ def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
             raise ValueError("--alert needs --rates")
         enricher = Enricher.build(
             RecordProcessor(parser, ClientIpResolver(policy, privacy=privacy), limits),
-            geoip, rates_cfg, rules)
+            geoip, rates_cfg, rules, omit=omit_mod.paths(profile, omit))
     except (GeoIPReloadError, ValueError) as e:
         raise click.BadParameter(str(e)) from e
     out = sys.stdout.buffer

@@ -61,11 +61,12 @@ def make_enricher(*, use_native: bool, log_format: str = "auto",
                   policy: ClientIpPolicy | None = None, geo: GeoIP | None = None,
                   rates: RatesConfig | None = RATES,
                   rules: Sequence[AlertRule] = (), limits: Limits | None = None,
-                  privacy: PrivacyPolicy | None = None, envelope: str = "auto") -> Enricher:
+                  privacy: PrivacyPolicy | None = None, envelope: str = "auto",
+                  omit: tuple[str, ...] = ()) -> Enricher:
     proc = RecordProcessor(make_parser(log_format),
                            ClientIpResolver(policy or ClientIpPolicy(), privacy=privacy), limits,
                            envelope)
-    e = Enricher.build(proc, geo, rates, rules, native=use_native)
+    e = Enricher.build(proc, geo, rates, rules, native=use_native, omit=omit)
     assert (e._fast is not None) == use_native or log_format == "json"
     return e
 
