@@ -335,6 +335,13 @@ def service(name: str, command: str, env: dict[str, str] | None = None,
     return proc
 
 
+def started_line(log_path: Path) -> dict[str, Any]:
+    """The worker's one "envoygeo worker started" JSON log line (what it runs with)."""
+    lines = [orjson.loads(x) for x in log_path.read_bytes().splitlines() if x.startswith(b"{")]
+    (start,) = [x for x in lines if x.get("message") == "envoygeo worker started"]
+    return dict(start)
+
+
 def log_messages(log_path: Path) -> list[str]:
     """The `message` of each JSON log line of a worker (plain lines as they are)."""
     out = []

@@ -21,6 +21,7 @@ from tests.integration.harness import (
     produce,
     setup_worker_env,
     start_worker,
+    started_line,
     stop_worker,
     wait_for_count,
     write_config,
@@ -84,8 +85,6 @@ def test_worker_writes_lean_documents(tmp_path: Path, kafka_bootstrap: str, es_u
             continue
         answer = es_client.search(index=index, **search)
         assert answer["hits"]["total"]["value"] > 0, name
-    log = [orjson.loads(x) for x in (tmp_path / "worker.log").read_bytes().splitlines()
-           if x.startswith(b"{")]
-    (start,) = [x for x in log if x.get("message") == "envoygeo worker started"]
+    start = started_line(tmp_path / "worker.log")
     assert start["document"] == {"profile": "lean", "omitted": [*LEAN_OMIT, "user_agent"]}
     assert (start["native"] == "on") == native.available()

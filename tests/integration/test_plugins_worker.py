@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import orjson
 import pytest
 from elasticsearch import Elasticsearch
 
@@ -23,6 +22,7 @@ from tests.integration.harness import (
     scrape_metric,
     setup_worker_env,
     start_worker,
+    started_line,
     stop_worker,
     wait_for_count,
     write_config,
@@ -77,9 +77,7 @@ def test_worker_indexes_plugin_fields(tmp_path: Path, kafka_bootstrap: str, es_u
     field_caps = es_client.field_caps(index=index, fields=["envoygeo.ip_lists", "user_agent.name"])
     assert field_caps["fields"]["envoygeo.ip_lists"]["keyword"]["searchable"] is True
     assert set(field_caps["fields"]["user_agent.name"]) == {"keyword"}
-    log = [orjson.loads(x) for x in (tmp_path / "worker.log").read_bytes().splitlines()
-           if x.startswith(b"{")]
-    (start,) = [x for x in log if x.get("message") == "envoygeo worker started"]
+    start = started_line(tmp_path / "worker.log")
     assert start["plugins"] == ["ip_lists", "user_agent"]
     assert (start["native"] == "on") == native.available()  # the compiled path spliced them
 
