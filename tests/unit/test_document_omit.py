@@ -179,3 +179,19 @@ def test_enrich_command_leaves_out_and_refuses(tmp_path: Path) -> None:
     bad = CliRunner().invoke(main, ["enrich", str(src), "--omit", "source.ip"])
     assert bad.exit_code == 2
     assert "cannot leave out 'source.ip': it is read by the dashboards" in bad.output
+
+
+def test_readme_says_what_the_code_does() -> None:
+    """README's "Leaner documents": the refusal it quotes is the one given, and every
+    field the lean profile leaves out is named there (as itself or under its object)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Leaner documents", 1)[1].split("\n### ", 1)[0]
+    flat = " ".join(section.split())
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, {"ENVOYGEO_DOCUMENT__OMIT": '["source.geo"]'})
+    quoted = re.search(r"`(cannot leave out 'source.geo'[^`]*)`", flat)
+    assert quoted is not None and quoted.group(1) in " ".join(str(err.value).split())
+    for name in LEAN_OMIT:
+        parent, _, leaf = name.rpartition(".")
+        assert (f"`{name}`" in flat or f"`{leaf}`" in flat
+                or re.search(re.escape(f"`{parent}.") + r"[a-z_]*\*`", flat)), name
