@@ -325,7 +325,10 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
         if profile != "full" and "full" in chosen:
             for w in (1, 2):
                 full, other = results[label_of(w, "full")], results[label_of(w, profile)]
-                paired = [b / a for a, b in zip(full, other, strict=True)]
+                # A drain too short to time (all committed at once) reads 0/s: no ratio.
+                paired = [b / a for a, b in zip(full, other, strict=True) if a > 0]
+                if not paired:
+                    continue
                 click.echo(f"{label_of(w, profile)} / {label_of(w, 'full')}: "
                            f"{statistics.median(paired):.2f}x drain rate (median of the "
                            "per-run ratios: " + ", ".join(f"{x:.2f}" for x in paired) + ")")

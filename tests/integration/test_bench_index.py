@@ -9,7 +9,7 @@ import re
 from click.testing import CliRunner
 from elasticsearch import Elasticsearch
 
-from pipeline.bench.index import BASELINE
+from pipeline.bench.index import BASELINE, LEAN_DOCS
 from pipeline.cli import main
 
 NUMBER = re.compile(r"^[\d,]+(\.\d+)?$")
@@ -30,7 +30,8 @@ def test_bench_index_prints_a_row_of_numbers_per_mapping(es_url: str) -> None:
     head = next(i for i, line in enumerate(lines) if line.startswith("mapping"))
     rows = {line.split()[0]: line.split()[1:] for line in lines[head + 1:]
             if line and not line.startswith("ES CPU")}
-    assert set(rows) == {"envoygeo", "envoygeo-plain", "dynamic", BASELINE, "optimised"}
+    assert set(rows) == {"envoygeo", "envoygeo-plain", "dynamic", BASELINE, "optimised",
+                         LEAN_DOCS}
     for name, cells in rows.items():
         cpu, rate, store, countries, ips, geotile, over_time, cpu_x, store_x = cells
         for cell in (cpu, rate, store, countries, ips, over_time, cpu_x, store_x):
@@ -39,6 +40,9 @@ def test_bench_index_prints_a_row_of_numbers_per_mapping(es_url: str) -> None:
         assert (geotile == "n/a") if name == "dynamic" else NUMBER.match(geotile), name
         assert float(cpu) > 0 and float(store) > 0, name
     assert rows[BASELINE][-2:] == ["1.00", "1.00"]
+    # The lean candidate indexed the lean documents: fewer bytes stored per document.
+    assert float(rows[LEAN_DOCS][2]) < 0.9 * float(rows["envoygeo"][2])
+    assert f"{LEAN_DOCS}: the same records with document.profile lean" in result.stderr
     assert "round 1/1 optimised:" in result.stderr
     # Every index this run made is gone.
     assert _bench_indices(es) <= before
