@@ -21,6 +21,7 @@ from tests.mmdb_fixtures import write_asn, write_city
 from tests.unit.decode_samples import sample_lines
 from tests.unit.test_native import _bulk_both, _need_native, run_both  # noqa: F401
 from tests.unit.test_samples_in_envelopes import WRAPPERS
+from tests.unit.test_schema import document_validator
 
 REPO = Path(__file__).resolve().parents[2]
 OMITTABLE = sorted(f.name for f in CORE_FIELDS
@@ -72,6 +73,9 @@ def test_lean_profile_on_both_paths(geo: GeoIP) -> None:
                  "kubernetes.pod_name", "kubernetes.labels", "envoygeo.stream"):
         assert name in dropped
     assert len(lean[0].document) < 0.8 * len(full[0].document)
+    validator = document_validator()  # lean documents are still envoygeo documents
+    for d in lean[::50]:
+        assert list(validator.iter_errors(orjson.loads(d.document))) == []
 
 
 @pytest.mark.parametrize("wrapper", ["bare", "fluent-bit", "fluentd", "docker", "cri"])
