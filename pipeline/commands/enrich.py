@@ -61,6 +61,7 @@ Examples:
   envoygeo enrich --json-keys my-json-format.json x.log   # a json_format block works as is
   envoygeo enrich --geoip-city GeoLite2-City.mmdb --geoip-asn GeoLite2-ASN.mmdb \
       --rate-window 10 --rate-window 60 --alert burst:10:100 --alerts-out alerts.jsonl x.log
+  envoygeo enrich --profile lean --omit user_agent x.log   # what lean documents hold
 
 \b
 Exit status: 0 every record parsed; 1 some records failed (they are still
