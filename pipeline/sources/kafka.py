@@ -574,6 +574,11 @@ class KafkaSource:
             self._slot.release()
 
 
+# Answers about a group's coordinator that mean "ask again shortly".
+_COORDINATOR_BUSY = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                               KafkaError.COORDINATOR_LOAD_IN_PROGRESS})
+
+
 class CommittedOffsets:
     """A group's committed offsets on a topic, read as often as needed over one client
     (for tests and benchmarks: building a client per reading is what costs, on both
@@ -587,9 +592,21 @@ class CommittedOffsets:
         self._tps = [TopicPartition(topic, p) for p in range(partitions)]
 
     def per_partition(self, timeout_s: float = 30) -> list[int]:
-        """The committed offset of each partition (0 where nothing is committed yet)."""
-        tps = self._consumer.committed(self._tps, timeout=timeout_s)
-        return [max(tp.offset, 0) for tp in tps]
+        """The committed offset of each partition (0 where nothing is committed yet).
+
+        A group's coordinator that is still being elected or loading (a new group on a
+        fresh broker: NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS) answers again
+        shortly: asked again until `timeout_s`, as the worker's own commits are."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                left = max(deadline - time.monotonic(), 0.1)
+                tps = self._consumer.committed(self._tps, timeout=left)
+                return [max(tp.offset, 0) for tp in tps]
+            except KafkaException as exc:
+                if exc.args[0].code() not in _COORDINATOR_BUSY or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
 
     def total(self, timeout_s: float = 30) -> int:
         """How many records the group has finished (the topic started at offset 0)."""
