@@ -156,6 +156,25 @@ struct Batch {
     omit: Option<Arc<omit::Node>>,
 }
 
+/// A native record's document as two slices written one after the other: the arena's
+/// head and the finished tail, or, with `document.omit`, the filtered whole. Plugin
+/// fields go in after the filter, as on the Python path (`splice`).
+fn document_parts<'a>(head: &'a [u8], tail: &'a mut Vec<u8>, extra: Option<&Vec<u8>>,
+                      omit: Option<&omit::Node>, scratch: &mut Vec<u8>,
+                      lean: &'a mut Vec<u8>) -> (&'a [u8], &'a [u8]) {
+    match omit {
+        Some(node) => {
+            omit::filter_document(&[head, tail], node, scratch, lean);
+            splice(lean, extra);
+            (&[], lean)
+        }
+        None => {
+            splice(tail, extra);
+            (head, tail)
+        }
+    }
+}
+
 /// A plugin's fields go in before the document's closing brace: `tail` ends with `}`
 /// and is never just `}` (the head holds the fields), so a comma always separates.
 #[inline]
@@ -689,18 +708,12 @@ impl Batch {
                     (Rec::Native(doc), _) => {
                         let c = counted[i].then(|| &counts[i * w..(i + 1) * w]);
                         document::finish(&mut tail, arena, doc, rate_keys, c, late[i], ecs_version);
-                        let extra = extras.get(i).and_then(Option::as_ref);
-                        if let Some(node) = omit.as_deref() {
-                            // Plugin fields after the filter, as on the Python path.
-                            omit::filter_document(&[&arena[doc.head.clone()], &tail], node,
-                                                  &mut scratch, &mut lean);
-                            splice(&mut lean, extra);
-                            body.extend_from_slice(&lean);
-                        } else {
-                            splice(&mut tail, extra);
-                            body.extend_from_slice(&arena[doc.head.clone()]);
-                            body.extend_from_slice(&tail);
-                        }
+                        let (first, rest) = document_parts(
+                            &arena[doc.head.clone()], &mut tail,
+                            extras.get(i).and_then(Option::as_ref), omit.as_deref(),
+                            &mut scratch, &mut lean);
+                        body.extend_from_slice(first);
+                        body.extend_from_slice(rest);
                     }
                     (Rec::Python, Some(d)) => body.extend_from_slice(d),
                     (Rec::Python, None) => unreachable!("skipped above"),
@@ -726,20 +739,14 @@ impl Batch {
                     let counts = self.counted[i].then(|| &self.counts[i * w..(i + 1) * w]);
                     document::finish(&mut tail, &self.arena, doc, &self.rate_keys, counts,
                                      self.late[i], &self.ecs_version);
-                    let extra = self.extras.get(i).and_then(Option::as_ref);
-                    if let Some(node) = self.omit.as_deref() {
-                        omit::filter_document(&[&self.arena[doc.head.clone()], &tail], node,
-                                              &mut scratch, &mut lean);
-                        splice(&mut lean, extra);
-                        out.append(PyBytes::new(py, &lean))?;
-                        continue;
-                    }
-                    splice(&mut tail, extra);
-                    // Head and tail straight into the Python bytes: one copy.
-                    let head = &self.arena[doc.head.clone()];
-                    out.append(PyBytes::new_with(py, head.len() + tail.len(), |b| {
+                    let (head, rest) = document_parts(
+                        &self.arena[doc.head.clone()], &mut tail,
+                        self.extras.get(i).and_then(Option::as_ref), self.omit.as_deref(),
+                        &mut scratch, &mut lean);
+                    // Both parts straight into the Python bytes: one copy.
+                    out.append(PyBytes::new_with(py, head.len() + rest.len(), |b| {
                         b[..head.len()].copy_from_slice(head);
-                        b[head.len()..].copy_from_slice(&tail);
+                        b[head.len()..].copy_from_slice(rest);
                         Ok(())
                     })?)?;
                 }
