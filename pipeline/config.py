@@ -475,10 +475,9 @@ class DocumentSettings(_Section):
     @field_validator("omit")
     @classmethod
     def _omittable(cls, v: list[str]) -> list[str]:
-        problems = [f"{entry!r}: it {why}" for entry in v
-                    if (why := omit_mod.check(entry)) is not None]
-        if problems:
-            raise ValueError("cannot leave out " + "; ".join(problems))
+        refused = omit_mod.refusal(v)
+        if refused is not None:
+            raise ValueError(refused)
         return v
 
     def paths(self) -> tuple[str, ...]:

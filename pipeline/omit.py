@@ -13,11 +13,12 @@ Plugin fields are spliced in after either, so they are never left out here.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pipeline.schema import CORE_FIELDS, LEAN_OMIT, READ_BY
 
 Profile = Literal["full", "lean"]
+PROFILES: tuple[str, ...] = get_args(Profile)
 # A tree of what to leave out: key -> True (the whole value) or a subtree.
 Tree = dict[str, Any]
 
@@ -38,6 +39,14 @@ def check(entry: str) -> str | None:
             what = "is" if f == entry else f"holds {f}, which is"
             return f"{what} read by {READ_BY[f]}"
     return None
+
+
+def refusal(entries: tuple[str, ...] | list[str]) -> str | None:
+    """One line naming every entry that cannot be left out and why (`check`), or None;
+    what `document.omit` and `envoygeo enrich --omit` say."""
+    problems = [f"{entry!r}: it {why}" for entry in entries
+                if (why := check(entry)) is not None]
+    return "cannot leave out " + "; ".join(problems) if problems else None
 
 
 def paths(profile: Profile, omit: tuple[str, ...] | list[str]) -> tuple[str, ...]:

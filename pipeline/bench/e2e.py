@@ -43,6 +43,7 @@ from pipeline.config import KafkaSettings, load_settings
 from pipeline.enricher import Enricher
 from pipeline.kafka_log import kafka_logger
 from pipeline.kafka_security import client_config
+from pipeline.omit import PROFILES
 from pipeline.setup import ensure_topics, install_templates
 from pipeline.sinks.elasticsearch import BulkItem, ElasticsearchSink, make_client
 from pipeline.sinks.kafka import produce_waiting
@@ -206,8 +207,9 @@ def command(events: int, runs: int, batch: int, concurrency: int, bootstrap: str
     """Worker drain rate (1 and 2 workers) vs the Elasticsearch bulk ceiling, same run;
     with --profiles full,lean, each run drains under both document profiles."""
     chosen = [p for p in profiles.split(",") if p]
-    if not chosen or any(p not in ("full", "lean") for p in chosen):
-        raise click.BadParameter("a comma-separated list of full, lean", param_hint="--profiles")
+    if not chosen or any(p not in PROFILES for p in chosen):
+        raise click.BadParameter(f"a comma-separated list of {', '.join(PROFILES)}",
+                                 param_hint="--profiles")
 
     def label_of(workers: int, profile: str) -> str:
         label = f"{workers} worker{'s' if workers > 1 else ''}"

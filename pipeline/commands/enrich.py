@@ -134,7 +134,7 @@ def _alert_rule(spec: str) -> AlertRule:
               help="Alert rule, e.g. burst:10:100 (window must be a --rate-window).")
 @click.option("--alerts-out", type=click.File("wb"), default=None,
               help="Write alert documents here (JSON lines); default: count only.")
-@click.option("--profile", type=click.Choice(["full", "lean"]), default="full",
+@click.option("--profile", type=click.Choice(omit_mod.PROFILES), default="full",
               show_default=True, help="Which fields the documents carry (document.profile).")
 @click.option("--omit", "omit", multiple=True, metavar="FIELD",
               help="Leave this field or object out too (document.omit); repeatable.")
@@ -170,9 +170,9 @@ def enrich(files: tuple[str, ...], log_format: str, json_keys: str | None,
         raise click.BadParameter(str(e).replace("hash_key", "--hash-key-file"),
                                  param_hint="--privacy") from e
     rules = [_alert_rule(spec) for spec in alert_specs]
-    for entry in omit:
-        if (why := omit_mod.check(entry)) is not None:
-            raise click.BadParameter(f"cannot leave out {entry!r}: it {why}", param_hint="--omit")
+    refused = omit_mod.refusal(omit)
+    if refused is not None:
+        raise click.BadParameter(refused, param_hint="--omit")
     try:
         geoip = (GeoIP.open(geoip_city, geoip_country, geoip_asn)
                  if geoip_city or geoip_country or geoip_asn else None)
