@@ -31,6 +31,7 @@ from pipeline.kafka_log import kafka_logger
 from pipeline.kafka_security import client_config
 from pipeline.metrics import DEAD_LETTER_STAGES
 from pipeline.sinks.kafka import KafkaTopicSink, OutRecord
+from pipeline.sources.kafka import committed
 
 # A stalled read (no record and no progress) is an error after this long.
 STALL_S = 30.0
@@ -81,7 +82,7 @@ def _ranges(consumer: Consumer, k: KafkaSettings, from_committed: bool,
         raise DeadLetterError(f"dead-letter topic {topic!r}: {why} (kafka.dead_letter_topic)")
     tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
     # The group's position per partition; negative: none committed yet.
-    done = ({c.partition: c.offset for c in consumer.committed(tps, timeout=10)}
+    done = ({c.partition: c.offset for c in committed(consumer, tps, timeout_s=10)}
             if from_committed else {})
     out: dict[int, tuple[int, int]] = {}
     for tp in tps:

@@ -579,6 +579,22 @@ _COORDINATOR_BUSY = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATO
                                KafkaError.COORDINATOR_LOAD_IN_PROGRESS})
 
 
+def committed(consumer: Consumer, tps: list[TopicPartition],
+              timeout_s: float = 30) -> list[TopicPartition]:
+    """`consumer.committed(tps)`, asked again while the group's coordinator is still
+    being elected or loading (a new group on a fresh broker: NOT_COORDINATOR,
+    COORDINATOR_LOAD_IN_PROGRESS), until `timeout_s`; anything else raises at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            left = max(deadline - time.monotonic(), 0.1)
+            return list(consumer.committed(tps, timeout=left))
+        except KafkaException as exc:
+            if exc.args[0].code() not in _COORDINATOR_BUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
 class CommittedOffsets:
     """A group's committed offsets on a topic, read as often as needed over one client
     (for tests and benchmarks: building a client per reading is what costs, on both
@@ -592,21 +608,8 @@ class CommittedOffsets:
         self._tps = [TopicPartition(topic, p) for p in range(partitions)]
 
     def per_partition(self, timeout_s: float = 30) -> list[int]:
-        """The committed offset of each partition (0 where nothing is committed yet).
-
-        A group's coordinator that is still being elected or loading (a new group on a
-        fresh broker: NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS) answers again
-        shortly: asked again until `timeout_s`, as the worker's own commits are."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                left = max(deadline - time.monotonic(), 0.1)
-                tps = self._consumer.committed(self._tps, timeout=left)
-                return [max(tp.offset, 0) for tp in tps]
-            except KafkaException as exc:
-                if exc.args[0].code() not in _COORDINATOR_BUSY or time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.2)
+        """The committed offset of each partition (0 where nothing is committed yet)."""
+        return [max(tp.offset, 0) for tp in committed(self._consumer, self._tps, timeout_s)]
 
     def total(self, timeout_s: float = 30) -> int:
         """How many records the group has finished (the topic started at offset 0)."""
