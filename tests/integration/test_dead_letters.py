@@ -6,8 +6,6 @@ second replay copies nothing."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +16,7 @@ from elasticsearch import Elasticsearch
 
 from tests.integration.harness import (
     ISTIO_LINE,
-    ROOT,
+    cli,
     free_port,
     produce,
     read_topic,
@@ -32,11 +30,6 @@ from tests.integration.harness import (
 from tests.integration.test_plugins_worker import install_flaky_plugin
 
 pytestmark = pytest.mark.integration
-
-
-def envoygeo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
 
 
 def test_dead_letters_shown_and_replayed_once(
@@ -73,15 +66,15 @@ def test_dead_letters_shown_and_replayed_once(
     finally:
         assert stop_worker(worker) == 0
 
-    shown = envoygeo("dead-letters", "show", "-c", str(cfg))
+    shown = cli("dead-letters", "show", "-c", str(cfg))
     assert shown.returncode == 0, shown.stderr
     assert f"{topic}-dlq: 13 dead letter(s) — plugin 10, parse 3" in shown.stdout
     assert ("10  plugin enrichment plugin flaky failed: RuntimeError: poison client in "
             "the batch") in shown.stdout
-    only_parse = envoygeo("dead-letters", "show", "-c", str(cfg), "--stage", "parse")
+    only_parse = cli("dead-letters", "show", "-c", str(cfg), "--stage", "parse")
     assert f"{topic}-dlq: 3 dead letter(s) — parse 3" in only_parse.stdout
 
-    dry = envoygeo("dead-letters", "replay", "-c", str(cfg), "--stage", "plugin", "--dry-run")
+    dry = cli("dead-letters", "replay", "-c", str(cfg), "--stage", "plugin", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert f"plugin: would replay 10 dead letter(s) from {topic}-dlq to {topic}" in dry.stdout
 
@@ -90,11 +83,11 @@ def test_dead_letters_shown_and_replayed_once(
     fixed["plugins"] = {"enabled": []}
     cfg_fixed = tmp_path / "fixed.yaml"
     cfg_fixed.write_text(yaml.safe_dump(fixed))
-    done = envoygeo("dead-letters", "replay", "-c", str(cfg_fixed), "--stage", "plugin")
+    done = cli("dead-letters", "replay", "-c", str(cfg_fixed), "--stage", "plugin")
     assert done.returncode == 0, done.stderr
     assert (f"plugin: replayed 10 dead letter(s) from {topic}-dlq to {topic} "
             "(3 of other stages passed over)") in done.stdout
-    again = envoygeo("dead-letters", "replay", "-c", str(cfg_fixed), "--stage", "plugin")
+    again = cli("dead-letters", "replay", "-c", str(cfg_fixed), "--stage", "plugin")
     assert "plugin: replayed 0 dead letter(s)" in again.stdout  # its position moved
 
     source = read_topic(kafka_bootstrap, topic, expect=23)
@@ -119,5 +112,5 @@ def test_dead_letters_shown_and_replayed_once(
 
     missing = write_config(tmp_path / "missing.yaml", bootstrap=kafka_bootstrap,
                            es_url=es_url, topic=unique("nodlq"), group="g", index=index)
-    out = envoygeo("dead-letters", "show", "-c", str(missing))
+    out = cli("dead-letters", "show", "-c", str(missing))
     assert out.returncode == 1 and "dead-letter topic" in out.stderr, out.stderr
